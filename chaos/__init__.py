@@ -1,0 +1,1 @@
+"""Fault injection: toxiproxy-compatible proxies, kernel partitions, nemeses, history checkers."""

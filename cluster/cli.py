@@ -1,0 +1,344 @@
+"""The ``tetherlab`` command: cluster set-up, node process, local cluster, status, benchmarks.
+
+Exit codes: 0 success; 1 the operation failed (for example no leader); 2 bad usage or bad
+configuration; 3 the cluster could not be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tetherlab.cluster import __version__
+from tetherlab.cluster.config import (
+    Address,
+    ClusterFile,
+    ConfigError,
+    NodeAddresses,
+    NodeConfig,
+    load_cluster_file,
+    load_node_config,
+    new_secret,
+    render_cluster_file,
+    render_node_config,
+    write_private,
+    write_text_atomic,
+)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+DEFAULT_DIR = ".tetherlab"
+DEFAULT_BASE_PORT = 7100
+UP_LEADER_WAIT_S = 30.0
+STOP_GRACE_S = 10.0
+
+
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+# --- init -----------------------------------------------------------------------------------
+
+
+def init_cluster(directory: Path, nodes: int, host: str = "127.0.0.1", base_port: int = DEFAULT_BASE_PORT,
+                 force: bool = False) -> ClusterFile:
+    """Write one config per node, the cluster secret (0600) and ``cluster.toml``."""
+    if nodes < 1 or nodes > 99:
+        raise ConfigError(f"--nodes must be between 1 and 99, got {nodes}")
+    directory = directory.resolve()
+    cluster_path = directory / "cluster.toml"
+    if cluster_path.exists() and not force:
+        raise ConfigError(f"{cluster_path} exists: this directory is initialised already (use --force to overwrite)")
+    directory.mkdir(parents=True, exist_ok=True)
+    secret_path = directory / "cluster.secret"
+    write_private(secret_path, new_secret())
+    addrs = [
+        NodeAddresses(
+            id=f"n{i + 1}",
+            raft=Address(host, base_port + 1 + i),
+            ssh=Address(host, base_port + 101 + i),
+            http=Address(host, base_port + 201 + i),
+        )
+        for i in range(nodes)
+    ]
+    for a in addrs:
+        node_dir = directory / a.id
+        node_dir.mkdir(exist_ok=True)
+        cfg = NodeConfig(
+            node=a,
+            peers=tuple(p for p in addrs if p.id != a.id),
+            data_dir=node_dir / "data",
+            secret_file=secret_path,
+        )
+        write_text_atomic(node_dir / "node.toml", render_node_config(cfg))
+    write_text_atomic(cluster_path, render_cluster_file(addrs))
+    return load_cluster_file(cluster_path)
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    try:
+        cluster = init_cluster(Path(args.dir), args.nodes, args.host, args.base_port, args.force)
+    except ConfigError as e:
+        print(f"tetherlab init: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.json:
+        print(json.dumps({"dir": str(Path(args.dir).resolve()), "nodes": [n.to_json() for n in cluster.nodes]}))
+    else:
+        print(f"initialised {len(cluster.nodes)} node(s) in {Path(args.dir).resolve()}")
+        for n in cluster.nodes:
+            print(f"  {n.id}: raft {n.raft}  ssh {n.ssh}  http {n.http}  config {Path(args.dir) / n.id / 'node.toml'}")
+    return EXIT_OK
+
+
+# --- master ---------------------------------------------------------------------------------
+
+
+def _cmd_master(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level, args.log_format)
+    try:
+        cfg = load_node_config(args.config)
+        cfg.read_secret()
+    except ConfigError as e:
+        print(f"tetherlab master: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    from tetherlab.cluster.node import run_node
+
+    return run_node(cfg, Path(args.ready_file) if args.ready_file else None)
+
+
+# --- status ---------------------------------------------------------------------------------
+
+
+def _find_cluster(args: argparse.Namespace) -> ClusterFile:
+    if getattr(args, "cluster", None):
+        return load_cluster_file(args.cluster)
+    return load_cluster_file(Path(args.dir) / "cluster.toml")
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from tetherlab.cluster.client import cluster_status
+
+    try:
+        cluster = _find_cluster(args)
+    except ConfigError as e:
+        print(f"tetherlab status: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    st = cluster_status(cluster)
+    if args.json:
+        print(json.dumps(st))
+    else:
+        print(f"leader: {st['leader'] or 'none'}")
+        print(f"{'id':<6} {'role':<12} {'term':>6} {'commit':>9} {'applied':>9}  raft / ssh / http")
+        for n in st["nodes"]:
+            print(
+                f"{n['id']:<6} {n['role']:<12} {_s(n['term']):>6} {_s(n['commit_index']):>9} "
+                f"{_s(n['applied_index']):>9}  {n['raft']} / {n['ssh']} / {n['http']}"
+            )
+    if all(n["role"] == "unreachable" for n in st["nodes"]):
+        return EXIT_UNREACHABLE
+    return EXIT_OK if st["leader"] else EXIT_FAILED
+
+
+def _s(v: Any) -> str:
+    return "-" if v is None else str(v)
+
+
+# --- up -------------------------------------------------------------------------------------
+
+
+def start_node_process(
+    config: Path, log_file: Path | None = None, extra: list[str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start ``tetherlab master --config`` as a child process (its own process group)."""
+    cmd = [sys.executable, "-m", "tetherlab.cluster.cli", "master", "--config", str(config), *(extra or [])]
+    out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115 - handed to the child
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for_leader(cluster: ClusterFile, timeout_s: float, progress: bool = False) -> dict[str, Any] | None:
+    from tetherlab.cluster.client import cluster_status
+
+    deadline = time.monotonic() + timeout_s
+    last_line = ""
+    while time.monotonic() < deadline:
+        st = cluster_status(cluster, timeout_s=1.0)
+        if st["leader"] is not None:
+            return st
+        if progress:
+            line = ", ".join(f"{n['id']}={n['role']}" for n in st["nodes"])
+            if line != last_line:
+                print(f"  waiting for a leader: {line}", file=sys.stderr)
+                last_line = line
+        time.sleep(0.2)
+    return None
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    directory = Path(args.dir).resolve()
+    cluster_path = directory / "cluster.toml"
+    try:
+        if not cluster_path.exists():
+            init_cluster(directory, args.nodes, args.host, args.base_port)
+            print(f"initialised {args.nodes} node(s) in {directory}")
+        cluster = load_cluster_file(cluster_path)
+    except ConfigError as e:
+        print(f"tetherlab up: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if len(cluster.nodes) != args.nodes and args.nodes_given:
+        print(f"tetherlab up: {cluster_path} has {len(cluster.nodes)} node(s), not {args.nodes}; "
+              f"use another --dir or remove it", file=sys.stderr)
+        return EXIT_USAGE
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    stopping = False
+
+    def _stop(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        for n in cluster.nodes:
+            procs[n.id] = start_node_process(directory / n.id / "node.toml", directory / n.id / "node.log")
+            print(f"started {n.id} (pid {procs[n.id].pid}): raft {n.raft}  ssh {n.ssh}  http {n.http}  "
+                  f"log {directory / n.id / 'node.log'}")
+        st = wait_for_leader(cluster, UP_LEADER_WAIT_S, progress=True)
+        if st is None:
+            print(f"no leader elected within {UP_LEADER_WAIT_S:.0f} s; see the node logs", file=sys.stderr)
+            return EXIT_FAILED
+        print(f"leader: {st['leader']}")
+        print(f"cluster file: {cluster_path}   (tetherlab status --dir {args.dir})")
+        print("press Ctrl-C to stop all nodes")
+        sys.stdout.flush()
+        while not stopping:
+            for nid, p in procs.items():
+                if p.poll() is not None:
+                    print(f"node {nid} exited with status {p.returncode}; see {directory / nid / 'node.log'}",
+                          file=sys.stderr)
+                    return EXIT_FAILED
+            time.sleep(0.2)
+        return EXIT_OK
+    finally:
+        _stop_all(procs)
+
+
+def _stop_all(procs: dict[str, subprocess.Popen[bytes]]) -> None:
+    for p in procs.values():
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    for nid, p in procs.items():
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            print(f"node {nid} did not stop in {STOP_GRACE_S:.0f} s; killing it", file=sys.stderr)
+            p.kill()
+            p.wait()
+    if procs:
+        print("all nodes stopped", file=sys.stderr)
+
+
+# --- bench ----------------------------------------------------------------------------------
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "raft":
+        from tetherlab.cluster.bench import bench_raft
+
+        result = bench_raft(duration_s=args.duration, clients=args.clients, in_flight=args.in_flight,
+                            progress=not args.json)
+    elif args.what == "engine":
+        from tetherlab.cluster.engine.bench import run_bench
+
+        result = run_bench()
+    else:
+        print(f"tetherlab bench: unknown benchmark {args.what!r}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:>28}: {v}")
+    return EXIT_OK
+
+
+# --- parser ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tetherlab", description="Tetherlab master cluster: set up, run, inspect.")
+    p.add_argument("--version", action="version", version=f"tetherlab {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("init", help="write node configs and a cluster secret for a new cluster")
+    s.add_argument("--nodes", type=int, default=3, help="number of nodes (default 3)")
+    s.add_argument("--dir", default=DEFAULT_DIR, help=f"directory to write (default {DEFAULT_DIR})")
+    s.add_argument("--host", default="127.0.0.1", help="address the nodes listen on (default 127.0.0.1)")
+    s.add_argument("--base-port", type=int, default=DEFAULT_BASE_PORT,
+                   help="raft ports are BASE+1.., ssh BASE+101.., http BASE+201.. (default %(default)s)")
+    s.add_argument("--force", action="store_true", help="overwrite an initialised directory")
+    s.add_argument("--json", action="store_true", help="print the result as JSON")
+    s.set_defaults(func=_cmd_init)
+
+    s = sub.add_parser("master", help="run one node (the command systemd units run)")
+    s.add_argument("--config", required=True, help="node configuration file (TOML)")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--log-format", default="text", choices=["text", "json"])
+    s.add_argument("--ready-file", help=argparse.SUPPRESS)
+    s.set_defaults(func=_cmd_master)
+
+    s = sub.add_parser("up", help="run a local cluster in the foreground (Ctrl-C stops it)")
+    s.add_argument("--nodes", type=int, default=None, help="number of nodes (default 3; 1 = embedded single node)")
+    s.add_argument("--dir", default=DEFAULT_DIR, help=f"cluster directory (default {DEFAULT_DIR})")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--base-port", type=int, default=DEFAULT_BASE_PORT)
+    s.set_defaults(func=_cmd_up)
+
+    s = sub.add_parser("status", help="show every node's role, term and indexes")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--dir", default=DEFAULT_DIR, help=f"cluster directory (default {DEFAULT_DIR})")
+    g.add_argument("--cluster", help="cluster file (cluster.toml)")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(func=_cmd_status)
+
+    s = sub.add_parser("bench", help="benchmarks that print figures")
+    s.add_argument("what", choices=["raft", "engine"],
+                   help="raft: durable cluster vs bare pysyncobj; engine: pure engine")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--duration", type=float, default=8.0, help="seconds of load per phase (raft)")
+    s.add_argument("--clients", type=int, default=4, help="client processes (raft)")
+    s.add_argument("--in-flight", type=int, default=64, help="requests in flight per client (raft)")
+    s.set_defaults(func=_cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    if args.command == "up":
+        args.nodes_given = args.nodes is not None
+        args.nodes = args.nodes or 3
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return EXIT_FAILED
+    except BrokenPipeError:
+        os._exit(EXIT_FAILED)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

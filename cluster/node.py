@@ -1,0 +1,306 @@
+"""One master node process: Raft member, HTTP endpoint and local control socket.
+
+``tetherlab master --config FILE.toml`` runs :func:`run_node`. The asyncio loop owns the
+network endpoints; pysyncobj ticks on its own thread and hands results back through
+``call_soon_threadsafe``.
+
+The control socket (``DATA_DIR/control.sock``, mode 0600) is for local tools and tests: it
+takes JSON lines and performs writes and linearizable reads through Raft. Remote clients use
+the SSH endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from tetherlab.cluster import __version__
+from tetherlab.cluster import statemachine as sm
+from tetherlab.cluster.config import NodeConfig
+from tetherlab.cluster.raft import FailReason, RaftNode
+from tetherlab.cluster.store import StateStore
+
+log = logging.getLogger("tetherlab.node")
+
+PROPOSE_TIMEOUT_S = 5.0  # a write not committed by then is reported as indeterminate
+READ_TIMEOUT_S = 5.0
+CONTROL_LINE_MAX_BYTES = 256 * 1024
+CONTROL_CONNECTIONS_MAX = 256
+SCAN_LIMIT_MAX = 1000
+STOP_TIMEOUT_S = 5.0  # bound on waiting for the Raft thread at shutdown
+
+
+class Unavailable(Exception):
+    """Returned when the cluster cannot take the request now (no leader, no quorum); nothing
+    was applied, so the client may retry elsewhere."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Indeterminate(Exception):
+    """Returned when the outcome is unknown (timeout, leader change after the proposal was
+    accepted): the command may or may not be applied."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class _BarrierBatch:
+    waiters: list[asyncio.Future[None]]
+
+
+class MasterNode:
+    def __init__(self, cfg: NodeConfig) -> None:
+        self.cfg = cfg
+        self.started_at = time.time()
+        self.loop = asyncio.get_running_loop()
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = StateStore(cfg.data_dir / "state", cfg.raft.state_map_size_bytes)
+        self.raft = RaftNode(cfg, self.store)
+        self._barrier_running = False
+        self._barrier_next: list[asyncio.Future[None]] = []
+        self._runner: web.AppRunner | None = None
+        self._control: asyncio.AbstractServer | None = None
+        self._control_conns = 0
+
+    # --- Raft bridge ------------------------------------------------------------------------
+
+    async def propose(self, payload: bytes, timeout_s: float = PROPOSE_TIMEOUT_S) -> dict[str, Any]:
+        """Commit one command through Raft and return its result, applied on this node."""
+        fut: asyncio.Future[dict[str, Any]] = self.loop.create_future()
+
+        def done(res: Any, err: int) -> None:  # tick thread
+            self.loop.call_soon_threadsafe(_resolve, fut, res, err)
+
+        self.raft.tl_submit(payload, done)
+        try:
+            return await asyncio.wait_for(fut, timeout_s)
+        except TimeoutError:
+            raise Indeterminate("timeout") from None
+
+    async def propose_command(self, cmd: sm.Command, timeout_s: float = PROPOSE_TIMEOUT_S) -> dict[str, Any]:
+        return await self.propose(sm.encode_command(cmd), timeout_s)
+
+    async def read_barrier(self, timeout_s: float = READ_TIMEOUT_S) -> None:
+        """Return once every write acknowledged before this call is applied here.
+
+        Readers that arrive while a barrier is in flight join the next one: the in-flight
+        barrier may sit in the log before a write they must see."""
+        fut: asyncio.Future[None] = self.loop.create_future()
+        self._barrier_next.append(fut)
+        if not self._barrier_running:
+            self.loop.create_task(self._run_barriers(timeout_s))
+        await asyncio.wait_for(asyncio.shield(fut), timeout_s + 1.0)
+
+    async def _run_barriers(self, timeout_s: float) -> None:
+        self._barrier_running = True
+        try:
+            while self._barrier_next:
+                batch, self._barrier_next = self._barrier_next, []
+                try:
+                    await self.propose_command(sm.Barrier(), timeout_s)
+                except (Unavailable, Indeterminate) as e:
+                    for f in batch:
+                        if not f.done():
+                            f.set_exception(Unavailable(e.reason) if isinstance(e, Unavailable) else e)
+                    continue
+                for f in batch:
+                    if not f.done():
+                        f.set_result(None)
+        finally:
+            self._barrier_running = False
+
+    def status(self) -> dict[str, Any]:
+        st = dict(self.raft.tl_status())
+        st.update(
+            {
+                "version": __version__,
+                "raft": str(self.cfg.node.raft),
+                "ssh": str(self.cfg.node.ssh),
+                "http": str(self.cfg.node.http),
+                "uptime_s": round(time.time() - self.started_at, 1),
+                "store": {"applied_index": self.store.applied_index, "revision": self.store.revision},
+            }
+        )
+        st.pop("at_monotonic", None)
+        return st
+
+    # --- endpoints --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._start_http()
+        await self._start_control()
+
+    async def _start_http(self) -> None:
+        app = web.Application(client_max_size=64 * 1024)
+        app.router.add_get("/livez", self._h_livez)
+        app.router.add_get("/v1/status", self._h_status)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.cfg.node.http.host, self.cfg.node.http.port, reuse_address=True)
+        await site.start()
+
+    async def _h_livez(self, request: web.Request) -> web.Response:
+        return web.json_response({"live": True, "node": self.cfg.id})
+
+    async def _h_status(self, request: web.Request) -> web.Response:
+        return web.json_response(self.status())
+
+    async def _start_control(self) -> None:
+        path = self.cfg.data_dir / "control.sock"
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        old_umask = os.umask(0o177)
+        try:
+            self._control = await asyncio.start_unix_server(
+                self._control_conn, path=str(path), limit=CONTROL_LINE_MAX_BYTES
+            )
+        finally:
+            os.umask(old_umask)
+
+    async def _control_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._control_conns >= CONTROL_CONNECTIONS_MAX:
+            writer.close()
+            return
+        self._control_conns += 1
+        # Requests on one connection run concurrently (pipelining); the bound keeps memory flat.
+        sem = asyncio.Semaphore(1024)
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                try:
+                    line = await reader.readline()
+                except (asyncio.LimitOverrunError, ValueError):
+                    writer.write(_line({"id": None, "ok": False,
+                                        "error": {"code": "frame_too_large", "message": "request line too long"}}))
+                    break
+                if not line:
+                    break
+                await sem.acquire()
+                task = self.loop.create_task(self._control_request(line, writer, sem))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        except ConnectionError:
+            pass
+        finally:
+            for t in list(tasks):
+                with contextlib.suppress(Exception):
+                    await t
+            self._control_conns -= 1
+            writer.close()
+
+    async def _control_request(self, line: bytes, writer: asyncio.StreamWriter, sem: asyncio.Semaphore) -> None:
+        try:
+            reply = await self._handle_control(line)
+            writer.write(_line(reply))
+        except ConnectionError:
+            pass
+        finally:
+            sem.release()
+
+    async def _handle_control(self, line: bytes) -> dict[str, Any]:
+        rid: Any = None
+        try:
+            req = json.loads(line)
+            if not isinstance(req, dict):
+                raise sm.CommandError("bad_request", "a request must be a JSON object")
+            rid = req.get("id")
+            op = req.get("op")
+            if op in ("put", "delete", "cas"):
+                cmd = sm.decode_command({k: v for k, v in req.items() if k != "id"})
+                res = await self.propose_command(cmd)
+                if "error" in res:
+                    return {"id": rid, "ok": False, "error": res["error"]}
+                return {"id": rid, "ok": True, "result": res}
+            if op == "get":
+                ns, key = req.get("ns"), req.get("key")
+                sm.Delete(ns, key)  # validates the names
+                if req.get("linearizable", True):
+                    await self.read_barrier()
+                rec = self.store.get(ns, key)
+                return {"id": rid, "ok": True, "result": {"record": rec.to_json() if rec else None}}
+            if op == "scan":
+                ns = req.get("ns")
+                sm.Delete(ns, "x")
+                limit = req.get("limit", 100)
+                if not isinstance(limit, int) or not 0 < limit <= SCAN_LIMIT_MAX:
+                    raise sm.CommandError("bad_field", f"field 'limit' must be an integer in 1..{SCAN_LIMIT_MAX}")
+                if req.get("linearizable", True):
+                    await self.read_barrier()
+                items = self.store.scan(ns, str(req.get("after", "")), limit)
+                return {"id": rid, "ok": True, "result": {"items": [[k, r.to_json()] for k, r in items]}}
+            if op == "status":
+                return {"id": rid, "ok": True, "result": self.status()}
+            if op == "dump":
+                return {"id": rid, "ok": True, "result": self.store.dump()}
+            if op == "compact":
+                self.raft.tl_compact()
+                return {"id": rid, "ok": True, "result": {}}
+            raise sm.CommandError("unknown_op", f"unknown op {op!r}")
+        except sm.CommandError as e:
+            return {"id": rid, "ok": False, "error": {"code": e.code, "message": e.message}}
+        except json.JSONDecodeError as e:
+            return {"id": rid, "ok": False, "error": {"code": "bad_json", "message": f"request is not JSON: {e}"}}
+        except Unavailable as e:
+            return {"id": rid, "ok": False, "error": {"code": "unavailable", "message": e.reason}}
+        except (Indeterminate, TimeoutError) as e:
+            reason = e.reason if isinstance(e, Indeterminate) else "timeout"
+            return {"id": rid, "ok": False, "error": {"code": "indeterminate", "message": reason}}
+
+    async def stop(self) -> None:
+        if self._control is not None:
+            self._control.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await self.loop.run_in_executor(None, self.raft.tl_destroy, STOP_TIMEOUT_S)
+        self.store.close()
+
+
+def _resolve(fut: asyncio.Future[dict[str, Any]], res: Any, err: int) -> None:
+    if fut.done():
+        return
+    if err == 0:
+        fut.set_result(res if isinstance(res, dict) else {"ok": True})
+    elif err in FailReason.NOT_APPLIED:
+        fut.set_exception(Unavailable(FailReason.NAMES.get(err, str(err))))
+    else:
+        fut.set_exception(Indeterminate(FailReason.NAMES.get(err, str(err))))
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+
+async def _serve(cfg: NodeConfig, ready_file: Path | None) -> None:
+    node = MasterNode(cfg)
+    await node.start()
+    log.info("node %s serving: raft %s, http %s (data %s)", cfg.id, cfg.node.raft, cfg.node.http, cfg.data_dir)
+    if ready_file is not None:
+        ready_file.write_text(json.dumps({"pid": os.getpid(), "id": cfg.id}))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("node %s stopping", cfg.id)
+    await node.stop()
+
+
+def run_node(cfg: NodeConfig, ready_file: Path | None = None) -> int:
+    cfg.read_secret()  # refuse to start without the secret, before anything binds
+    asyncio.run(_serve(cfg, ready_file))
+    return 0

@@ -1,0 +1,1 @@
+"""`tether`: the shim that wraps a coding agent (client side of Tetherlab)."""
