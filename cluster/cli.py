@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.add_argument("--duration", type=float, default=8.0, help="seconds of load per phase (raft)")
     s.add_argument("--clients", type=int, default=4, help="client processes (raft)")
-    s.add_argument("--in-flight", type=int, default=64, help="requests in flight per client (raft)")
+    s.add_argument("--in-flight", type=int, default=256, help="requests in flight per client (raft)")
     s.set_defaults(func=_cmd_bench)
     return p
 
