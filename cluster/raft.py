@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from pysyncobj import SyncObj, SyncObjConf, replicated
 from pysyncobj.config import FAIL_REASON
 from pysyncobj.node import TCPNode
 from pysyncobj.pipe_notifier import PipeNotifier
+from pysyncobj.tcp_connection import TcpConnection
 from pysyncobj.transport import TCPTransport
 
 from tetherlab.cluster.config import NodeConfig
@@ -56,6 +58,27 @@ def _create_journal(journal_file: str | None = None) -> Any:
 
 
 _syncobj_mod.createJournal = _create_journal
+
+# pysyncobj buffers a frame of whatever length its 4-byte header announces, before it can
+# check the frame's authentication: a stranger could make it buffer gigabytes. Frames are
+# bounded by the append/snapshot batch sizes (64 KiB) plus one entry; refuse anything absurd.
+RAFT_FRAME_MAX_BYTES = 16 * 1024 * 1024
+_FRAME_LEN = struct.Struct("i")
+_original_parse = TcpConnection._TcpConnection__processParseMessage  # type: ignore[attr-defined]
+
+
+def _bounded_parse(conn: TcpConnection) -> Any:
+    buf = conn._TcpConnection__readBuffer  # type: ignore[attr-defined]
+    if len(buf) >= _FRAME_LEN.size:
+        (n,) = _FRAME_LEN.unpack_from(buf)
+        if n < 0 or n > RAFT_FRAME_MAX_BYTES:
+            log.warning("dropping a raft connection that announced a %d-byte frame", n)
+            conn.disconnect()
+            return None
+    return _original_parse(conn)
+
+
+TcpConnection._TcpConnection__processParseMessage = _bounded_parse  # type: ignore[attr-defined]
 
 
 class DurableTransport(TCPTransport):

@@ -206,9 +206,15 @@ def test_stranger_on_the_raft_port_is_ignored(cluster3: LocalCluster, tmp_path: 
         zlib.compress(pickle.dumps({"type": "append_entries", "term": 99}), 3),
         b"\xff" * 64,                                                 # garbage
     ]
-    for data in payloads:
+    frames = [struct.pack("i", len(d)) + d for d in payloads]
+    frames.append(struct.pack("i", 2**31 - 1) + b"\0" * 65536)  # announces a 2 GiB frame
+    frames.append(struct.pack("i", -5) + b"\0" * 16)
+    for frame in frames:
         with socket.create_connection((target.host, target.port), timeout=5) as s:
-            s.sendall(struct.pack("i", len(data)) + data)
+            try:
+                s.sendall(frame)
+            except ConnectionError:
+                pass
             s.settimeout(2)
             try:
                 s.recv(1024)
