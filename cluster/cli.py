@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -38,14 +37,6 @@ DEFAULT_DIR = ".tetherlab"
 DEFAULT_BASE_PORT = 7100
 UP_LEADER_WAIT_S = 30.0
 STOP_GRACE_S = 10.0
-
-
-def _setup_logging(level: str, fmt: str = "text") -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 # --- init -----------------------------------------------------------------------------------
@@ -105,9 +96,11 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_master(args: argparse.Namespace) -> int:
-    _setup_logging(args.log_level, args.log_format)
+    from tetherlab.cluster import logs
+
     try:
         cfg = load_node_config(args.config)
+        logs.setup(args.log_level, args.log_format, cfg.id)
         cfg.read_secret()
     except ConfigError as e:
         print(f"tetherlab master: {e}", file=sys.stderr)

@@ -23,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tetherlab.cluster import __version__
 from tetherlab.cluster import statemachine as sm
 from tetherlab.cluster.config import NodeConfig
+from tetherlab.cluster.metrics import NodeCollector, NodeMetrics
 from tetherlab.cluster.raft import FailReason, RaftNode
 from tetherlab.cluster.store import StateStore
 
@@ -37,6 +39,7 @@ READ_TIMEOUT_S = 5.0
 CONTROL_LINE_MAX_BYTES = 256 * 1024
 CONTROL_CONNECTIONS_MAX = 256
 SCAN_LIMIT_MAX = 1000
+READYZ_TIMEOUT_S = 2.0
 STOP_TIMEOUT_S = 5.0  # bound on waiting for the Raft thread at shutdown
 
 
@@ -69,13 +72,42 @@ class MasterNode:
         self.started_at = time.time()
         self.loop = asyncio.get_running_loop()
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = NodeMetrics()
         self.store = StateStore(cfg.data_dir / "state", cfg.raft.state_map_size_bytes)
-        self.raft = RaftNode(cfg, self.store)
+        self.store.on_apply = self._on_apply
+        m = self.metrics
+        self.raft = RaftNode(
+            cfg,
+            self.store,
+            on_fsync=m.fsync_seconds.observe,
+            on_state_changed=self._on_role_changed,
+            on_rtt=lambda peer, s: m.peer_rtt_seconds.labels(peer).observe(s),
+            on_apply_seconds=m.apply_seconds.observe,
+        )
+        self.metrics.attach(NodeCollector(self.raft.tl_status, self._lmdb_sizes, self._coordination_stats))
+        self._leader_seen: str | None = None
         self._barrier_running = False
         self._barrier_next: list[asyncio.Future[None]] = []
         self._runner: web.AppRunner | None = None
         self._control: asyncio.AbstractServer | None = None
         self._control_conns = 0
+
+    # --- Raft bridge ------------------------------------------------------------------------
+
+    # --- metrics hooks (tick thread) ---------------------------------------------------------
+
+    def _on_apply(self, index: int, cmd: sm.Command | None, result: dict[str, Any]) -> None:
+        self.metrics.proposals_applied.inc()
+
+    def _on_role_changed(self, old: str, new: str) -> None:
+        log.info("role %s -> %s", old, new, extra={"term": self.raft.raftCurrentTerm})
+
+    def _lmdb_sizes(self) -> dict[str, dict[str, int]]:
+        log_info = _env_sizes(self.raft._tl_journal.env, self.cfg.data_dir / "raft")
+        return {"log": log_info, "state": self.store.size_info()}
+
+    def _coordination_stats(self) -> dict[str, int]:
+        return {}
 
     # --- Raft bridge ------------------------------------------------------------------------
 
@@ -86,11 +118,21 @@ class MasterNode:
         def done(res: Any, err: int) -> None:  # tick thread
             self.loop.call_soon_threadsafe(_resolve, fut, res, err)
 
+        m = self.metrics
+        m.proposals_pending.inc()
         self.raft.tl_submit(payload, done)
         try:
-            return await asyncio.wait_for(fut, timeout_s)
+            res = await asyncio.wait_for(fut, timeout_s)
+            m.proposals_committed.inc()
+            return res
         except TimeoutError:
+            m.proposals_failed.labels("timeout").inc()
             raise Indeterminate("timeout") from None
+        except (Unavailable, Indeterminate) as e:
+            m.proposals_failed.labels(e.reason).inc()
+            raise
+        finally:
+            m.proposals_pending.dec()
 
     async def propose_command(self, cmd: sm.Command, timeout_s: float = PROPOSE_TIMEOUT_S) -> dict[str, Any]:
         return await self.propose(sm.encode_command(cmd), timeout_s)
@@ -126,6 +168,11 @@ class MasterNode:
 
     def status(self) -> dict[str, Any]:
         st = dict(self.raft.tl_status())
+        leader = st.get("leader")
+        if leader is not None and leader != self._leader_seen:
+            if self._leader_seen is not None:
+                self.metrics.leader_changes.inc()
+            self._leader_seen = leader
         st.update(
             {
                 "version": __version__,
@@ -148,6 +195,9 @@ class MasterNode:
     async def _start_http(self) -> None:
         app = web.Application(client_max_size=64 * 1024)
         app.router.add_get("/livez", self._h_livez)
+        app.router.add_get("/readyz", self._h_readyz)
+        app.router.add_get("/health", self._h_health)
+        app.router.add_get("/metrics", self._h_metrics)
         app.router.add_get("/v1/status", self._h_status)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
@@ -159,6 +209,32 @@ class MasterNode:
 
     async def _h_status(self, request: web.Request) -> web.Response:
         return web.json_response(self.status())
+
+    async def _readiness(self) -> tuple[bool, str]:
+        """etcd's meaning: a leader is known and a linearizable read succeeds."""
+        st = self.raft.tl_status()
+        if not st.get("leader"):
+            return False, "RAFT NO LEADER"
+        try:
+            await self.read_barrier(READYZ_TIMEOUT_S)
+        except (Unavailable, Indeterminate, TimeoutError) as e:
+            return False, f"LINEARIZABLE READ FAILED: {getattr(e, 'reason', 'timeout')}"
+        return True, ""
+
+    async def _h_readyz(self, request: web.Request) -> web.Response:
+        ok, reason = await self._readiness()
+        body = {"ready": ok, "node": self.cfg.id, "reason": reason}
+        return web.json_response(body, status=200 if ok else 503)
+
+    async def _h_health(self, request: web.Request) -> web.Response:
+        ok, reason = await self._readiness()
+        body = {"health": "true" if ok else "false", "reason": reason}
+        return web.json_response(body, status=200 if ok else 503)
+
+    async def _h_metrics(self, request: web.Request) -> web.Response:
+        self.status()  # notes leader changes between scrapes too
+        data = generate_latest(self.metrics.registry)
+        return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _start_control(self) -> None:
         path = self.cfg.data_dir / "control.sock"
@@ -279,6 +355,16 @@ def _resolve(fut: asyncio.Future[dict[str, Any]], res: Any, err: int) -> None:
         fut.set_exception(Unavailable(FailReason.NAMES.get(err, str(err))))
     else:
         fut.set_exception(Indeterminate(FailReason.NAMES.get(err, str(err))))
+
+
+def _env_sizes(env: Any, directory: Path) -> dict[str, int]:
+    info, stat = env.info(), env.stat()
+    data_file = directory / "data.mdb"
+    return {
+        "file_size_bytes": data_file.stat().st_size if data_file.exists() else 0,
+        "used_bytes": (info["last_pgno"] + 1) * stat["psize"],
+        "map_size_bytes": info["map_size"],
+    }
 
 
 def _line(obj: dict[str, Any]) -> bytes:

@@ -82,13 +82,26 @@ TcpConnection._TcpConnection__processParseMessage = _bounded_parse  # type: igno
 
 
 class DurableTransport(TCPTransport):
-    """pysyncobj's TCP transport with one rule added: nothing leaves before it is durable."""
+    """pysyncobj's TCP transport with one rule added: nothing leaves before it is durable.
+
+    It also times append-entries round trips per peer (first unanswered send to the answer)."""
 
     def send(self, node: Any, message: Any) -> bool:
-        journal: LmdbJournal | None = getattr(self._syncObj, "_tl_journal", None)
+        so = self._syncObj
+        journal: LmdbJournal | None = getattr(so, "_tl_journal", None)
         if journal is not None:
             journal.flush()
+        if isinstance(message, dict) and message.get("type") == "append_entries":
+            so._tl_rtt_pending.setdefault(node, time.monotonic())
         return bool(super().send(node, message))
+
+    def _onMessageReceived(self, node: Any, message: Any) -> None:
+        if isinstance(message, dict) and message.get("type") == "next_node_idx":
+            t0 = self._syncObj._tl_rtt_pending.pop(node, None)
+            on_rtt = self._syncObj._tl_on_rtt
+            if t0 is not None and on_rtt is not None:
+                on_rtt(self._syncObj._tl_addr_to_id.get(node.address, node.address), time.monotonic() - t0)
+        super()._onMessageReceived(node, message)
 
 
 class FailReason:
@@ -123,11 +136,16 @@ class RaftNode(SyncObj):
         store: StateStore,
         on_fsync: Callable[[float], None] | None = None,
         on_state_changed: Callable[[str, str], None] | None = None,
+        on_rtt: Callable[[str, float], None] | None = None,
+        on_apply_seconds: Callable[[float], None] | None = None,
     ) -> None:
         secret = cfg.read_secret()
         self._tl_cfg = cfg
         self._tl_store = store
         self._tl_on_state_changed = on_state_changed
+        self._tl_on_rtt = on_rtt
+        self._tl_on_apply_seconds = on_apply_seconds
+        self._tl_rtt_pending: dict[Any, float] = {}
         self._tl_addr_to_id = {str(n.raft): n.id for n in cfg.all_nodes()}
         raft_dir = cfg.data_dir / "raft"
         self._tl_journal = LmdbJournal(raft_dir, cfg.raft.log_map_size_bytes, on_fsync=on_fsync)
@@ -225,6 +243,10 @@ class RaftNode(SyncObj):
                 "last_response_age_s": round(now - resp, 3) if (role == "leader" and resp) else None,
             }
         members = len(self.otherNodes) + 1
+        quorum_backed = role == "leader" and acks * 2 > members
+        deadline = self._SyncObj__raftElectionDeadline  # type: ignore[attr-defined]
+        # A follower is in touch with a leader while its election timer keeps being reset.
+        following = role == "follower" and leader_id is not None and deadline > now
         return {
             "id": self._tl_cfg.id,
             "role": role,
@@ -237,7 +259,8 @@ class RaftNode(SyncObj):
             "peers": peers,
             # A leader is quorum-backed while a majority answered it within an election timeout:
             # no other leader can have been elected in that window.
-            "quorum_backed": role == "leader" and acks * 2 > members,
+            "quorum_backed": quorum_backed,
+            "quorum_ok": quorum_backed or following,
             "has_quorum_connections": self.hasQuorum,
             "leader_changes": self._tl_leader_changes,
             "snapshots_taken": self._tl_snapshots_taken,
@@ -256,7 +279,11 @@ class RaftNode(SyncObj):
         # The entry being applied is at raftLastApplied + 1 (pysyncobj bumps it afterwards).
         index = self.raftLastApplied + 1
         try:
-            return self._tl_store.apply(index, payload)
+            t0 = time.perf_counter()
+            res = self._tl_store.apply(index, payload)
+            if self._tl_on_apply_seconds is not None:
+                self._tl_on_apply_seconds(time.perf_counter() - t0)
+            return res
         except Exception:
             # A store that cannot apply (disk full, corruption) must not let this node carry on
             # with a state that differs from its peers': stop, and let the supervisor restart it.

@@ -180,7 +180,7 @@ class StateStore:
         stat = self.env.stat()
         data_file = self.dir / "data.mdb"
         return {
-            "file_bytes": data_file.stat().st_size if data_file.exists() else 0,
+            "file_size_bytes": data_file.stat().st_size if data_file.exists() else 0,
             "used_bytes": (info["last_pgno"] + 1) * stat["psize"],
             "map_size_bytes": info["map_size"],
         }
