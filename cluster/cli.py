@@ -20,6 +20,7 @@ from tetherlab.cluster import __version__
 from tetherlab.cluster.config import (
     Address,
     ClusterFile,
+    ClusterSettings,
     ConfigError,
     NodeAddresses,
     NodeConfig,
@@ -43,15 +44,29 @@ STOP_GRACE_S = 10.0
 
 
 def init_cluster(directory: Path, nodes: int, host: str = "127.0.0.1", base_port: int = DEFAULT_BASE_PORT,
-                 force: bool = False) -> ClusterFile:
-    """Write one config per node, the cluster secret (0600) and ``cluster.toml``."""
+                 force: bool = False, admin_key: Path | None = None, admin_name: str = "admin",
+                 remote: str = "") -> ClusterFile:
+    """Write one config and SSH host key per node, the cluster secret (0600), an admin key
+    (unless one is given), ``cluster.toml`` for the admin CLI and ``shim.toml`` for shims."""
+    from tetherlab.cluster.keys import KeyError_, generate_key_pair, make_registered
     if nodes < 1 or nodes > 99:
         raise ConfigError(f"--nodes must be between 1 and 99, got {nodes}")
     directory = directory.resolve()
     cluster_path = directory / "cluster.toml"
     if cluster_path.exists() and not force:
         raise ConfigError(f"{cluster_path} exists: this directory is initialised already (use --force to overwrite)")
+    try:
+        if admin_key is not None:
+            admin_line = make_registered(admin_name, "admin", admin_key.read_text()).public_key
+            admin_private: Path | None = None
+        else:
+            admin_line = ""
+            admin_private = directory / "admin_ed25519"
+    except (OSError, KeyError_) as e:
+        raise ConfigError(f"--admin-key {admin_key}: {e}") from None
     directory.mkdir(parents=True, exist_ok=True)
+    if admin_private is not None:
+        admin_line = generate_key_pair(admin_private, f"{admin_name}@tetherlab")
     secret_path = directory / "cluster.secret"
     write_private(secret_path, new_secret())
     addrs = [
@@ -63,23 +78,34 @@ def init_cluster(directory: Path, nodes: int, host: str = "127.0.0.1", base_port
         )
         for i in range(nodes)
     ]
+    host_keys: dict[str, str] = {}
     for a in addrs:
         node_dir = directory / a.id
         node_dir.mkdir(exist_ok=True)
+        host_key = node_dir / "ssh_host_ed25519_key"
+        host_keys[a.id] = " ".join(generate_key_pair(host_key, f"tetherlab-{a.id}").split()[:2])
         cfg = NodeConfig(
             node=a,
             peers=tuple(p for p in addrs if p.id != a.id),
             data_dir=node_dir / "data",
             secret_file=secret_path,
+            ssh_host_key=host_key,
+            cluster=ClusterSettings(remote, (admin_line,), admin_name),
         )
         write_text_atomic(node_dir / "node.toml", render_node_config(cfg))
-    write_text_atomic(cluster_path, render_cluster_file(addrs))
+    write_text_atomic(cluster_path, render_cluster_file(addrs, admin_private or admin_key, host_keys,
+                                                        developer=admin_name))
+    write_text_atomic(directory / "shim.toml", render_cluster_file(
+        addrs, None, host_keys,
+        header="# Tetherlab shim configuration: copy to developers' machines (~/.config/tetherlab/shim.toml).\n"
+               "# Each node's SSH host key is pinned; add `developer = \"NAME\"` and `key = \"PATH\"`.\n"))
     return load_cluster_file(cluster_path)
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
     try:
-        cluster = init_cluster(Path(args.dir), args.nodes, args.host, args.base_port, args.force)
+        cluster = init_cluster(Path(args.dir), args.nodes, args.host, args.base_port, args.force,
+                               Path(args.admin_key) if args.admin_key else None, args.admin_name, args.remote)
     except ConfigError as e:
         print(f"tetherlab init: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -281,6 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--base-port", type=int, default=DEFAULT_BASE_PORT,
                    help="raft ports are BASE+1.., ssh BASE+101.., http BASE+201.. (default %(default)s)")
     s.add_argument("--force", action="store_true", help="overwrite an initialised directory")
+    s.add_argument("--admin-key", help="register this public key (.pub or authorized_keys line) as the first admin "
+                                       "(default: generate DIR/admin_ed25519)")
+    s.add_argument("--admin-name", default="admin", help="developer name of the first admin (default admin)")
+    s.add_argument("--remote", default="", help="the git remote this cluster coordinates (default: set by the "
+                                                 "first session)")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
     s.set_defaults(func=_cmd_init)
 

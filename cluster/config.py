@@ -103,6 +103,16 @@ class RaftTuning:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    """What the whole cluster agrees on at birth: the git remote it coordinates and the first
+    admin key (registered once, by the first leader, in the replicated key registry)."""
+
+    remote: str = ""
+    bootstrap_admin_keys: tuple[str, ...] = ()
+    bootstrap_admin_developer: str = "admin"
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     node: NodeAddresses
     peers: tuple[NodeAddresses, ...]
@@ -110,6 +120,8 @@ class NodeConfig:
     secret_file: Path
     raft: RaftTuning = field(default_factory=RaftTuning)
     path: Path | None = None
+    ssh_host_key: Path | None = None
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
 
     @property
     def id(self) -> str:
@@ -175,21 +187,47 @@ def load_node_config(path: str | Path) -> NodeConfig:
     if len(set(raft_addrs)) != len(raft_addrs):
         raise ConfigError(f"{where}: raft addresses must be unique, got {raft_addrs}")
     tuning = RaftTuning.from_toml(data.get("raft", {}), where)
+    host_key = node_table.get("ssh_host_key")
+    if host_key is not None and (not isinstance(host_key, str) or not host_key):
+        raise ConfigError(f"{where}: [node].ssh_host_key must be a path")
+    cl = data.get("cluster", {})
+    if not isinstance(cl, dict):
+        raise ConfigError(f"{where}: [cluster] must be a table")
+    remote = cl.get("remote", "")
+    admin_keys = cl.get("bootstrap_admin_keys", [])
+    admin_dev = cl.get("bootstrap_admin_developer", "admin")
+    if not isinstance(remote, str):
+        raise ConfigError(f"{where}: [cluster].remote must be a string")
+    if not isinstance(admin_keys, list) or not all(isinstance(k, str) for k in admin_keys):
+        raise ConfigError(f"{where}: [cluster].bootstrap_admin_keys must be a list of public key lines")
+    if not isinstance(admin_dev, str) or not admin_dev:
+        raise ConfigError(f"{where}: [cluster].bootstrap_admin_developer must be a name")
+
+    def _abs(p: str) -> Path:
+        return Path(p) if Path(p).is_absolute() else base / p
+
     return NodeConfig(
         node=node,
         peers=peers,
-        data_dir=data_dir if data_dir.is_absolute() else (base / data_dir),
-        secret_file=secret_file if secret_file.is_absolute() else (base / secret_file),
+        data_dir=_abs(str(data_dir)),
+        secret_file=_abs(str(secret_file)),
         raft=tuning,
         path=path,
+        ssh_host_key=_abs(host_key) if host_key else None,
+        cluster=ClusterSettings(remote, tuple(admin_keys), admin_dev),
     )
 
 
 @dataclass(frozen=True)
 class ClusterFile:
+    """A client's view of the cluster: node addresses, pinned SSH host keys, and (for the
+    admin CLI) the admin key. The shim configuration has the same shape without the key."""
+
     nodes: tuple[NodeAddresses, ...]
     admin_key: Path | None = None
     path: Path | None = None
+    host_keys: dict[str, str] = field(default_factory=dict)  # node id -> "type base64"
+    developer: str = ""
 
     def by_id(self) -> dict[str, NodeAddresses]:
         return {n.id: n for n in self.nodes}
@@ -202,11 +240,21 @@ def load_cluster_file(path: str | Path) -> ClusterFile:
     if not isinstance(raw, list) or not raw:
         raise ConfigError(f"{path}: expected at least one [[node]] table")
     nodes = tuple(_node_addresses(n, f"{path}: [[node]] #{i + 1}") for i, n in enumerate(raw))
-    admin = data.get("admin_key")
+    host_keys = {}
+    for i, n in enumerate(raw):
+        hk = n.get("host_key")
+        if hk is not None:
+            if not isinstance(hk, str) or not hk.startswith(("ssh-", "ecdsa-")):
+                raise ConfigError(f"{path}: [[node]] #{i + 1}.host_key must be an OpenSSH public key line")
+            host_keys[n["id"]] = hk
+    admin = data.get("admin_key") or data.get("key")
     admin_path = None
     if isinstance(admin, str) and admin:
         admin_path = Path(admin) if Path(admin).is_absolute() else path.parent / admin
-    return ClusterFile(nodes=nodes, admin_key=admin_path, path=path)
+    developer = data.get("developer", "")
+    if not isinstance(developer, str):
+        raise ConfigError(f"{path}: developer must be a string")
+    return ClusterFile(nodes=nodes, admin_key=admin_path, path=path, host_keys=host_keys, developer=developer)
 
 
 # --- writing -------------------------------------------------------------------------------
@@ -236,7 +284,13 @@ def render_node_config(cfg: NodeConfig) -> str:
         "# Tetherlab node configuration: run with `tetherlab master --config THIS_FILE`.\n",
         _toml_table(
             "[node]",
-            {**cfg.node.to_json(), "data_dir": cfg.data_dir, "secret_file": cfg.secret_file},
+            {**cfg.node.to_json(), "data_dir": cfg.data_dir, "secret_file": cfg.secret_file,
+             **({"ssh_host_key": cfg.ssh_host_key} if cfg.ssh_host_key else {})},
+        ),
+        _toml_table(
+            "[cluster]",
+            {"remote": cfg.cluster.remote, "bootstrap_admin_keys": list(cfg.cluster.bootstrap_admin_keys),
+             "bootstrap_admin_developer": cfg.cluster.bootstrap_admin_developer},
         ),
     ]
     for peer in cfg.peers:
@@ -252,12 +306,19 @@ def render_node_config(cfg: NodeConfig) -> str:
     return "\n".join(parts)
 
 
-def render_cluster_file(nodes: list[NodeAddresses], admin_key: Path | None = None) -> str:
-    parts = ["# Tetherlab cluster: every node's addresses, for clients (status, shim, admin CLI).\n"]
+def render_cluster_file(nodes: list[NodeAddresses], admin_key: Path | None = None,
+                        host_keys: dict[str, str] | None = None, header: str = "", developer: str = "") -> str:
+    parts = [header or "# Tetherlab cluster: every node's addresses, for clients (status, shim, admin CLI).\n"]
+    top = ""
     if admin_key is not None:
-        parts.append(f"admin_key = {_toml_value(admin_key)}\n")
+        top += f"admin_key = {_toml_value(admin_key)}\n"
+    if developer:
+        top += f"developer = {_toml_value(developer)}\n"
+    if top:
+        parts.append(top)
     for n in nodes:
-        parts.append(_toml_table("[[node]]", n.to_json()))
+        extra = {"host_key": host_keys[n.id]} if host_keys and n.id in host_keys else {}
+        parts.append(_toml_table("[[node]]", {**n.to_json(), **extra}))
     return "\n".join(parts)
 
 

@@ -40,6 +40,7 @@ CONTROL_LINE_MAX_BYTES = 256 * 1024
 CONTROL_CONNECTIONS_MAX = 256
 SCAN_LIMIT_MAX = 1000
 READYZ_TIMEOUT_S = 2.0
+LEADER_DUTY_INTERVAL_S = 0.25
 STOP_TIMEOUT_S = 5.0  # bound on waiting for the Raft thread at shutdown
 
 
@@ -86,6 +87,15 @@ class MasterNode:
         )
         self.metrics.attach(NodeCollector(self.raft.tl_status, self._lmdb_sizes, self._coordination_stats))
         self._leader_seen: str | None = None
+        self.version = __version__
+        self._ssh_by_id = {n.id: str(n.ssh) for n in cfg.all_nodes()}
+        from tetherlab.cluster.service import Service
+        from tetherlab.cluster.sshserver import SshEndpoint
+
+        self.service = Service(self)
+        self.ssh = SshEndpoint(self)
+        self._bootstrapped = False
+        self._duties: asyncio.Task[None] | None = None
         self._barrier_running = False
         self._barrier_next: list[asyncio.Future[None]] = []
         self._runner: web.AppRunner | None = None
@@ -98,6 +108,11 @@ class MasterNode:
 
     def _on_apply(self, index: int, cmd: sm.Command | None, result: dict[str, Any]) -> None:
         self.metrics.proposals_applied.inc()
+        # A revoked key's SSH connections end on every node, as each node applies the revoke.
+        if isinstance(cmd, sm.Txn) and result.get("succeeded"):
+            for op in cmd.success:
+                if isinstance(op, sm.Delete) and op.ns == "keys":
+                    self.loop.call_soon_threadsafe(self.ssh.drop_key, op.key, "the SSH key was revoked")
 
     def _on_role_changed(self, old: str, new: str) -> None:
         log.info("role %s -> %s", old, new, extra={"term": self.raft.raftCurrentTerm})
@@ -188,9 +203,51 @@ class MasterNode:
 
     # --- endpoints --------------------------------------------------------------------------
 
+    def ssh_address_of(self, node_id: str) -> str | None:
+        return self._ssh_by_id.get(node_id)
+
     async def start(self) -> None:
         await self._start_http()
         await self._start_control()
+        await self.ssh.start()
+        self._duties = self.loop.create_task(self._leader_duties())
+
+    # --- leader duties ----------------------------------------------------------------------
+
+    async def _leader_duties(self) -> None:
+        """What only a quorum-backed leader does, checked every LEADER_DUTY_INTERVAL_S."""
+        while True:
+            await asyncio.sleep(LEADER_DUTY_INTERVAL_S)
+            try:
+                if self.raft.tl_status().get("quorum_backed"):
+                    await self._bootstrap_once()
+            except (Unavailable, Indeterminate):
+                pass  # leadership moved or wobbled; the next leader does it
+            except Exception:
+                log.exception("leader duty failed")
+
+    async def _bootstrap_once(self) -> None:
+        """Register the first admin key and the git remote, once per cluster lifetime (a txn
+        guarded by meta/bootstrapped, so a revoked admin key is never re-added)."""
+        if self._bootstrapped or self.store.get("meta", "bootstrapped") is not None:
+            self._bootstrapped = True
+            return
+        from tetherlab.cluster.keys import KEYS_NS, KeyError_, make_registered
+
+        ops: list[sm.Put | sm.Delete] = [sm.Put("meta", "bootstrapped", "1")]
+        for line in self.cfg.cluster.bootstrap_admin_keys:
+            try:
+                rk = make_registered(self.cfg.cluster.bootstrap_admin_developer, "admin", line)
+            except KeyError_ as e:
+                log.error("bootstrap admin key in %s is not usable: %s", self.cfg.path, e)
+                continue
+            ops.append(sm.Put(KEYS_NS, rk.id, rk.encode()))
+        if self.cfg.cluster.remote:
+            ops.append(sm.Put("meta", "remote", self.cfg.cluster.remote))
+        res = await self.propose_command(sm.Txn((sm.Compare("meta", "bootstrapped", 0),), tuple(ops)))
+        self._bootstrapped = True
+        if res.get("succeeded"):
+            log.info("cluster bootstrapped: %d admin key(s) registered", len(ops) - 1)
 
     async def _start_http(self) -> None:
         app = web.Application(client_max_size=64 * 1024)
@@ -296,7 +353,7 @@ class MasterNode:
                 raise sm.CommandError("bad_request", "a request must be a JSON object")
             rid = req.get("id")
             op = req.get("op")
-            if op in ("put", "delete", "cas"):
+            if op in ("put", "delete", "cas", "txn"):
                 cmd = sm.decode_command({k: v for k, v in req.items() if k != "id"})
                 res = await self.propose_command(cmd)
                 if "error" in res:
@@ -338,6 +395,9 @@ class MasterNode:
             return {"id": rid, "ok": False, "error": {"code": "indeterminate", "message": reason}}
 
     async def stop(self) -> None:
+        if self._duties is not None:
+            self._duties.cancel()
+        await self.ssh.stop()
         if self._control is not None:
             self._control.close()
         if self._runner is not None:

@@ -122,7 +122,39 @@ class Barrier:
     proposed is visible here, so a read after it is linearizable."""
 
 
-Command = Put | Delete | CompareAndSet | Barrier
+@dataclass(frozen=True)
+class Compare:
+    """Holds when the record's mod_revision equals ``revision`` (0: the record is absent)."""
+
+    ns: str
+    key: str
+    revision: int
+
+    def __post_init__(self) -> None:
+        _check_name(self.ns, "ns", NS_MAX_CHARS)
+        _check_name(self.key, "key", KEY_MAX_CHARS)
+        if not isinstance(self.revision, int) or isinstance(self.revision, bool) or self.revision < 0:
+            raise CommandError("bad_field", "field 'revision' of a compare must be an integer >= 0")
+
+
+TXN_OPS_MAX = 64
+
+
+@dataclass(frozen=True)
+class Txn:
+    """etcd-style transaction: if every compare holds, apply ``success``, else ``failure``;
+    all of it at one revision, atomically."""
+
+    compare: tuple[Compare, ...]
+    success: tuple[Put | Delete, ...]
+    failure: tuple[Put | Delete, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.compare) + len(self.success) + len(self.failure) > TXN_OPS_MAX:
+            raise CommandError("too_large", f"a txn takes at most {TXN_OPS_MAX} compares and operations")
+
+
+Command = Put | Delete | CompareAndSet | Barrier | Txn
 
 _OPS: dict[str, tuple[type, tuple[str, ...]]] = {
     "put": (Put, ("ns", "key", "value")),
@@ -133,10 +165,39 @@ _OPS: dict[str, tuple[type, tuple[str, ...]]] = {
 _OP_OF = {cls: op for op, (cls, _) in _OPS.items()}
 
 
+def _decode_txn(obj: dict[str, Any]) -> Txn:
+    def ops(field: str) -> tuple[Put | Delete, ...]:
+        raw = obj.get(field, [])
+        if not isinstance(raw, list):
+            raise CommandError("bad_field", f"txn field {field!r} must be a list")
+        out: list[Put | Delete] = []
+        for i, o in enumerate(raw):
+            cmd = decode_command(o)
+            if not isinstance(cmd, Put | Delete):
+                raise CommandError("bad_field", f"txn {field}[{i}] must be a put or delete")
+            out.append(cmd)
+        return tuple(out)
+
+    raw_cmp = obj.get("compare", [])
+    if not isinstance(raw_cmp, list):
+        raise CommandError("bad_field", "txn field 'compare' must be a list")
+    compares = []
+    for i, c in enumerate(raw_cmp):
+        if not isinstance(c, dict) or set(c) != {"ns", "key", "revision"}:
+            raise CommandError("bad_field", f"txn compare[{i}] must be an object with ns, key and revision")
+        compares.append(Compare(c["ns"], c["key"], c["revision"]))
+    extra = set(obj) - {"op", "compare", "success", "failure"}
+    if extra:
+        raise CommandError("bad_field", f"op 'txn' does not take field(s) {sorted(extra)}")
+    return Txn(tuple(compares), ops("success"), ops("failure"))
+
+
 def decode_command(obj: Any) -> Command:
     if not isinstance(obj, dict):
         raise CommandError("bad_command", "a command must be a JSON object")
     op = obj.get("op")
+    if op == "txn":
+        return _decode_txn(obj)
     if op not in _OPS:
         raise CommandError("unknown_op", f"unknown op {op!r}; expected one of {sorted(_OPS)}")
     cls, fields = _OPS[op]
@@ -156,6 +217,13 @@ def decode_command(obj: Any) -> Command:
 
 
 def command_to_json(cmd: Command) -> dict[str, Any]:
+    if isinstance(cmd, Txn):
+        return {
+            "op": "txn",
+            "compare": [{"ns": c.ns, "key": c.key, "revision": c.revision} for c in cmd.compare],
+            "success": [command_to_json(o) for o in cmd.success],
+            "failure": [command_to_json(o) for o in cmd.failure],
+        }
     out: dict[str, Any] = {"op": _OP_OF[type(cmd)]}
     out.update({k: getattr(cmd, k) for k in _OPS[out["op"]][1]})
     return out
@@ -200,7 +268,39 @@ def apply(cmd: Command, *, revision: int, read: ReadFn) -> Outcome:
         else:
             out = _set(cmd.ns, cmd.key, cmd.value, current, revision)
         return Outcome({**out.result, "succeeded": True}, out.writes, out.revision)
+    if isinstance(cmd, Txn):
+        return _txn(cmd, revision, read)
     raise AssertionError(f"unhandled command {cmd!r}")
+
+
+def _txn(cmd: Txn, revision: int, read: ReadFn) -> Outcome:
+    def holds(c: Compare) -> bool:
+        rec = read(c.ns, c.key)
+        return (rec.mod_revision if rec is not None else 0) == c.revision
+
+    succeeded = all(holds(c) for c in cmd.compare)
+    ops = cmd.success if succeeded else cmd.failure
+    # Every operation of one txn shares one new revision, and later ones see earlier ones.
+    pending: dict[tuple[str, str], Record | None] = {}
+
+    def view(ns: str, key: str) -> Record | None:
+        return pending[(ns, key)] if (ns, key) in pending else read(ns, key)
+
+    rev = revision + 1
+    for op in ops:
+        current = view(op.ns, op.key)
+        if isinstance(op, Put):
+            pending[(op.ns, op.key)] = Record(
+                value=op.value,
+                create_revision=current.create_revision if current else rev,
+                mod_revision=rev,
+                version=(current.version + 1) if current else 1,
+            )
+        elif current is not None:
+            pending[(op.ns, op.key)] = None
+    changed = tuple((ns, key, rec) for (ns, key), rec in pending.items())
+    new_rev = rev if changed else revision
+    return Outcome({"ok": True, "succeeded": succeeded, "revision": new_rev}, changed, new_rev)
 
 
 def _set(ns: str, key: str, value: str, current: Record | None, revision: int) -> Outcome:

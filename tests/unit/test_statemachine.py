@@ -88,3 +88,25 @@ def test_encode_decode_round_trip() -> None:
         import json
 
         assert sm.decode_command(json.loads(sm.encode_command(c))) == c
+
+
+def test_txn_applies_success_branch_atomically_at_one_revision() -> None:
+    txn = sm.Txn(
+        compare=(sm.Compare("meta", "boot", 0),),
+        success=(sm.Put("meta", "boot", "1"), sm.Put("keys", "a", "admin")),
+        failure=(sm.Put("meta", "tried", "again"),),
+    )
+    state, rev, results = run([txn, txn])
+    assert [r["succeeded"] for r in results] == [True, False]
+    assert state[("keys", "a")].mod_revision == state[("meta", "boot")].mod_revision == 1
+    assert state[("meta", "tried")].value == "again"
+    assert rev == 2
+
+
+def test_txn_round_trips_and_rejects_nested_txn() -> None:
+    import json
+
+    txn = sm.Txn((sm.Compare("a", "k", 3),), (sm.Delete("a", "k"),), (sm.Put("a", "x", "y"),))
+    assert sm.decode_command(json.loads(sm.encode_command(txn))) == txn
+    with pytest.raises(sm.CommandError, match="put or delete"):
+        sm.decode_command({"op": "txn", "compare": [], "success": [{"op": "barrier"}]})
