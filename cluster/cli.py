@@ -336,6 +336,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=_cmd_status)
 
+    def cluster_args(sp: argparse.ArgumentParser) -> None:
+        g = sp.add_mutually_exclusive_group()
+        g.add_argument("--dir", default=DEFAULT_DIR, help=f"cluster directory (default {DEFAULT_DIR})")
+        g.add_argument("--cluster", help="cluster file (cluster.toml) naming the nodes and the admin key")
+        sp.add_argument("--key", help="private key to use instead of the cluster file's admin_key")
+        sp.add_argument("--json", action="store_true", help="print JSON")
+
+    from tetherlab.cluster import admin
+
+    admin.add_parsers(sub, cluster_args)
+
     s = sub.add_parser("bench", help="benchmarks that print figures")
     s.add_argument("what", choices=["raft", "engine"],
                    help="raft: durable cluster vs bare pysyncobj; engine: pure engine")

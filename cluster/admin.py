@@ -1,0 +1,162 @@
+"""Admin commands over SSH: ``tetherlab keys|concepts|intents ...``.
+
+They find the nodes and the admin key in the cluster file (``--dir DIR`` or ``--cluster
+FILE``), follow the leader like the shim, and print text or ``--json``.
+Exit codes: 0 done; 1 refused by the cluster (the message says why); 2 bad usage or
+configuration; 3 the cluster has no quorum-backed leader reachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from tetherlab.cluster.config import ConfigError, load_cluster_file
+from tetherlab.shim import protocol as p
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+ADMIN_DEADLINE_S = 20.0
+
+
+def add_parsers(sub: Any, cluster_args: Any) -> None:
+    keys = sub.add_parser("keys", help="manage developers' SSH keys (admin)")
+    ks = keys.add_subparsers(dest="action", metavar="ACTION", required=True)
+    s = ks.add_parser("add", help="register a public key for a developer")
+    s.add_argument("developer")
+    s.add_argument("pubkey", help="a .pub file, an authorized_keys line, or - for standard input")
+    s.add_argument("--role", choices=["developer", "admin"], default="developer")
+    cluster_args(s)
+    s = ks.add_parser("list", help="list registered keys")
+    cluster_args(s)
+    s = ks.add_parser("revoke", help="revoke a key (its open sessions end)")
+    s.add_argument("id", help="key fingerprint (SHA256:...) or a unique prefix")
+    cluster_args(s)
+
+    con = sub.add_parser("concepts", help="the concept registry")
+    cs = con.add_subparsers(dest="action", metavar="ACTION", required=True)
+    s = cs.add_parser("push", help="replace the registry with a concepts.toml (atomic, bumps the version)")
+    s.add_argument("file", help="path to .tetherlab/concepts.toml, or - for standard input")
+    cluster_args(s)
+    s = cs.add_parser("list", help="list concepts")
+    cluster_args(s)
+    s = cs.add_parser("show", help="show one concept and who holds it")
+    s.add_argument("id")
+    cluster_args(s)
+
+    it = sub.add_parser("intents", help="agents' intents")
+    its = it.add_subparsers(dest="action", metavar="ACTION", required=True)
+    s = its.add_parser("list", help="list active intents (--all: finished ones too)")
+    s.add_argument("--all", action="store_true")
+    s.add_argument("--limit", type=int, default=100)
+    cluster_args(s)
+    s = its.add_parser("revoke", help="revoke an intent: its agent is stopped (--revert: and its changes stashed)")
+    s.add_argument("id")
+    s.add_argument("--revert", action="store_true")
+    cluster_args(s)
+    for parser in (keys, con, it):
+        parser.set_defaults(func=run)
+
+
+def _read_input(arg: str) -> str:
+    return sys.stdin.read() if arg == "-" else Path(arg).read_text()
+
+
+def _request(args: argparse.Namespace) -> tuple[type[p.Request], dict[str, Any]]:
+    group, action = args.command, args.action
+    if group == "keys":
+        if action == "add":
+            return p.KeysAdd, {"developer": args.developer, "public_key": _read_input(args.pubkey).strip(),
+                               "role": args.role}
+        if action == "list":
+            return p.KeysList, {}
+        return p.KeysRevoke, {"key_id": args.id}
+    if group == "concepts":
+        if action == "push":
+            return p.ConceptsPush, {"toml": _read_input(args.file)}
+        if action == "list":
+            return p.ConceptsList, {}
+        return p.ConceptsShow, {"concept_id": args.id}
+    if action == "list":
+        return p.IntentsList, {"all": args.all, "limit": args.limit}
+    return p.IntentsRevoke, {"intent_id": args.id, "revert": args.revert}
+
+
+def run(args: argparse.Namespace) -> int:
+    from tetherlab.shim.client import (
+        ClientError,
+        ClusterUnavailable,
+        HostKeyMismatch,
+        MasterClient,
+        RequestError,
+        masters_from_cluster_file,
+    )
+
+    path = Path(args.cluster) if getattr(args, "cluster", None) else Path(args.dir) / "cluster.toml"
+    try:
+        cf = load_cluster_file(path)
+        if cf.admin_key is None:
+            raise ConfigError(f"{path}: no admin_key: say which private key to use (admin_key = \"PATH\")")
+        key = Path(args.key) if getattr(args, "key", None) else cf.admin_key
+        cls, fields = _request(args)
+    except (ConfigError, OSError) as e:
+        print(f"tetherlab {args.command} {args.action}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except p.ProtocolError as e:
+        print(f"tetherlab {args.command} {args.action}: {e.message}", file=sys.stderr)
+        return EXIT_USAGE
+
+    async def go() -> dict[str, Any]:
+        client = MasterClient(masters_from_cluster_file(path), key, cf.developer or "admin",
+                              client_name="tetherlab-admin")
+        try:
+            return await client.call(cls, ADMIN_DEADLINE_S, idempotent=cls not in (p.KeysAdd, p.ConceptsPush),
+                                     **fields)
+        finally:
+            await client.close()
+
+    try:
+        payload = asyncio.run(go())
+    except p.LocalProtocolError as e:
+        print(f"tetherlab {args.command} {args.action}: {e.message}", file=sys.stderr)
+        return EXIT_USAGE
+    except RequestError as e:
+        if args.json:
+            print(json.dumps({"error": {"code": e.code, "message": e.message}}))
+        print(f"tetherlab {args.command} {args.action}: refused ({e.code}): {e.message}", file=sys.stderr)
+        return EXIT_REFUSED
+    except (ClusterUnavailable, HostKeyMismatch) as e:
+        print(f"tetherlab {args.command} {args.action}: {e}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except ClientError as e:
+        print(f"tetherlab {args.command} {args.action}: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+    if args.json:
+        print(json.dumps(payload))
+    else:
+        print(render(args.command, args.action, payload))
+    return EXIT_OK
+
+
+def render(group: str, action: str, payload: dict[str, Any]) -> str:
+    if group == "keys" and action == "list":
+        rows = [f"{k['id']}  {k['developer']:<16} {k['role']:<9} {k.get('comment', '')}" for k in payload["keys"]]
+        return "\n".join(rows) if rows else "(no keys)"
+    if group == "keys":
+        k = payload.get("key") or payload.get("revoked") or {}
+        verb = "added" if "key" in payload else "revoked"
+        return f"{verb} {k.get('id')} ({k.get('developer')}, {k.get('role')})"
+    if group == "concepts" and action == "list":
+        rows = [f"{c['id']:<40} {c.get('title', '')}" for c in payload.get("concepts", [])]
+        head = f"registry version {payload.get('version', 0)}"
+        return "\n".join([head, *rows])
+    if group == "intents" and action == "list":
+        rows = [
+            f"{i['intent_id']:<12} {i['status']:<10} {i['agent_id']:<50} {i.get('summary', '')[:60]}"
+            for i in payload.get("intents", [])
+        ]
+        return "\n".join(rows) if rows else "(no intents)"
+    return json.dumps(payload, indent=2)
