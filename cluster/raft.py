@@ -218,14 +218,19 @@ class RaftNode(SyncObj):
             self._tl_ready.set()
 
     def _tl_compute_status(self, now: float) -> dict[str, Any]:
+        state = self._SyncObj__raftState  # type: ignore[attr-defined]
+        role = ROLE_NAMES.get(state, "unknown")
+        deadline = self._SyncObj__raftElectionDeadline  # type: ignore[attr-defined]
         leader = self._getLeader()
+        # pysyncobj keeps a dead leader's name until it can start an election (which it never
+        # does while it reaches nobody): a follower only vouches for a leader it still hears.
+        if role == "follower" and deadline <= now:
+            leader = None
         leader_addr = leader.address if leader is not None else None
         leader_id = self._tl_addr_to_id.get(leader_addr) if leader_addr else None
         if leader_id != self._tl_last_leader and leader_id is not None:
             self._tl_leader_changes += 1
         self._tl_last_leader = leader_id
-        state = self._SyncObj__raftState  # type: ignore[attr-defined]
-        role = ROLE_NAMES.get(state, "unknown")
         peers: dict[str, dict[str, Any]] = {}
         last_resp: dict[Any, float] = dict(self._SyncObj__lastResponseTime)  # type: ignore[attr-defined]
         match: dict[Any, int] = dict(self._SyncObj__raftMatchIndex)  # type: ignore[attr-defined]
@@ -244,7 +249,6 @@ class RaftNode(SyncObj):
             }
         members = len(self.otherNodes) + 1
         quorum_backed = role == "leader" and acks * 2 > members
-        deadline = self._SyncObj__raftElectionDeadline  # type: ignore[attr-defined]
         # A follower is in touch with a leader while its election timer keeps being reset.
         following = role == "follower" and leader_id is not None and deadline > now
         return {
