@@ -41,6 +41,7 @@ CONTROL_CONNECTIONS_MAX = 256
 SCAN_LIMIT_MAX = 1000
 READYZ_TIMEOUT_S = 2.0
 LEADER_DUTY_INTERVAL_S = 0.25
+EXPIRE_INTERVAL_S = 1.0
 STOP_TIMEOUT_S = 5.0  # bound on waiting for the Raft thread at shutdown
 
 
@@ -122,7 +123,8 @@ class MasterNode:
         return {"log": log_info, "state": self.store.size_info()}
 
     def _coordination_stats(self) -> dict[str, int]:
-        return {}
+        stats: dict[str, int] = self.store.engine_view(lambda e: e.stats())
+        return stats
 
     # --- Raft bridge ------------------------------------------------------------------------
 
@@ -151,6 +153,12 @@ class MasterNode:
 
     async def propose_command(self, cmd: sm.Command, timeout_s: float = PROPOSE_TIMEOUT_S) -> dict[str, Any]:
         return await self.propose(sm.encode_command(cmd), timeout_s)
+
+    async def propose_engine(self, cmd: Any, timeout_s: float = PROPOSE_TIMEOUT_S) -> dict[str, Any]:
+        """An engine command, stamped with this node's clock: only the leader proposes them,
+        so expiry always runs on a leader's time, never on a replica's during apply."""
+        payload = {"op": "engine", "now_ms": int(time.time() * 1000), "cmd": cmd.to_json()}
+        return await self.propose(json.dumps(payload, separators=(",", ":")).encode(), timeout_s)
 
     async def read_barrier(self, timeout_s: float = READ_TIMEOUT_S) -> None:
         """Return once every write acknowledged before this call is applied here.
@@ -215,14 +223,36 @@ class MasterNode:
     # --- leader duties ----------------------------------------------------------------------
 
     async def _leader_duties(self) -> None:
-        """What only a quorum-backed leader does, checked every LEADER_DUTY_INTERVAL_S."""
+        """What only a quorum-backed leader does, checked every LEADER_DUTY_INTERVAL_S:
+        bootstrap once; at the start of each term, extend every session by one TTL (before
+        anything can expire); then sweep expired sessions every EXPIRE_INTERVAL_S."""
+        from tetherlab.cluster.engine import commands as ec
+
+        elected_term: int | None = None
+        last_expire = 0.0
         while True:
             await asyncio.sleep(LEADER_DUTY_INTERVAL_S)
+            st = self.raft.tl_status()
             try:
-                if self.raft.tl_status().get("quorum_backed"):
-                    await self._bootstrap_once()
+                if not st.get("quorum_backed"):
+                    elected_term = None
+                    continue
+                await self._bootstrap_once()
+                if self.cfg.cluster.remote and self.store.engine_view(lambda e: e._cluster) is None:
+                    await self.service.engine(ec.Init(remote=self.cfg.cluster.remote))
+                if elected_term != st.get("term"):
+                    await self.propose_engine(ec.LeaderElected(now_ms=int(time.time() * 1000)))
+                    elected_term = st.get("term")
+                    last_expire = time.monotonic()
+                    log.info("leader duties start", extra={"term": elected_term})
+                elif time.monotonic() - last_expire >= EXPIRE_INTERVAL_S:
+                    last_expire = time.monotonic()
+                    res = await self.propose_engine(ec.Expire(now_ms=int(time.time() * 1000)))
+                    if res.get("lapsed"):
+                        self.metrics.sessions_expired.inc(len(res["lapsed"]))
+                        log.info("sessions lapsed: %s", ", ".join(res["lapsed"]))
             except (Unavailable, Indeterminate):
-                pass  # leadership moved or wobbled; the next leader does it
+                elected_term = None  # leadership moved or wobbled; extend again when it settles
             except Exception:
                 log.exception("leader duty failed")
 

@@ -9,10 +9,14 @@ quorum-backed leader answers ``unavailable``. Writes are acknowledged only once 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
 from tetherlab.cluster import statemachine as sm
+from tetherlab.cluster.engine import commands as ec
+from tetherlab.cluster.engine.errors import EngineError
+from tetherlab.cluster.engine.model import IntentBody
 from tetherlab.cluster.keys import KEYS_NS, KeyError_, RegisteredKey, make_registered
 from tetherlab.shim import protocol as p
 
@@ -23,6 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("tetherlab.service")
 
 RETRY_NO_LEADER_MS = 500
+HEARTBEAT_BATCH_WINDOW_S = 0.02  # heartbeats arriving within this window share one log entry
 RETRY_TIMEOUT_MS = 1000
 KEYS_LIST_MAX = 10_000
 
@@ -39,6 +44,31 @@ class Refused(Exception):
 class Service:
     def __init__(self, node: MasterNode) -> None:
         self.node = node
+        self._hb_pending: dict[str, None] = {}
+        self._hb_waiters: list[asyncio.Future[dict[str, Any]]] = []
+        self._hb_task: asyncio.Task[None] | None = None
+
+    # --- engine plumbing --------------------------------------------------------------------
+
+    async def engine(self, cmd: ec.Command) -> dict[str, Any]:
+        """Commit one engine command stamped with this leader's clock; refusals raise Refused."""
+        res = await self.node.propose_engine(cmd)
+        err = res.get("error")
+        if err is not None:
+            raise Refused(err.get("code", "refused"), err.get("message", "refused"))
+        return res
+
+    def _own(self, who: Identity, agent_id: str) -> None:
+        """Agent ids are <developer>/<uuid>; a developer acts only for their own agents."""
+        developer, _ = p.split_agent_id(agent_id)
+        if developer != who.developer:
+            raise Refused("forbidden", f"agent {agent_id!r} belongs to {developer!r}; you are {who.developer!r}")
+
+    async def _ensure_initialised(self, remote: str) -> None:
+        """The first session sets the cluster's git remote when init did not."""
+        if self.node.store.engine_view(lambda e: e._cluster) is not None:
+            return
+        await self.engine(ec.Init(remote=self.node.cfg.cluster.remote or remote))
 
     async def handle(self, who: Identity, req: p.Request, channel: Channel | None = None) -> p.Message:
         from tetherlab.cluster.node import Indeterminate, Unavailable
@@ -143,3 +173,158 @@ class Service:
         if len(matches) > 1:
             raise Refused("ambiguous_key", f"{given!r} matches {len(matches)} keys; give more of the fingerprint")
         raise Refused("unknown_key", f"no registered key {given!r}")
+
+    # --- sessions and intents (engine) -------------------------------------------------------
+
+    async def _h_open_session(self, who: Identity, req: p.OpenSession, ch: Channel | None) -> dict[str, Any]:
+        self._own(who, req.agent_id)
+        await self._ensure_initialised(req.repo_remote)
+        res = await self.engine(ec.OpenSession(agent_id=req.agent_id, developer=who.developer, tool=req.tool,
+                                               machine=req.machine, repo_remote=req.repo_remote,
+                                               base_commit=req.base_commit))
+        if ch is not None:
+            ch.agent_ids.add(req.agent_id)
+        log.info("session opened", extra={"agent_id": req.agent_id})
+        return res
+
+    async def _h_heartbeat(self, who: Identity, req: p.Heartbeat, ch: Channel | None) -> dict[str, Any]:
+        for a in req.agent_ids:
+            self._own(who, a)
+        res = await self._batched_heartbeat(req.agent_ids)
+        mine = set(req.agent_ids)
+        st = self.node.raft.tl_status()
+        return {
+            "ok": True,
+            "lapsed": [a for a in res.get("lapsed", []) if a in mine],
+            "unknown": [a for a in res.get("unknown", []) if a in mine],
+            "notices": {a: n for a, n in res.get("notices", {}).items() if a in mine},
+            "leader": self.node.cfg.id,
+            "term": st.get("term"),
+        }
+
+    async def _batched_heartbeat(self, agent_ids: tuple[str, ...]) -> dict[str, Any]:
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        for a in agent_ids:
+            self._hb_pending[a] = None
+        self._hb_waiters.append(fut)
+        if self._hb_task is None or self._hb_task.done():
+            self._hb_task = asyncio.get_running_loop().create_task(self._flush_heartbeats())
+        return await fut
+
+    async def _flush_heartbeats(self) -> None:
+        while self._hb_waiters:
+            await asyncio.sleep(HEARTBEAT_BATCH_WINDOW_S)
+            ids, self._hb_pending = list(self._hb_pending), {}
+            waiters, self._hb_waiters = self._hb_waiters, []
+            merged: dict[str, Any] = {"lapsed": [], "unknown": [], "notices": {}}
+            error: BaseException | None = None
+            step = ec.AGENT_IDS_PER_HEARTBEAT_MAX
+            try:
+                for i in range(0, len(ids), step):
+                    res = await self.engine(ec.Heartbeat(agent_ids=tuple(ids[i : i + step])))
+                    merged["lapsed"] += res.get("lapsed", [])
+                    merged["unknown"] += res.get("unknown", [])
+                    merged["notices"].update(res.get("notices", {}))
+            except BaseException as e:  # handed to every waiter of this batch
+                error = e
+            for w in waiters:
+                if not w.done():
+                    if error is not None:
+                        w.set_exception(error)
+                    else:
+                        w.set_result(merged)
+
+    async def _h_submit_intent(self, who: Identity, req: p.SubmitIntent, ch: Channel | None) -> dict[str, Any]:
+        self._own(who, req.agent_id)
+        t0 = asyncio.get_running_loop().time()
+        try:
+            body = IntentBody(
+                summary=req.intent.summary, steps=req.intent.steps, files=req.intent.files or (),
+                modify=req.intent.concepts.modify if req.intent.concepts else (),
+                depend=req.intent.concepts.depend if req.intent.concepts else (),
+            )
+            cmd = ec.SubmitIntent(agent_id=req.agent_id, tool=req.tool, intent=body, trigger=req.trigger)
+        except EngineError as e:
+            raise Refused(e.code, e.message) from None
+        verdict = await self.engine(cmd)
+        self._count_verdict(verdict, asyncio.get_running_loop().time() - t0)
+        if ch is not None:
+            ch.agent_ids.add(req.agent_id)
+        log.info("verdict %s for %s", verdict.get("action"), verdict.get("intent_id"),
+                 extra={"agent_id": req.agent_id, "intent_id": verdict.get("intent_id")})
+        return verdict
+
+    def _count_verdict(self, verdict: dict[str, Any], seconds: float) -> None:
+        m = self.node.metrics
+        action = verdict.get("action")
+        if action in ("continue", "stop", "revert"):
+            m.verdicts.labels(action).inc()
+            m.verdict_seconds.observe(seconds)
+        for c in verdict.get("conflicts", []):
+            m.conflicts.labels(c.get("kind", "unknown")).inc()
+
+    async def _end(self, who: Identity, agent_id: str, intent_id: str, trigger: str) -> dict[str, Any]:
+        self._own(who, agent_id)
+        tool = self.node.store.engine_view(lambda e: (e.get_session(agent_id) or {}).get("tool")) or "unknown"
+        res = await self.engine(ec.SubmitIntent(agent_id=agent_id, tool=tool, intent=None, trigger=trigger,
+                                                intent_id=intent_id))
+        self._count_verdict(res, 0.0)
+        return res
+
+    async def _h_complete(self, who: Identity, req: p.Complete, ch: Channel | None) -> dict[str, Any]:
+        return await self._end(who, req.agent_id, req.intent_id, "complete")
+
+    async def _h_abandon(self, who: Identity, req: p.Abandon, ch: Channel | None) -> dict[str, Any]:
+        return await self._end(who, req.agent_id, req.intent_id, "abandon")
+
+    async def _h_world_slice(self, who: Identity, req: p.WorldSlice, ch: Channel | None) -> dict[str, Any]:
+        self._own(who, req.agent_id)
+        await self.node.read_barrier()
+        try:
+            world: dict[str, Any] = self.node.store.engine_view(lambda e: e.world_slice(req.agent_id))
+        except EngineError as e:
+            raise Refused(e.code, e.message) from None
+        return world
+
+    # --- registry and intents (admin) --------------------------------------------------------
+
+    async def _h_concepts_push(self, who: Identity, req: p.ConceptsPush, ch: Channel | None) -> dict[str, Any]:
+        try:
+            cmd = ec.decode_command({"type": "push_registry", "toml": req.toml})
+        except EngineError as e:
+            raise Refused(e.code, e.message) from None
+        res = await self.engine(cmd)
+        log.info("concept registry version %s pushed by %s", res.get("version"), who.developer)
+        return res
+
+    async def _h_concepts_list(self, who: Identity, req: p.ConceptsList, ch: Channel | None) -> dict[str, Any]:
+        await self.node.read_barrier()
+        out: dict[str, Any] = self.node.store.engine_view(lambda e: e.list_concepts(limit=1000))
+        return out
+
+    async def _h_concepts_show(self, who: Identity, req: p.ConceptsShow, ch: Channel | None) -> dict[str, Any]:
+        await self.node.read_barrier()
+        c = self.node.store.engine_view(lambda e: e.get_concept(req.concept_id))
+        if c is None:
+            raise Refused("not_found", f"no concept {req.concept_id!r} in the registry")
+        return {"concept": c}
+
+    async def _h_intents_list(self, who: Identity, req: p.IntentsList, ch: Channel | None) -> dict[str, Any]:
+        await self.node.read_barrier()
+        status = None if req.all else "active"
+        out: dict[str, Any] = self.node.store.engine_view(
+            lambda e: e.list_intents(status=status, limit=req.limit, after=req.cursor))
+        return out
+
+    async def _h_intents_revoke(self, who: Identity, req: p.IntentsRevoke, ch: Channel | None) -> dict[str, Any]:
+        res = await self.engine(ec.Revoke(intent_id=req.intent_id, by=who.developer, revert=req.revert))
+        agent_id = res.get("agent_id")
+        if agent_id:
+            # Tell the agent's shim now if it is connected here; otherwise its next heartbeat
+            # carries the notice.
+            for channel in self.node.ssh.channels():
+                if agent_id in channel.agent_ids:
+                    channel.write(p.Revoked(agent_id=agent_id, reason=f"revoked by {who.developer}",
+                                            intent_id=req.intent_id, revert=req.revert))
+        log.info("intent %s revoked (revert=%s) by %s", req.intent_id, req.revert, who.developer)
+        return res

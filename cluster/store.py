@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import shutil
 import struct
@@ -23,7 +24,12 @@ from typing import Any
 import lmdb
 
 from tetherlab.cluster import statemachine as sm
+from tetherlab.cluster.engine.commands import decode_command as decode_engine_command
+from tetherlab.cluster.engine.engine import Engine
+from tetherlab.cluster.engine.errors import EngineError
 from tetherlab.cluster.journal import fsync_dir
+
+log = logging.getLogger("tetherlab.store")
 
 _REC = struct.Struct(">QQQ")  # create_revision, mod_revision, version
 _SNAP_MAGIC = b"TLSNAP01"
@@ -67,6 +73,19 @@ class StateStore:
         )
         self._meta = self.env.open_db(b"meta")
         self._kv = self.env.open_db(b"kv")
+        self._engine_db = self.env.open_db(b"engine")
+        with self.env.begin() as txn:
+            self.engine = Engine.from_records(self._engine_records(txn))
+
+    def _engine_records(self, txn: lmdb.Transaction) -> Iterator[tuple[str, str, bytes]]:
+        for k, v in txn.cursor(self._engine_db):
+            ns, _, key = bytes(k).partition(b"\x00")
+            yield ns.decode(), key.decode(), bytes(v)
+
+    def engine_view(self, fn: Callable[[Engine], Any]) -> Any:
+        """Run a read-only query on the engine, excluded from concurrent applies."""
+        with self._lock:
+            return fn(self.engine)
 
     def close(self) -> None:
         with self._lock:
@@ -101,6 +120,18 @@ class StateStore:
                 return {"ok": True, "replayed": True, "index": index}
             revision = self._meta_int(txn, META_REVISION)
             cmd: sm.Command | None
+            obj: Any = None
+            try:
+                obj = json.loads(payload)
+            except (ValueError, UnicodeDecodeError):
+                pass
+            if isinstance(obj, dict) and obj.get("op") == "engine":
+                result = self._apply_engine(txn, index, obj)
+                txn.put(META_APPLIED, str(index).encode(), db=self._meta)
+                result = {**result, "index": index}
+                if self.on_apply is not None:
+                    self.on_apply(index, None, result)
+                return result
             try:
                 cmd = sm.decode_command(json.loads(payload))
             except sm.CommandError as e:
@@ -128,6 +159,31 @@ class StateStore:
         if self.on_apply is not None:
             self.on_apply(index, cmd, result)
         return result
+
+    def _apply_engine(self, txn: lmdb.Transaction, index: int, obj: dict[str, Any]) -> dict[str, Any]:
+        now_ms = obj.get("now_ms")
+        if not isinstance(now_ms, int) or isinstance(now_ms, bool) or now_ms < 0:
+            msg = "engine command needs an integer 'now_ms' (the leader's clock)"
+            return {"error": {"code": "bad_field", "message": msg}}
+        try:
+            cmd = decode_engine_command(obj.get("cmd"))
+        except EngineError as e:
+            return e.to_json()
+        try:
+            applied = self.engine.apply(cmd, index=index, now_ms=now_ms)
+        except Exception:
+            # A bug in the engine must not split the replicas: every node hits it on the same
+            # entry, so each answers the same error and rebuilds from its unchanged records.
+            log.exception("engine failed on raft index %d; rebuilding it from its records", index)
+            self.engine = Engine.from_records(self._engine_records(txn))
+            return {"error": {"code": "internal", "message": "the engine failed on this command; nothing changed"}}
+        for ns, key, value in applied.writes:
+            k = _kv_key(ns, key)
+            if value is None:
+                txn.delete(k, db=self._engine_db)
+            else:
+                txn.put(k, value, db=self._engine_db)
+        return applied.result
 
     # --- reads ------------------------------------------------------------------------------
 
@@ -169,10 +225,14 @@ class StateStore:
             for k, v in txn.cursor(self._kv):
                 ns, _, key = bytes(k).partition(b"\x00")
                 records.setdefault(ns.decode(), {})[key.decode()] = _dec(v).to_json()
+            engine: dict[str, dict[str, Any]] = {}
+            for ns, key, raw in self._engine_records(txn):
+                engine.setdefault(ns, {})[key] = json.loads(raw)
             return {
                 "applied_index": self._meta_int(txn, META_APPLIED),
                 "revision": self._meta_int(txn, META_REVISION),
                 "records": records,
+                "engine": engine,
             }
 
     def size_info(self) -> dict[str, int]:
