@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="stop the agent when no quorum-confirmed heartbeat arrives for this long",
     )
+    run.add_argument("--developer", metavar="NAME", help="developer name the key is registered to (default $USER)")
+    run.add_argument("--instructions", metavar="FILE",
+                     help="instructions file for the plan sentinel (default CLAUDE.md or AGENTS.md)")
     run.add_argument("--json", action="store_true", help="print machine-readable events and outcome")
     run.add_argument("command", nargs=argparse.REMAINDER, help="the agent command, after --")
 

@@ -131,6 +131,7 @@ class Engine:
         self._ldep: dict[str, dict[str, None]] = {}
         self._counts: dict[str, int] = dict.fromkeys(STATUSES, 0)
         self._dirty: dict[tuple[str, str], None] = {}
+        self._finished_now: list[str] = []
 
     # --- apply ---------------------------------------------------------------------------------
 
@@ -145,12 +146,14 @@ class Engine:
         # The leader's clock may step back across an election; state time never does.
         now = max(self._clock_ms, stamped)
         self._dirty = {}
+        self._finished_now = []
         try:
             result = self._HANDLERS[type(cmd)](self, cmd, index, now)
         except EngineError as e:
             # Handlers check everything before they change anything.
             assert not self._dirty, f"{type(cmd).__name__} changed state before refusing"
             return Applied(e.to_json(), [])
+        self._compact()
         self._last_index = index
         self._clock_ms = now
         self._touch(NS_META, KEY_CLOCK)
@@ -295,6 +298,7 @@ class Engine:
         it.ended_by = ended_by
         self._finished.pop(it.intent_id, None)
         self._finished[it.intent_id] = None
+        self._finished_now.append(it.intent_id)
         if status == COMPLETED:
             for c in it.modifies:
                 entries = self._history.setdefault(c, [])
@@ -309,9 +313,15 @@ class Engine:
                 )
                 del entries[: -self.limits.history_per_concept]
                 self._touch(NS_HISTORY, c)
-        self._compact()
 
     def _compact(self) -> None:
+        # Intents finished by one command share a finished_index: order them by id, the order
+        # from_records rebuilds, or replicas that restarted would compact different intents.
+        now = sorted((i for i in set(self._finished_now) if i in self._finished), key=_index_of)
+        self._finished_now = []
+        for iid in now:
+            del self._finished[iid]
+            self._finished[iid] = None
         while len(self._finished) > self.limits.finished_intents_max:
             iid = next(iter(self._finished))
             del self._finished[iid]
@@ -692,7 +702,10 @@ class Engine:
     def list_intents(self, status: str | None = None, limit: int = 100, after: str | None = None) -> dict[str, Any]:
         """Intents in id (Raft) order, optionally of one status; ``after`` is the cursor."""
         limit = max(1, min(limit, LIST_LIMIT_MAX))
-        start = _index_of(after) if after else 0
+        try:
+            start = _index_of(after) if after else 0
+        except ValueError:
+            raise EngineError("bad_field", f"cursor 'after' must be an intent id like 'i-42', got {after!r}") from None
         ids = sorted((i for i in self._intents if _index_of(i) > start), key=_index_of)
         out: list[dict[str, Any]] = []
         for iid in ids:

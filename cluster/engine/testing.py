@@ -30,6 +30,7 @@ class Driver:
         try:
             cmd = decode_command(obj)
         except EngineError as e:
+            self.last_writes = []
             return e.to_json()
         self.index += 1
         applied = self.engine.apply(cmd, index=self.index, now_ms=self.now_ms)

@@ -105,7 +105,7 @@ def test_alice_continues_holding_the_session_store_contract() -> None:
 
 
 def test_bob_is_stopped_with_a_conflict_naming_alice_and_the_contract() -> None:
-    _, alice, bob, _ = walkthrough()
+    _, _, bob, _ = walkthrough()
     assert bob["action"] == "stop"
     assert bob["fencing_token"] is None
     conflict = next(c for c in bob["conflicts"] if c["concept"] == "auth.session-store-contract")

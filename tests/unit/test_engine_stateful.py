@@ -41,15 +41,17 @@ class EngineMachine(RuleBasedStateMachine):
         self.relaxed_now = RELAXED[variant]
         # The relaxed concepts in force when each intent was last granted.
         self.relaxed_at_grant: dict[str, frozenset[str]] = {}
+        for a in AGENTS:
+            assert self.d.open(a)["ok"]
 
     def _check_result(self, cmd_trigger: str | None, result: dict[str, Any]) -> None:
         if "error" in result:
             assert self.d.last_writes == [], "a refused command must change nothing"
-        if cmd_trigger in ("initial", "replan") and result.get("action") == "continue" and "error" not in result:
-            if result["fencing_token"] == self.d.index:  # a new grant (not a replayed notice)
-                assert result["fencing_token"] > self.max_token
-                self.max_token = result["fencing_token"]
-                self.relaxed_at_grant[result["intent_id"]] = self.relaxed_now
+        granted = cmd_trigger in ("initial", "replan") and result.get("action") == "continue"
+        if granted and result["fencing_token"] == self.d.index:  # a new grant, not a replayed notice
+            assert result["fencing_token"] > self.max_token
+            self.max_token = result["fencing_token"]
+            self.relaxed_at_grant[result["intent_id"]] = self.relaxed_now
 
     @rule(agent=st.sampled_from(AGENTS))
     def open_session(self, agent: str) -> None:
@@ -63,25 +65,40 @@ class EngineMachine(RuleBasedStateMachine):
     def heartbeat(self, agents: list[str]) -> None:
         self._check_result(None, self.d.heartbeat(*agents))
 
-    @rule(
-        agent=st.sampled_from(AGENTS),
-        trigger=st.sampled_from(["initial", "replan", "replan", "complete", "abandon"]),
-        modify=st.lists(st.sampled_from(CONCEPTS), max_size=2, unique=True),
-        depend=st.lists(st.sampled_from(CONCEPTS), max_size=2, unique=True),
-        said=st.lists(st.sampled_from(CONCEPTS), max_size=2),
-        verb=st.sampled_from(["Rewrite", "Build on top of", "Use"]),
-    )
-    def intent(self, agent: str, trigger: str, modify: list[str], depend: list[str], said: list[str],
-               verb: str) -> None:
-        depend = [c for c in depend if c not in modify]
-        if trigger in ("complete", "abandon"):
-            result = self.d.end(agent, trigger)
-        else:
-            text = f"{verb} " + " and ".join(f"the {WORD[c]} module" for c in said) if said else "tidy up"
-            result = self.d.intent(agent, text, trigger=trigger, modify=modify, depend=depend)
-        self._check_result(trigger, result)
+    # Planning is what the invariants are about: it gets most of the steps.
+    plan_args = {
+        "agent": st.sampled_from(AGENTS),
+        "replan": st.booleans(),
+        "modify": st.lists(st.sampled_from(CONCEPTS), max_size=2, unique=True),
+        "depend": st.lists(st.sampled_from(CONCEPTS), max_size=2, unique=True),
+        "said": st.lists(st.sampled_from(CONCEPTS), max_size=2),
+        "verb": st.sampled_from(["Rewrite", "Build on top of", "Use"]),
+    }
 
-    @rule(ms=st.integers(0, 15_000))
+    def _plan(self, agent: str, replan: bool, modify: list[str], depend: list[str], said: list[str],
+              verb: str) -> None:
+        depend = [c for c in depend if c not in modify]
+        text = (f"{verb} " + " and ".join(f"the {WORD[c]} module" for c in said)) if said else "tidy up"
+        trigger = "replan" if replan else "initial"
+        self._check_result(trigger, self.d.intent(agent, text, trigger=trigger, modify=modify, depend=depend))
+
+    @rule(**plan_args)
+    def plan(self, **kw: Any) -> None:
+        self._plan(**kw)
+
+    @rule(**plan_args)
+    def plan_again(self, **kw: Any) -> None:
+        self._plan(**kw)
+
+    @rule(**plan_args)
+    def plan_once_more(self, **kw: Any) -> None:
+        self._plan(**kw)
+
+    @rule(agent=st.sampled_from(AGENTS), trigger=st.sampled_from(["complete", "abandon"]))
+    def end(self, agent: str, trigger: str) -> None:
+        self._check_result(trigger, self.d.end(agent, trigger))
+
+    @rule(ms=st.integers(0, 12_000))
     def expire(self, ms: int) -> None:
         self.d.advance(ms)
         self._check_result(None, self.d.expire())
@@ -140,6 +157,6 @@ class EngineMachine(RuleBasedStateMachine):
 
 
 EngineMachine.TestCase.settings = settings(
-    max_examples=50, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=50, stateful_step_count=50, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 TestEngineMachine = EngineMachine.TestCase

@@ -1,0 +1,238 @@
+"""The sentinel pattern, sans-I/O: the instruction text the shim installs, and a scanner that
+finds complete plan blocks in an agent's terminal output.
+
+An agent is asked to print its plan as one JSON object between fixed marker lines::
+
+    <<<TETHERLAB-PLAN
+    {"summary": "...", "steps": ["..."], "files": ["..."], "concepts": {"modify": [], "depend": []}}
+    TETHERLAB-PLAN>>>
+
+and, when done, ``<<<TETHERLAB-DONE ... TETHERLAB-DONE>>>`` (a JSON object with a summary, or
+nothing). Terminal output is noisy: colour codes, carriage returns, wrapped lines, binary. The
+scanner strips escape sequences, keeps a bounded window, and turns each complete block into an
+event; a malformed block becomes an event that says what is wrong, never an exception.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PLAN_OPEN, PLAN_CLOSE = "<<<TETHERLAB-PLAN", "TETHERLAB-PLAN>>>"
+DONE_OPEN, DONE_CLOSE = "<<<TETHERLAB-DONE", "TETHERLAB-DONE>>>"
+BLOCK_MAX_CHARS = 64 * 1024  # a plan larger than this is refused, and the scanner never holds more
+WINDOW_MAX_CHARS = 2 * BLOCK_MAX_CHARS  # text kept while looking for an opening marker
+_TOO_LONG = f"a plan block was longer than {BLOCK_MAX_CHARS} characters; print a shorter plan"
+SECTION_BEGIN = "<!-- tetherlab:begin (managed by tether; removed when the agent exits) -->"
+SECTION_END = "<!-- tetherlab:end -->"
+
+INSTRUCTIONS = f"""{SECTION_BEGIN}
+## Coordinating with other agents (Tetherlab)
+
+Other coding agents, on other machines, work on this repository at the same time. Before you
+edit any file, print your plan as ONE JSON object between these exact marker lines, each on a
+line of its own:
+
+{PLAN_OPEN}
+{{"summary": "one line: what you will do", "steps": ["step 1", "step 2"],
+ "files": ["paths you expect to change"], "concepts": {{"modify": [], "depend": []}}}}
+{PLAN_CLOSE}
+
+`files` and `concepts` are optional (concept ids are in .tetherlab/concepts.toml). Print a new
+block whenever your plan changes. When you have finished, print:
+
+{DONE_OPEN}
+{{"summary": "what you did"}}
+{DONE_CLOSE}
+
+If an edit is denied or you are told to stop, stop: another agent holds that part of the code.
+.tetherlab/world.md describes what other agents are doing in the areas you touch.
+{SECTION_END}
+"""
+
+# CSI (colours, cursor moves), OSC (titles, hyperlinks) and other two-byte escapes.
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+@dataclass(frozen=True)
+class PlanBlock:
+    intent: dict[str, Any]  # {"summary", "steps", "files"?, "concepts"?}
+
+
+@dataclass(frozen=True)
+class DoneBlock:
+    summary: str | None
+
+
+@dataclass(frozen=True)
+class MalformedBlock:
+    reason: str  # written for the agent to read and act on
+
+
+Event = PlanBlock | DoneBlock | MalformedBlock
+
+
+def validate_plan(obj: Any) -> dict[str, Any]:
+    """The plan object, normalised; raises ValueError with a message for the agent."""
+    if not isinstance(obj, dict):
+        raise ValueError("the plan must be a JSON object with 'summary' and 'steps'")
+    extra = sorted(set(obj) - {"summary", "steps", "files", "concepts"})
+    if extra:
+        raise ValueError(f"the plan has unknown field(s) {extra}; allowed: summary, steps, files, concepts")
+    summary = obj.get("summary")
+    if not isinstance(summary, str) or not summary.strip():
+        raise ValueError("the plan needs a non-empty string 'summary'")
+    steps = obj.get("steps", [])
+    if not isinstance(steps, list) or not all(isinstance(s, str) and s.strip() for s in steps):
+        raise ValueError("'steps' must be a list of non-empty strings")
+    out: dict[str, Any] = {"summary": summary.strip(), "steps": [s.strip() for s in steps]}
+    files = obj.get("files")
+    if files is not None:
+        if not isinstance(files, list) or not all(isinstance(f, str) and f for f in files):
+            raise ValueError("'files' must be a list of paths")
+        out["files"] = files
+    concepts = obj.get("concepts")
+    if concepts is not None:
+        if not isinstance(concepts, dict) or set(concepts) - {"modify", "depend"}:
+            raise ValueError("'concepts' must be an object with 'modify' and/or 'depend' lists of concept ids")
+        for k in ("modify", "depend"):
+            v = concepts.get(k, [])
+            if not isinstance(v, list) or not all(isinstance(c, str) for c in v):
+                raise ValueError(f"'concepts.{k}' must be a list of concept ids")
+        out["concepts"] = {"modify": concepts.get("modify", []), "depend": concepts.get("depend", [])}
+    return out
+
+
+def plan_from_markdown(markdown: str) -> dict[str, Any]:
+    """A plan from Claude Code's ExitPlanMode Markdown: the first heading or line is the
+    summary, list items are the steps, `paths/like.this` in backticks are files."""
+    lines = [ln.strip() for ln in markdown.splitlines() if ln.strip()]
+    if not lines:
+        raise ValueError("the plan is empty")
+    summary = re.sub(r"^#+\s*", "", lines[0]).strip() or "plan"
+    steps = [re.sub(r"^([-*+]|\d+[.)])\s+", "", ln) for ln in lines[1:] if re.match(r"^([-*+]|\d+[.)])\s+", ln)]
+    files = sorted({m for m in re.findall(r"`([\w./-]+\.[\w]+)`", markdown) if "/" in m or "." in m})
+    plan: dict[str, Any] = {"summary": summary[:2000], "steps": [s[:2000] for s in steps[:100]]}
+    if files:
+        plan["files"] = files[:200]
+    return plan
+
+
+class Scanner:
+    """Feed it terminal output; it yields events for complete blocks."""
+
+    def __init__(self) -> None:
+        self._buf = ""
+        self._pending = b""  # an incomplete UTF-8 sequence at the end of the last chunk
+
+    def feed(self, data: bytes) -> list[Event]:
+        raw = self._pending + data
+        text = raw.decode("utf-8", errors="ignore")
+        # Keep a cut multi-byte character for the next chunk (at most 3 bytes).
+        tail = len(raw) - len(text.encode("utf-8", errors="ignore"))
+        self._pending = raw[len(raw) - tail :] if 0 < tail <= 3 else b""
+        text = _CONTROL.sub("", _ANSI.sub("", text.replace("\r\n", "\n").replace("\r", "\n")))
+        self._buf += text
+        events: list[Event] = []
+        while True:
+            ev = self._next()
+            if ev is None:
+                break
+            events.append(ev)
+        if len(self._buf) > WINDOW_MAX_CHARS:
+            # Keep only what could still hold the start of a marker or a block.
+            keep = self._buf[-WINDOW_MAX_CHARS:]
+            if PLAN_OPEN in self._buf or DONE_OPEN in self._buf:
+                i = max(self._buf.rfind(PLAN_OPEN), self._buf.rfind(DONE_OPEN))
+                if len(self._buf) - i > BLOCK_MAX_CHARS:
+                    events.append(MalformedBlock(_TOO_LONG))
+                    keep = self._buf[i + 1 :][-WINDOW_MAX_CHARS:]
+            self._buf = keep
+        return events
+
+    def _next(self) -> Event | None:
+        starts = [(i, m) for m in (PLAN_OPEN, DONE_OPEN) if (i := self._buf.find(m)) >= 0]
+        if not starts:
+            return None
+        start, opener = min(starts)
+        closer = PLAN_CLOSE if opener == PLAN_OPEN else DONE_CLOSE
+        body_start = start + len(opener)
+        end = self._buf.find(closer, body_start)
+        # A newer opening marker before the close means the first block was never closed.
+        reopen = min((i for m in (PLAN_OPEN, DONE_OPEN) if (i := self._buf.find(m, body_start)) >= 0),
+                     default=-1)
+        if reopen >= 0 and (end < 0 or reopen < end):
+            self._buf = self._buf[reopen:]
+            return MalformedBlock(f"a block opened with {opener} was not closed with {closer} "
+                                  "before the next block began")
+        if end < 0:
+            if len(self._buf) - start > BLOCK_MAX_CHARS:
+                self._buf = self._buf[body_start:]
+                return MalformedBlock(_TOO_LONG)
+            return None
+        body = self._buf[body_start:end].strip()
+        self._buf = self._buf[end + len(closer) :]
+        if opener == DONE_OPEN:
+            if not body:
+                return DoneBlock(None)
+            try:
+                obj = json.loads(body)
+            except ValueError:
+                return DoneBlock(body[:2000])
+            summary = obj.get("summary") if isinstance(obj, dict) else None
+            return DoneBlock(summary if isinstance(summary, str) else None)
+        try:
+            obj = json.loads(_unwrap(body))
+        except ValueError as e:
+            return MalformedBlock(f"the plan between {PLAN_OPEN} and {PLAN_CLOSE} is not valid JSON ({e}); "
+                                  "print it again as one JSON object")
+        try:
+            return PlanBlock(validate_plan(obj))
+        except ValueError as e:
+            return MalformedBlock(f"the plan was not accepted: {e}")
+
+
+def _unwrap(body: str) -> str:
+    """Terminals wrap long lines and agents sometimes fence JSON in ``` — undo both."""
+    body = re.sub(r"^```(?:json)?\s*|\s*```$", "", body.strip())
+    return body.replace("\n", " ")
+
+
+# --- the instructions file section ------------------------------------------------------------
+
+
+def install_section(path: Path) -> bool:
+    """Add our marked section to an instructions file (created if missing). False if present."""
+    text = path.read_text() if path.exists() else ""
+    if SECTION_BEGIN in text:
+        return False
+    sep = "\n" if text.endswith("\n") else ("\n\n" if text else "")
+    path.write_text(text + sep + INSTRUCTIONS)
+    return True
+
+
+def remove_section(path: Path) -> bool:
+    """Remove our section, leaving the file as it was (deleted if we created it empty)."""
+    if not path.exists():
+        return False
+    text = path.read_text()
+    i = text.find(SECTION_BEGIN)
+    j = text.find(SECTION_END, i)
+    if i < 0 or j < 0:
+        return False
+    j += len(SECTION_END)
+    if text[j : j + 1] == "\n":
+        j += 1
+    before = text[:i]
+    if before.endswith("\n\n"):
+        before = before[:-1]
+    new = before + text[j:]
+    if new.strip():
+        path.write_text(new)
+    else:
+        path.unlink()
+    return True
