@@ -199,16 +199,20 @@ def repo_facts(cwd: Path) -> tuple[Path, str, str]:
     return top, remote, head
 
 
-def revert_changes(repo: Path, base: str, intent_id: str, agent_id: str, summary: str) -> dict[str, Any]:
+def revert_changes(repo: Path, base: str, intent_id: str, agent_id: str, summary: str,
+                   own_paths: tuple[str, ...] = ()) -> dict[str, Any]:
     """Save every change since ``base`` (commits, tracked and untracked files) as one stash
     named for the intent, and leave the tree clean at ``base``. Nothing is deleted: the old
-    HEAD stays reachable under refs/tetherlab/reverted/<intent>."""
+    HEAD stays reachable under refs/tetherlab/reverted/<intent>. ``own_paths`` are tether's
+    own files (the instruction section, the world slice): not the agent's work."""
     head = git(repo, "rev-parse", "HEAD")
     ref = None
     if head != base:
         ref = f"refs/tetherlab/reverted/{intent_id}"
         git(repo, "update-ref", ref, head)
         git(repo, "reset", "--soft", base)  # the agent's commits become staged changes
+        if own_paths:
+            git(repo, "reset", "-q", base, "--", *own_paths, check=False)
     message = f"tetherlab revert {intent_id} ({agent_id}): {summary}"[:500]
     stash = None
     if git(repo, "status", "--porcelain", "--untracked-files=all"):
@@ -297,6 +301,8 @@ class Shim:
             self._install_instructions()
             self._spawn()
             loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGHUP):
+                loop.add_signal_handler(sig, self._on_terminate, sig)
             self._tasks = [
                 loop.create_task(self._heartbeats()),
                 loop.create_task(self._watchdog()),
@@ -307,7 +313,19 @@ class Shim:
         finally:
             await self._cleanup()
 
+    def _exclude_world_file(self) -> None:
+        """Keep the world slice out of the agent's commits (a local, untracked ignore rule)."""
+        exclude = Path(git(self.repo, "rev-parse", "--git-path", "info/exclude", check=False) or ".git/info/exclude")
+        if not exclude.is_absolute():
+            exclude = self.repo / exclude
+        with contextlib.suppress(OSError):
+            text = exclude.read_text() if exclude.exists() else ""
+            if str(WORLD_FILE) not in text.split("\n"):
+                exclude.parent.mkdir(parents=True, exist_ok=True)
+                exclude.write_text(text + ("" if text.endswith("\n") or not text else "\n") + f"{WORLD_FILE}\n")
+
     def _install_instructions(self) -> None:
+        self._exclude_world_file()
         name = "CLAUDE.md" if self.cfg.tool == "claude-code" else "AGENTS.md"
         self.instructions = self.cfg.instructions or (self.repo / name)
         try:
@@ -536,13 +554,23 @@ class Shim:
             with contextlib.suppress(OSError):
                 (self.repo / WORLD_FILE).unlink()
             try:
+                own = tuple(str(x.relative_to(self.repo)) for x in (self.instructions, self.repo / WORLD_FILE)
+                            if x is not None and x.is_relative_to(self.repo))
                 self.revert_result = revert_changes(self.repo, self.intent_base or self.base_commit,
-                                                    self.intent_id or "unknown", self.agent_id, self.summary)
+                                                    self.intent_id or "unknown", self.agent_id, self.summary, own)
                 self.event("reverted", message=f"changes saved as stash {self.revert_result['stash']} "
                                                f"({self.revert_result['stash_message']}); tree restored to "
                                                f"{self.revert_result['base']}", result=self.revert_result)
             except UsageError as e:
                 self.event("error", message=f"revert failed, nothing was deleted: {e}")
+
+    def _on_terminate(self, sig: int) -> None:
+        """tether itself is asked to end: end the agent too, and give up its intent."""
+        self._spawn_task(self._terminate(sig))
+
+    async def _terminate(self, sig: int) -> None:
+        await self.stop_agent(f"tether received {signal.Signals(sig).name}", code=128 + sig)
+        await self.complete("abandon", None)
 
     def _on_notify(self, n: p.Notification) -> None:
         if isinstance(n, p.Revoked) and n.agent_id == self.agent_id:

@@ -1,0 +1,339 @@
+"""`tether run` end to end: real node processes, real SSH, real git repositories, and scripted
+agents that are real subprocesses printing plan blocks, writing files and waiting."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tetherlab.cluster.localcluster import LocalCluster
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("ssh-keygen") is None or shutil.which("git") is None,
+                       reason="needs ssh-keygen and git"),
+]
+REMOTE = "git@example.com:acme/shop.git"
+REGISTRY = """
+[[concept]]
+id = "auth.session-store-contract"
+title = "Session store contract"
+paths = ["src/auth/session_store.py"]
+aliases = ["session store"]
+
+[[concept]]
+id = "billing.invoices"
+title = "Invoices"
+paths = ["src/billing/**"]
+aliases = ["invoice"]
+"""
+AGENT = textwrap.dedent('''
+    import json, os, signal, sys, time
+    spec = json.load(open(sys.argv[1]))
+    def on_signal(signum, frame):
+        open(spec["stopped_file"], "w").write(str(time.time()))
+        sys.exit(130)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    open(spec["pid_file"], "w").write(str(os.getpid()))
+    for chunk in spec.get("noise", []):
+        sys.stdout.write(chunk)
+    if spec.get("binary"):
+        sys.stdout.buffer.write(bytes(range(256)) * 64)
+    sys.stdout.flush()
+    for block in spec.get("raw_blocks", []):
+        print(block, flush=True)
+    print("<<<TETHERLAB-PLAN")
+    print(json.dumps(spec["plan"]))
+    print("TETHERLAB-PLAN>>>", flush=True)
+    time.sleep(spec.get("think_s", 0.5))
+    for path, text in spec.get("writes", {}).items():
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        open(path, "w").write(text)
+    if spec.get("commit"):
+        os.system("git add -A >/dev/null && git -c user.email=a@b -c user.name=agent commit -qm agent-work")
+    time.sleep(spec.get("work_s", 0))
+    if spec.get("done"):
+        print("<<<TETHERLAB-DONE\\n{\\"summary\\": \\"finished\\"}\\nTETHERLAB-DONE>>>", flush=True)
+    sys.exit(spec.get("exit", 0))
+''')
+
+
+def keygen(path: Path, comment: str) -> Path:
+    subprocess.run(["ssh-keygen", "-q", "-N", "", "-t", "ed25519", "-C", comment, "-f", str(path)], check=True,
+                   timeout=60)
+    return path
+
+
+def tl(c: LocalCluster, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tetherlab.cluster.cli", *args, "--dir", str(c.dir)],
+                          capture_output=True, timeout=120)
+
+
+def make_repo(path: Path) -> Path:
+    path.mkdir(parents=True)
+    for args in (["init", "-q"], ["remote", "add", "origin", REMOTE]):
+        subprocess.run(["git", "-C", str(path), *args], check=True, timeout=30)
+    (path / "README.md").write_text("shop\n")
+    (path / "src").mkdir()
+    (path / "src" / "app.py").write_text("print('hi')\n")
+    subprocess.run(["git", "-C", str(path), "add", "-A"], check=True, timeout=30)
+    subprocess.run(["git", "-C", str(path), "-c", "user.email=a@b", "-c", "user.name=dev", "commit", "-qm", "base"],
+                   check=True, timeout=30)
+    return path
+
+
+def setup_cluster(c: LocalCluster, tmp: Path) -> dict[str, Path]:
+    c.wait_leader()
+    keys = {}
+    for dev in ("alice", "bob", "carol"):
+        keys[dev] = keygen(tmp / dev, dev)
+        for _ in range(50):  # the bootstrap admin key lands a moment after the first election
+            r = tl(c, "keys", "add", dev, str(keys[dev]) + ".pub")
+            if r.returncode == 0:
+                break
+            time.sleep(0.2)
+        assert r.returncode == 0, r.stderr
+    (tmp / "concepts.toml").write_text(REGISTRY)
+    assert tl(c, "concepts", "push", str(tmp / "concepts.toml")).returncode == 0
+    return keys
+
+
+class Tether:
+    """A running `tether run` around the scripted agent."""
+
+    def __init__(self, c: LocalCluster, key: Path, dev: str, repo: Path, spec: dict, fail_closed_s: float = 5.0):
+        self.spec = {"pid_file": str(repo.parent / f"{dev}.pid"), "stopped_file": str(repo.parent / f"{dev}.stopped"),
+                     **spec}
+        for f in (self.spec["pid_file"], self.spec["stopped_file"]):
+            Path(f).unlink(missing_ok=True)
+        spec_file = repo.parent / f"{dev}-{repo.name}.spec.json"
+        spec_file.write_text(json.dumps(self.spec))
+        cmd = [sys.executable, "-m", "tetherlab.shim.cli", "run", "--cluster", str(c.dir / "shim.toml"),
+               "--key", str(key), "--developer", dev, "--tool", "scripted", "--json",
+               "--fail-closed-s", str(fail_closed_s), "--", sys.executable, "-c", AGENT, str(spec_file)]
+        self.proc = subprocess.Popen(cmd, cwd=repo, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE)
+
+    def wait(self, timeout_s: float = 60) -> tuple[int, str, list[dict]]:
+        out, err = self.proc.communicate(timeout=timeout_s)
+        events = [json.loads(ln) for ln in err.decode().splitlines() if ln.startswith("{")]
+        return self.proc.returncode, out.decode(errors="replace"), events
+
+    def agent_pid(self, timeout_s: float = 30) -> int:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                return int(Path(self.spec["pid_file"]).read_text())
+            except (FileNotFoundError, ValueError):
+                time.sleep(0.05)
+        raise TimeoutError("the agent never started")
+
+
+def verdicts(events: list[dict]) -> list[dict]:
+    return [e["verdict"] for e in events if e["event"] == "verdict"]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes.
+    try:
+        return "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalCluster, dict[str, Path], Path]]:
+    tmp = tmp_path_factory.mktemp("tether")
+    c = LocalCluster(tmp / "cluster", nodes=3)
+    c.start()
+    try:
+        for nid in c.ids:
+            c.wait_serving(nid)
+        keys = setup_cluster(c, tmp)
+        yield c, keys, tmp
+    finally:
+        c.close()
+
+
+def test_continue_runs_to_completion(env: tuple[LocalCluster, dict[str, Path], Path]) -> None:
+    c, keys, tmp = env
+    repo = make_repo(tmp / "repo-continue")
+    t = Tether(c, keys["carol"], "carol", repo, {"plan": {"summary": "Add invoice PDF export", "steps": ["render"],
+                                                          "files": ["src/billing/pdf.py"]},
+                                                 "writes": {"src/billing/pdf.py": "pdf\n"}, "done": True})
+    code, out, events = t.wait()
+    assert code == 0, events
+    v = verdicts(events)
+    assert v and v[0]["action"] == "continue"
+    assert [cl["concept"] for cl in v[0]["claims"]["modify"]] == ["billing.invoices"]
+    assert any(e["event"] == "complete" for e in events)
+    assert (repo / "src/billing/pdf.py").exists()
+    assert not (repo / "AGENTS.md").exists(), "the sentinel section is removed when the agent exits"
+    listed = json.loads(tl(c, "intents", "list", "--all", "--json").stdout)
+    mine = [i for i in listed["intents"] if i["intent_id"] == v[0]["intent_id"]]
+    assert mine and mine[0]["status"] == "completed"
+
+
+def test_stop_ends_the_conflicting_agent_and_names_the_holder(env: tuple[LocalCluster, dict[str, Path], Path]) -> None:
+    c, keys, tmp = env
+    alice_repo = make_repo(tmp / "repo-alice")
+    bob_repo = make_repo(tmp / "repo-bob")
+    alice = Tether(c, keys["alice"], "alice", alice_repo, {
+        "plan": {"summary": "Deprecate the session store", "steps": ["rewrite the session store"],
+                 "concepts": {"modify": ["auth.session-store-contract"], "depend": []}},
+        "work_s": 30})
+    alice.agent_pid()
+    time.sleep(1.5)  # alice's plan is accepted first
+    bob = Tether(c, keys["bob"], "bob", bob_repo, {
+        "plan": {"summary": "Build routes on the session store", "steps": ["use the session store"],
+                 "concepts": {"modify": [], "depend": ["auth.session-store-contract"]}},
+        "work_s": 30})
+    bob_pid = bob.agent_pid()
+    t0 = time.monotonic()
+    code, _, events = bob.wait(timeout_s=60)
+    elapsed = time.monotonic() - t0
+    assert code == 4, events
+    v = verdicts(events)[0]
+    assert v["action"] == "stop"
+    holder = v["conflicts"][0]
+    assert holder["holder_agent_id"].startswith("alice/") and holder["concept"] == "auth.session-store-contract"
+    assert holder["holder_summary"] == "Deprecate the session store"
+    stopping = next(e for e in events if e["event"] == "stopping")
+    assert "alice/" in stopping["reason"] and "auth.session-store-contract" in stopping["reason"]
+    assert not pid_alive(bob_pid)
+    assert elapsed < 20  # bounded escalation: interrupt, terminate, kill
+    alice_pid = alice.agent_pid()
+    alice.proc.terminate()  # the developer ends tether: it ends its agent and gives up the intent
+    code, _, events = alice.wait()
+    assert not pid_alive(alice_pid)
+    assert any(e["event"] in ("abandon", "stopping") for e in events), events
+
+
+def test_revoke_with_revert_stashes_every_change_and_restores_the_base(
+        env: tuple[LocalCluster, dict[str, Path], Path]) -> None:
+    c, keys, tmp = env
+    repo = make_repo(tmp / "repo-revert")
+    base = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    t = Tether(c, keys["carol"], "carol", repo, {
+        "plan": {"summary": "Rework invoices", "steps": ["change invoices"],
+                 "concepts": {"modify": ["billing.invoices"], "depend": []}},
+        "writes": {"src/app.py": "print('changed')\n", "src/billing/new.py": "new\n"}, "commit": True,
+        "work_s": 60, "done": False})
+    t.agent_pid()
+    # Let the agent write and commit, then write again after the commit (uncommitted work too).
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        log = subprocess.run(["git", "-C", str(repo), "log", "--oneline"], capture_output=True, text=True).stdout
+        if "agent-work" in log:
+            break
+        time.sleep(0.1)
+    (repo / "notes.txt").write_text("untracked work\n")
+    (repo / "README.md").write_text("shop, edited\n")
+    listed = json.loads(tl(c, "intents", "list", "--json").stdout)
+    mine = [i for i in listed["intents"] if i["agent_id"].startswith("carol/") and i["summary"] == "Rework invoices"]
+    assert mine, listed
+    r = tl(c, "intents", "revoke", mine[0]["intent_id"], "--revert")
+    assert r.returncode == 0, r.stderr
+    code, _, events = t.wait()
+    assert code == 5, events
+    reverted = next(e for e in events if e["event"] == "reverted")["result"]
+    assert mine[0]["intent_id"] in reverted["stash_message"]
+    assert subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
+                          text=True).stdout.strip() == base
+    assert subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=all"],
+                          capture_output=True, text=True).stdout.strip() == ""
+    stash_files = subprocess.run(["git", "-C", str(repo), "stash", "show", "--include-untracked", "--name-only",
+                                  "stash@{0}"], capture_output=True, text=True).stdout.split()
+    assert set(stash_files) == {"src/app.py", "src/billing/new.py", "notes.txt", "README.md"}
+    # Nothing deleted: the agent's commit is still reachable.
+    assert subprocess.run(["git", "-C", str(repo), "cat-file", "-e", reverted["previous_head_ref"]]).returncode == 0
+
+
+def test_malformed_huge_and_binary_output_leave_the_shim_working(
+        env: tuple[LocalCluster, dict[str, Path], Path]) -> None:
+    c, keys, tmp = env
+    repo = make_repo(tmp / "repo-noise")
+    spec = {
+        "noise": ["\x1b[31mred\x1b[0m\r\n", "x" * 300_000 + "\n"],
+        "binary": True,
+        "raw_blocks": ["<<<TETHERLAB-PLAN\n{not json\nTETHERLAB-PLAN>>>",
+                       "<<<TETHERLAB-PLAN\n{\"steps\": []}\nTETHERLAB-PLAN>>>",
+                       "<<<TETHERLAB-PLAN\n" + "y" * 100_000],
+        "plan": {"summary": "Add invoice totals", "steps": ["sum"], "files": ["src/billing/totals.py"]},
+        "done": True,
+    }
+    t = Tether(c, keys["carol"], "carol", repo, spec)
+    code, out, events = t.wait()
+    assert code == 0, events
+    reasons = [e["message"] for e in events if e["event"] == "malformed_plan"]
+    assert any("not valid JSON" in r for r in reasons), reasons
+    assert any("summary" in r for r in reasons), reasons
+    assert verdicts(events)[-1]["action"] == "continue"
+    assert len(out) > 300_000  # the agent's output still reached the developer
+
+
+def test_no_quorum_at_start_means_the_agent_never_starts(tmp_path: Path) -> None:
+    c = LocalCluster(tmp_path / "cluster", nodes=3)
+    c.start()
+    try:
+        for nid in c.ids:
+            c.wait_serving(nid)
+        keys = setup_cluster(c, tmp_path)
+        leader = c.wait_leader()
+        for nid in c.ids:
+            if nid != leader:
+                c.kill(nid)
+        repo = make_repo(tmp_path / "repo")
+        t = Tether(c, keys["alice"], "alice", repo, {"plan": {"summary": "x", "steps": ["y"]}})
+        code, _, events = t.wait(timeout_s=90)
+        assert code == 3, events
+        assert not Path(t.spec["pid_file"]).exists(), "the agent must not start without a quorum"
+        assert any(e["event"] == "unavailable" for e in events)
+    finally:
+        c.close()
+
+
+def test_losing_quorum_stops_a_running_agent_within_the_fail_closed_bound(tmp_path: Path) -> None:
+    f_s = 2.0
+    c = LocalCluster(tmp_path / "cluster", nodes=3)
+    c.start()
+    try:
+        for nid in c.ids:
+            c.wait_serving(nid)
+        keys = setup_cluster(c, tmp_path)
+        repo = make_repo(tmp_path / "repo")
+        t = Tether(c, keys["alice"], "alice", repo, {
+            "plan": {"summary": "Long invoice work", "steps": ["work"],
+                     "concepts": {"modify": ["billing.invoices"], "depend": []}}, "work_s": 120}, fail_closed_s=f_s)
+        pid = t.agent_pid()
+        time.sleep(2.0)  # running under a continue verdict
+        assert pid_alive(pid)
+        leader = c.wait_leader()
+        others = [n for n in c.ids if n != leader]
+        t0 = time.monotonic()
+        c.kill(leader)
+        c.kill(others[0])
+        while pid_alive(pid) and time.monotonic() - t0 < 30:
+            time.sleep(0.05)
+        stopped_after = time.monotonic() - t0
+        assert not pid_alive(pid)
+        assert stopped_after <= f_s + 1.0, f"agent stopped {stopped_after:.2f}s after quorum loss (F={f_s})"
+        code, _, events = t.wait()
+        assert code == 3
+        assert any(e["event"] == "fail_closed" for e in events)
+    finally:
+        c.close()
