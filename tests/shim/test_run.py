@@ -175,7 +175,7 @@ def test_continue_runs_to_completion(env: tuple[LocalCluster, dict[str, Path], P
     t = Tether(c, keys["carol"], "carol", repo, {"plan": {"summary": "Add invoice PDF export", "steps": ["render"],
                                                           "files": ["src/billing/pdf.py"]},
                                                  "writes": {"src/billing/pdf.py": "pdf\n"}, "done": True})
-    code, out, events = t.wait()
+    code, _, events = t.wait()
     assert code == 0, events
     v = verdicts(events)
     assert v and v[0]["action"] == "continue"
