@@ -347,6 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     admin.add_parsers(sub, cluster_args)
 
+    s = sub.add_parser("demo", help="the seed walkthrough: three scripted agents through real tether processes")
+    s.add_argument("--dir", default=DEFAULT_DIR,
+                   help=f"cluster directory; a cluster is started there if none runs (default {DEFAULT_DIR})")
+    s.add_argument("--json", action="store_true", help='print {"alice": VERDICT, "bob": VERDICT, "carol": VERDICT}')
+    s.set_defaults(func=lambda a: __import__("tetherlab.cluster.demo", fromlist=["main"]).main(a.dir, a.json))
+
     s = sub.add_parser("bench", help="benchmarks that print figures")
     s.add_argument("what", choices=["raft", "engine"],
                    help="raft: durable cluster vs bare pysyncobj; engine: pure engine")

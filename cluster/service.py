@@ -110,6 +110,7 @@ class Service:
             "leader": st.get("leader"),
             "quorum_backed": bool(st.get("quorum_backed")),
             "version": self.node.version,
+            "remote": (self.node.store.engine_view(lambda e: e._cluster) or {}).get("remote"),
         }
 
     def _route(self, req: p.Request) -> p.Message | None:

@@ -504,6 +504,8 @@ class Shim:
             world = await self.client.call(p.WorldSlice, 10.0, agent_id=self.agent_id)
         except ClientError:
             return
+        if self.cfg.json:
+            self.event("world", world=world)
         self._write_world(render_world(world, self.verdict))
 
     def _write_world(self, text: str) -> None:
