@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import time
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ CONTROL_LINE_MAX_BYTES = 256 * 1024
 CONTROL_CONNECTIONS_MAX = 256
 SCAN_LIMIT_MAX = 1000
 READYZ_TIMEOUT_S = 2.0
+API_LIMIT_DEFAULT = 100
+API_LIMIT_MAX = 1000
 LEADER_DUTY_INTERVAL_S = 0.25
 EXPIRE_INTERVAL_S = 1.0
 STOP_TIMEOUT_S = 5.0  # bound on waiting for the Raft thread at shutdown
@@ -286,6 +289,9 @@ class MasterNode:
         app.router.add_get("/health", self._h_health)
         app.router.add_get("/metrics", self._h_metrics)
         app.router.add_get("/v1/status", self._h_status)
+        app.router.add_get("/v1/concepts", self._h_concepts)
+        app.router.add_get("/v1/intents", self._h_intents)
+        app.router.add_get("/v1/agents", self._h_agents)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.cfg.node.http.host, self.cfg.node.http.port, reuse_address=True)
@@ -296,6 +302,72 @@ class MasterNode:
 
     async def _h_status(self, request: web.Request) -> web.Response:
         return web.json_response(self.status())
+
+    # --- read-only JSON API (this node's applied state; ?consistent=true reads after a barrier) --
+
+    async def _query(self, request: web.Request, allowed: dict[str, Any]) -> dict[str, Any] | web.Response:
+        """Validated query parameters, or a 400 response naming the bad one."""
+        q = request.query
+        unknown = sorted(set(q) - set(allowed) - {"limit", "after", "consistent"})
+        if unknown:
+            return _bad_request(f"unknown query parameter(s) {unknown}; allowed: "
+                                f"{sorted({'limit', 'after', 'consistent', *allowed})}")
+        out: dict[str, Any] = {}
+        try:
+            limit = int(q.get("limit", API_LIMIT_DEFAULT))
+        except ValueError:
+            return _bad_request(f"limit must be an integer, got {q.get('limit')!r}")
+        if not 1 <= limit <= API_LIMIT_MAX:
+            return _bad_request(f"limit must be between 1 and {API_LIMIT_MAX}, got {limit}")
+        out["limit"] = limit
+        after = q.get("after")
+        if after is not None and (not after or len(after) > 512):
+            return _bad_request("after must be a cursor from the previous page's 'next'")
+        out["after"] = after
+        for name, choices in allowed.items():
+            v = q.get(name)
+            if v is not None and choices is not None and v not in choices:
+                return _bad_request(f"{name} must be one of {sorted(choices)}, got {v!r}")
+            out[name] = v
+        consistent = q.get("consistent", "false")
+        if consistent not in ("true", "false"):
+            return _bad_request("consistent must be true or false")
+        if consistent == "true":
+            try:
+                await self.read_barrier()
+            except (Unavailable, Indeterminate, TimeoutError):
+                return web.json_response({"error": "no quorum-backed read possible now", "status": 503}, status=503)
+        return out
+
+    async def _h_concepts(self, request: web.Request) -> web.Response:
+        q = await self._query(request, {"prefix": None})
+        if isinstance(q, web.Response):
+            return q
+        if q["after"] is not None and not _after_ok_concept(q["after"]):
+            return _bad_request("after must be a concept id")
+        body = self.store.engine_view(lambda e: e.list_concepts(prefix=q["prefix"] or "", limit=q["limit"],
+                                                                after=q["after"]))
+        return web.json_response(body)
+
+    async def _h_intents(self, request: web.Request) -> web.Response:
+        from tetherlab.cluster.engine.model import STATUSES
+
+        q = await self._query(request, {"status": set(STATUSES)})
+        if isinstance(q, web.Response):
+            return q
+        if q["after"] is not None and not re.fullmatch(r"i-\d{1,19}", q["after"]):
+            return _bad_request("after must be an intent id like i-42")
+        body = self.store.engine_view(lambda e: e.list_intents(status=q["status"], limit=q["limit"],
+                                                               after=q["after"]))
+        return web.json_response(body)
+
+    async def _h_agents(self, request: web.Request) -> web.Response:
+        q = await self._query(request, {"status": {"open", "lapsed"}})
+        if isinstance(q, web.Response):
+            return q
+        body = self.store.engine_view(lambda e: e.list_sessions(status=q["status"], limit=q["limit"],
+                                                                after=q["after"]))
+        return web.json_response(body)
 
     async def _readiness(self) -> tuple[bool, str]:
         """etcd's meaning: a leader is known and a linearizable read succeeds."""
@@ -445,6 +517,14 @@ def _resolve(fut: asyncio.Future[dict[str, Any]], res: Any, err: int) -> None:
         fut.set_exception(Unavailable(FailReason.NAMES.get(err, str(err))))
     else:
         fut.set_exception(Indeterminate(FailReason.NAMES.get(err, str(err))))
+
+
+def _bad_request(message: str) -> web.Response:
+    return web.json_response({"error": message, "status": 400}, status=400)
+
+
+def _after_ok_concept(after: str) -> bool:
+    return bool(re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,127}", after))
 
 
 def _env_sizes(env: Any, directory: Path) -> dict[str, int]:

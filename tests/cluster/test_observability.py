@@ -140,3 +140,40 @@ def test_real_prometheus_sees_every_node_and_the_leader_change(cluster3: LocalCl
             prom.wait(10)
         except subprocess.TimeoutExpired:
             prom.kill()
+
+
+def test_read_only_api_paginates_and_rejects_bad_parameters(cluster3: LocalCluster, tmp_path: Path) -> None:
+    import sys
+
+    leader = cluster3.wait_leader()
+    registry = "".join(f'[[concept]]\nid = "area.c{i:03d}"\ntitle = "Concept {i}"\n\n' for i in range(250))
+    (tmp_path / "concepts.toml").write_text(registry)
+    for _ in range(50):  # the bootstrap admin key lands just after the first election
+        p = subprocess.run([sys.executable, "-m", "tetherlab.cluster.cli", "concepts", "push",
+                            str(tmp_path / "concepts.toml"), "--dir", str(cluster3.dir)], capture_output=True,
+                           timeout=60)
+        if p.returncode == 0:
+            break
+        time.sleep(0.2)
+    assert p.returncode == 0, p.stderr
+    addr = str(cluster3.cluster.by_id()[leader].http)
+    seen: list[str] = []
+    after = None
+    pages = 0
+    while True:
+        q = "/v1/concepts?limit=100&consistent=true" + (f"&after={after}" if after else "")
+        code, body = http_get_json(addr, q)
+        assert code == 200, body
+        seen += [c["id"] for c in body["concepts"]]
+        pages += 1
+        after = body["next"]
+        if after is None or pages > 10:
+            break
+    assert pages == 3 and len(seen) == 250 and seen == sorted(seen)
+    assert http_get_json(addr, "/v1/intents")[0] == 200
+    assert http_get_json(addr, "/v1/agents?status=open")[0] == 200
+    for bad in ("/v1/concepts?limit=0", "/v1/concepts?limit=abc", "/v1/concepts?limit=5000",
+                "/v1/intents?status=bogus", "/v1/intents?after=x", "/v1/agents?nope=1",
+                "/v1/concepts?consistent=maybe"):
+        code, body = http_get_json(addr, bad)
+        assert code == 400 and body["error"], (bad, body)
