@@ -38,7 +38,8 @@ async def workload(c: LocalCluster, keys: dict[str, Path]) -> list[dict]:
     masters = masters_from_cluster_file(c.dir / "cluster.toml")
     admin = MasterClient(masters, c.dir / "admin_ed25519", "admin")
     for dev, key in keys.items():
-        await admin.call(p.KeysAdd, 20, developer=dev, public_key=(key.parent / (key.name + ".pub")).read_text().strip())
+        pub = (key.parent / (key.name + ".pub")).read_text().strip()
+        await admin.call(p.KeysAdd, 20, developer=dev, public_key=pub)
     await admin.call(p.ConceptsPush, 20, toml=REGISTRY)
     verdicts: list[dict] = []
     clients = {dev: MasterClient(masters, key, dev) for dev, key in keys.items()}
