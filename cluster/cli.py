@@ -43,30 +43,56 @@ STOP_GRACE_S = 10.0
 # --- init -----------------------------------------------------------------------------------
 
 
+def admin_key_line(directory: Path, admin_key: Path | None, admin_name: str) -> tuple[str, Path | None]:
+    """The first admin's public key line, and the private key the admin CLI should use: a new
+    key in ``directory`` when none is given; else the given private key, or the private key
+    beside a given ``.pub`` file (None when only a public key is known)."""
+    from tetherlab.cluster.keys import KeyError_, generate_key_pair, make_registered, public_line_of
+
+    if admin_key is None:
+        private = directory / "admin_ed25519"
+        directory.mkdir(parents=True, exist_ok=True)
+        return generate_key_pair(private, f"{admin_name}@tetherlab"), private
+    try:
+        text = admin_key.read_text()
+        try:
+            line = make_registered(admin_name, "admin", text).public_key
+            beside = admin_key.with_suffix("") if admin_key.suffix == ".pub" else None
+            return line, beside.resolve() if beside is not None and beside.exists() else None
+        except KeyError_:
+            return make_registered(admin_name, "admin", public_line_of(admin_key)).public_key, admin_key.resolve()
+    except (OSError, KeyError_, ValueError) as e:
+        raise ConfigError(f"--admin-key {admin_key}: not a public or private SSH key ({e})") from None
+
+
+def write_client_files(directory: Path, addrs: list[NodeAddresses], host_keys: dict[str, str],
+                       admin_key: Path | None, admin_name: str) -> Path:
+    """``cluster.toml`` (admin CLI: nodes, pinned host keys, admin key) and ``shim.toml``
+    (developers: nodes and pinned host keys)."""
+    cluster_path = directory / "cluster.toml"
+    write_text_atomic(cluster_path, render_cluster_file(addrs, admin_key, host_keys, developer=admin_name))
+    write_text_atomic(directory / "shim.toml", render_cluster_file(
+        addrs, None, host_keys,
+        header="# Tetherlab shim configuration: copy to developers' machines (~/.config/tetherlab/shim.toml).\n"
+               "# Each node's SSH host key is pinned; add `developer = \"NAME\"` and `key = \"PATH\"`.\n"))
+    return cluster_path
+
+
 def init_cluster(directory: Path, nodes: int, host: str = "127.0.0.1", base_port: int = DEFAULT_BASE_PORT,
                  force: bool = False, admin_key: Path | None = None, admin_name: str = "admin",
                  remote: str = "") -> ClusterFile:
-    """Write one config and SSH host key per node, the cluster secret (0600), an admin key
-    (unless one is given), ``cluster.toml`` for the admin CLI and ``shim.toml`` for shims."""
-    from tetherlab.cluster.keys import KeyError_, generate_key_pair, make_registered
+    """A local cluster in one directory: one config and SSH host key per node, the cluster
+    secret (0600), an admin key (unless one is given), ``cluster.toml`` and ``shim.toml``."""
+    from tetherlab.cluster.keys import generate_key_pair
+
     if nodes < 1 or nodes > 99:
         raise ConfigError(f"--nodes must be between 1 and 99, got {nodes}")
     directory = directory.resolve()
-    cluster_path = directory / "cluster.toml"
-    if cluster_path.exists() and not force:
-        raise ConfigError(f"{cluster_path} exists: this directory is initialised already (use --force to overwrite)")
-    try:
-        if admin_key is not None:
-            admin_line = make_registered(admin_name, "admin", admin_key.read_text()).public_key
-            admin_private: Path | None = None
-        else:
-            admin_line = ""
-            admin_private = directory / "admin_ed25519"
-    except (OSError, KeyError_) as e:
-        raise ConfigError(f"--admin-key {admin_key}: {e}") from None
+    if (directory / "cluster.toml").exists() and not force:
+        raise ConfigError(f"{directory / 'cluster.toml'} exists: this directory is initialised already "
+                          "(use --force to overwrite)")
     directory.mkdir(parents=True, exist_ok=True)
-    if admin_private is not None:
-        admin_line = generate_key_pair(admin_private, f"{admin_name}@tetherlab")
+    admin_line, admin_private = admin_key_line(directory, admin_key, admin_name)
     secret_path = directory / "cluster.secret"
     write_private(secret_path, new_secret())
     addrs = [
@@ -93,16 +119,32 @@ def init_cluster(directory: Path, nodes: int, host: str = "127.0.0.1", base_port
             cluster=ClusterSettings(remote, (admin_line,), admin_name),
         )
         write_text_atomic(node_dir / "node.toml", render_node_config(cfg))
-    write_text_atomic(cluster_path, render_cluster_file(addrs, admin_private or admin_key, host_keys,
-                                                        developer=admin_name))
-    write_text_atomic(directory / "shim.toml", render_cluster_file(
-        addrs, None, host_keys,
-        header="# Tetherlab shim configuration: copy to developers' machines (~/.config/tetherlab/shim.toml).\n"
-               "# Each node's SSH host key is pinned; add `developer = \"NAME\"` and `key = \"PATH\"`.\n"))
-    return load_cluster_file(cluster_path)
+    return load_cluster_file(write_client_files(directory, addrs, host_keys, admin_private, admin_name))
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
+    if args.hosts:
+        from tetherlab.cluster.operate import init_hosts
+
+        if not args.out:
+            print("tetherlab init: --hosts needs --out DIR (one bundle per host is written there)", file=sys.stderr)
+            return EXIT_USAGE
+        try:
+            res = init_hosts(args.hosts.split(","), Path(args.out), data_dir=args.data_dir,
+                             admin_key=Path(args.admin_key) if args.admin_key else None, admin_name=args.admin_name,
+                             remote=args.remote, force=args.force)
+        except ConfigError as e:
+            print(f"tetherlab init: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        if args.json:
+            print(json.dumps(res))
+        else:
+            print(f"wrote {len(res['bundles'])} host bundle(s) in {res['out']}:")
+            for host, path in res["bundles"].items():
+                print(f"  {host}: {path}  (copy to /etc/tetherlab on {host}; see deploy/systemd/README.md)")
+            print(f"  shim configuration for developers: {res['shim']}")
+            print(f"  admin CLI configuration: {res['admin']}  (tetherlab status --cluster {res['admin']})")
+        return EXIT_OK
     try:
         cluster = init_cluster(Path(args.dir), args.nodes, args.host, args.base_port, args.force,
                                Path(args.admin_key) if args.admin_key else None, args.admin_name, args.remote)
@@ -134,6 +176,81 @@ def _cmd_master(args: argparse.Namespace) -> int:
     from tetherlab.cluster.node import run_node
 
     return run_node(cfg, Path(args.ready_file) if args.ready_file else None)
+
+
+# --- backup / restore / recover -----------------------------------------------------------
+
+
+def _cmd_backup(args: argparse.Namespace) -> int:
+    from tetherlab.cluster.client import ControlClient
+
+    out = Path(args.out).resolve()
+    try:
+        if args.config:
+            socks = [load_node_config(args.config).data_dir / "control.sock"]
+        else:
+            cluster = load_cluster_file(Path(args.dir) / "cluster.toml")
+            ids = [args.node] if args.node else [n.id for n in cluster.nodes]
+            socks = [Path(args.dir) / i / "data" / "control.sock" for i in ids]
+    except ConfigError as e:
+        print(f"tetherlab backup: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    last = "no node's control socket found on this host"
+    for sock in socks:
+        if not sock.exists():
+            continue
+        try:
+            with ControlClient(sock, timeout_s=120) as c:
+                reply = c.call("backup", path=str(out))
+        except OSError as e:
+            last = f"{sock}: {e}"
+            continue
+        if reply.get("ok"):
+            h = reply["result"]
+            if args.json:
+                print(json.dumps({"file": str(out), **h}))
+            else:
+                print(f"backup written to {out}: raft index {h['applied_index']}, registry version "
+                      f"{h.get('registry_version')}, from node {h.get('node')}")
+            return EXIT_OK
+        last = f"{reply['error']['code']}: {reply['error']['message']}"
+    print(f"tetherlab backup: {last}", file=sys.stderr)
+    return EXIT_UNREACHABLE
+
+
+def _report(args: argparse.Namespace, what: str, res: dict[str, Any]) -> int:
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"{what} cluster in {res['dir']} at raft index {res['restored_index']} "
+              f"(registry version {res.get('registry_version')}); start it with: tetherlab up --dir {res['dir']}")
+    return EXIT_OK
+
+
+def _cmd_restore(args: argparse.Namespace) -> int:
+    from tetherlab.cluster.operate import restore
+    from tetherlab.cluster.store import SnapshotError
+
+    try:
+        return _report(args, "restored", restore(Path(args.file), Path(args.dir), args.nodes,
+                                                 base_port=args.base_port,
+                                                 admin_key=Path(args.admin_key) if args.admin_key else None))
+    except (ConfigError, SnapshotError, OSError) as e:
+        print(f"tetherlab restore: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _cmd_recover(args: argparse.Namespace) -> int:
+    from tetherlab.cluster.operate import recover
+    from tetherlab.cluster.store import SnapshotError
+
+    try:
+        return _report(args, "recovered a single-node", recover(
+            Path(args.config), Path(args.dir), base_port=args.base_port,
+            admin_key=Path(args.admin_key) if args.admin_key else None))
+    except (ConfigError, SnapshotError, OSError) as e:
+        print(f"tetherlab recover: {e}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 # --- status ---------------------------------------------------------------------------------
@@ -312,8 +429,40 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--admin-name", default="admin", help="developer name of the first admin (default admin)")
     s.add_argument("--remote", default="", help="the git remote this cluster coordinates (default: set by the "
                                                  "first session)")
+    s.add_argument("--hosts",
+                   help="HOST1,HOST2,HOST3: write one bundle per host (with --out) instead of a local cluster")
+    s.add_argument("--out", help="with --hosts: the directory to write the bundles to")
+    s.add_argument("--data-dir", default="/var/lib/tetherlab",
+                   help="with --hosts: data directory on each host (default /var/lib/tetherlab)")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
     s.set_defaults(func=_cmd_init)
+
+    s = sub.add_parser("backup", help="write a consistent snapshot of a running node's state to a file")
+    s.add_argument("--out", required=True, help="the backup file to write")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--config", help="node.toml of a node running on this host")
+    g.add_argument("--dir", default=DEFAULT_DIR, help=f"local cluster directory (default {DEFAULT_DIR})")
+    s.add_argument("--node", help="with --dir: which node (default: the first that answers)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_backup)
+
+    s = sub.add_parser("restore", help="bootstrap a new local cluster from a backup file")
+    s.add_argument("file", help="a file written by tetherlab backup")
+    s.add_argument("--admin-key", help="private key of an admin registered in the backup, for cluster.toml "
+                                       "(the backup's key registry is kept as it was)")
+    s.add_argument("--dir", required=True, help="new cluster directory (must not exist yet)")
+    s.add_argument("--nodes", type=int, default=3)
+    s.add_argument("--base-port", type=int, default=DEFAULT_BASE_PORT)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_restore)
+
+    s = sub.add_parser("recover", help="disaster recovery: a new single-node cluster from a stopped node's data")
+    s.add_argument("--config", required=True, help="node.toml of the surviving node (stop it first)")
+    s.add_argument("--admin-key", help="private key of an admin registered in the cluster, for cluster.toml")
+    s.add_argument("--dir", required=True, help="new cluster directory (must not exist yet)")
+    s.add_argument("--base-port", type=int, default=DEFAULT_BASE_PORT)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_recover)
 
     s = sub.add_parser("master", help="run one node (the command systemd units run)")
     s.add_argument("--config", required=True, help="node configuration file (TOML)")

@@ -51,6 +51,8 @@ class LmdbJournal(Journal):
         path: str | Path,
         map_size_bytes: int = 1 << 30,
         on_fsync: Callable[[float], None] | None = None,
+        seed_index: int = 1,
+        seed_term: int = 0,
     ) -> None:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
@@ -87,7 +89,8 @@ class LmdbJournal(Journal):
         if self._first is None:
             # pysyncobj seeds an empty log with a no-op at index 1 from its constructor's
             # thread; seed it here and commit, so no write transaction outlives that thread.
-            self.add(NOOP_COMMAND, 1, 0)
+            # A restored node's log starts right after its snapshot (seed_index > 1).
+            self.add(NOOP_COMMAND, seed_index, seed_term if seed_index > 1 else 0)
             self.flush()
 
     # --- write path -------------------------------------------------------------------------

@@ -482,6 +482,18 @@ class MasterNode:
                 return {"id": rid, "ok": True, "result": self.status()}
             if op == "dump":
                 return {"id": rid, "ok": True, "result": self.store.dump()}
+            if op == "backup":
+                path = req.get("path")
+                if not isinstance(path, str) or not Path(path).is_absolute():
+                    raise sm.CommandError("bad_field", "field 'path' must be an absolute file path")
+                await self.read_barrier()  # the backup holds every write acknowledged before it
+                from tetherlab.cluster.operate import backup_header
+
+                hdr = {**backup_header(self.store), "node": self.cfg.id,
+                       "raft_commit_index": self.raft.raftCommitIndex,
+                       "members": [n.to_json() for n in self.cfg.all_nodes()]}
+                header = await self.loop.run_in_executor(None, self.store.write_snapshot, Path(path), hdr)
+                return {"id": rid, "ok": True, "result": header}
             if op == "compact":
                 self.raft.tl_compact()
                 return {"id": rid, "ok": True, "result": {}}
