@@ -57,7 +57,21 @@ def add_parsers(sub: Any, cluster_args: Any) -> None:
     s.add_argument("id")
     s.add_argument("--revert", action="store_true")
     cluster_args(s)
-    for parser in (keys, con, it):
+    cl = sub.add_parser("cluster", help="membership: add, remove or replace a node, online (admin)")
+    cls = cl.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for name, what in (("add", "add a node"), ("replace", "add a new node, then remove an old one")):
+        s = cls.add_parser(name, help=what)
+        if name == "replace":
+            s.add_argument("old", help="id of the node to remove")
+        s.add_argument("id", help="id of the new node (e.g. n4)")
+        s.add_argument("--raft", required=True, help="the new node's Raft HOST:PORT")
+        s.add_argument("--ssh", required=True, help="its SSH HOST:PORT")
+        s.add_argument("--http", required=True, help="its HTTP HOST:PORT")
+        cluster_args(s)
+    s = cls.add_parser("remove", help="remove a node (stop it afterwards)")
+    s.add_argument("id")
+    cluster_args(s)
+    for parser in (keys, con, it, cl):
         parser.set_defaults(func=run)
 
 
@@ -80,6 +94,10 @@ def _request(args: argparse.Namespace) -> tuple[type[p.Request], dict[str, Any]]
         if action == "list":
             return p.ConceptsList, {}
         return p.ConceptsShow, {"concept_id": args.id}
+    if group == "cluster":
+        if action == "remove":
+            return p.ClusterRemove, {"node_id": args.id}
+        return p.ClusterAdd, {"node_id": args.id, "raft": args.raft, "ssh": args.ssh, "http": args.http}
     if action == "list":
         return p.IntentsList, {"all": args.all, "limit": args.limit}
     return p.IntentsRevoke, {"intent_id": args.id, "revert": args.revert}
@@ -109,12 +127,26 @@ def run(args: argparse.Namespace) -> int:
         print(f"tetherlab {args.command} {args.action}: {e.message}", file=sys.stderr)
         return EXIT_USAGE
 
+    local = args.command == "cluster" and not getattr(args, "cluster", None)
+    if local and cls is p.ClusterAdd:
+        from tetherlab.cluster.membership import prepare_local_node
+
+        try:
+            cfg_path = prepare_local_node(path.parent, args.id, args.raft, args.ssh, args.http)
+        except (ConfigError, OSError) as e:
+            print(f"tetherlab cluster {args.action}: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"wrote {cfg_path}; start the node with: tetherlab master --config {cfg_path}", file=sys.stderr)
+
     async def go() -> dict[str, Any]:
         client = MasterClient(masters_from_cluster_file(path), key, cf.developer or "admin",
                               client_name="tetherlab-admin")
         try:
-            return await client.call(cls, ADMIN_DEADLINE_S, idempotent=cls not in (p.KeysAdd, p.ConceptsPush),
-                                     **fields)
+            res = await client.call(cls, ADMIN_DEADLINE_S, idempotent=cls not in (p.KeysAdd, p.ConceptsPush),
+                                    **fields)
+            if args.command == "cluster" and args.action == "replace":
+                res = {"added": res, "removed": await _remove_when_ready(client, args.old)}
+            return res
         finally:
             await client.close()
 
@@ -134,11 +166,32 @@ def run(args: argparse.Namespace) -> int:
     except ClientError as e:
         print(f"tetherlab {args.command} {args.action}: {e}", file=sys.stderr)
         return EXIT_REFUSED
+    if local and args.action in ("remove", "replace"):
+        from tetherlab.cluster.membership import forget_local_node
+
+        forget_local_node(path.parent, args.id if args.action == "remove" else args.old)
     if args.json:
         print(json.dumps(payload))
     else:
         print(render(args.command, args.action, payload))
     return EXIT_OK
+
+
+async def _remove_when_ready(client: Any, node_id: str) -> dict[str, Any]:
+    """Remove the old node once the new one counts toward the quorum (bounded)."""
+    from tetherlab.shim.client import RequestError
+
+    deadline_s = 60.0
+    step_s = 0.5
+    waited = 0.0
+    while True:
+        try:
+            return dict(await client.call(p.ClusterRemove, ADMIN_DEADLINE_S, node_id=node_id))
+        except RequestError as e:
+            if e.code not in ("would_lose_quorum", "leader_moving") or waited >= deadline_s:
+                raise
+        await asyncio.sleep(step_s)
+        waited += step_s
 
 
 def render(group: str, action: str, payload: dict[str, Any]) -> str:

@@ -45,6 +45,7 @@ from tetherlab.cluster import bench_load as bl
 from tetherlab.cluster.localcluster import LocalCluster
 
 PHASE_TIMEOUT_S = 120.0
+HB_INTERVAL_S = [bl.HEARTBEAT_INTERVAL_S]  # set from --heartbeat-interval
 LEADER_POLL_S = 0.02
 TARGETS = {
     "saturation_verdicts_per_s": (">=", 2000.0),
@@ -293,8 +294,9 @@ def run_load(workers: Workers, server_pids: list[int], rate: float | None, warmu
              concurrency: int, label: str, **extra: Any) -> dict[str, Any]:
     cpu0 = [cpu_s(p) for p in server_pids]
     per_worker_rate = rate / len(workers.conns) if rate else None
-    res = merge(workers.run({"op": "load", "rate": per_worker_rate, "warmup_s": warmup_s,
-                             "duration_s": duration_s, "concurrency": concurrency, **extra}))
+    req = {"op": "load", "rate": per_worker_rate, "warmup_s": warmup_s, "duration_s": duration_s,
+           "concurrency": concurrency, "hb_interval_s": HB_INTERVAL_S[0], **extra}
+    res = merge(workers.run(req))
     wall = warmup_s + duration_s
     res["server_cpu_pct"] = [round(100 * (cpu_s(p) - c) / wall) for p, c in zip(server_pids, cpu0, strict=True)]
     res["rss_mb"] = [rss_mb(p) for p in server_pids]
@@ -670,6 +672,7 @@ def bench_cluster(args: argparse.Namespace) -> dict[str, Any]:
                      "concepts": args.concepts, "closed_loop_concurrency_per_developer": args.concurrency,
                      "warmup_s": args.warmup, "duration_s": args.duration},
     }
+    HB_INTERVAL_S[0] = args.heartbeat_interval
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="tetherlab-benchcluster-") as tmp:
         work = Path(tmp)
@@ -701,6 +704,8 @@ def add_bench_cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup", type=float, default=2.0, help="seconds before each measurement")
     g.add_argument("--duration", type=float, default=8.0, help="seconds measured per phase")
     g.add_argument("--concurrency", type=int, default=24, help="closed loop: commands in flight per developer")
+    g.add_argument("--heartbeat-interval", type=float, default=bl.HEARTBEAT_INTERVAL_S,
+                   help="seconds between one developer's heartbeats (default: tether run's 1 s)")
     g.add_argument("--failover-runs", type=int, default=3)
     g.add_argument("--failover-rate", type=float, default=200.0)
     g.add_argument("--hook-calls", type=int, default=60)

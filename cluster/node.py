@@ -40,6 +40,7 @@ READ_TIMEOUT_S = 5.0
 CONTROL_LINE_MAX_BYTES = 256 * 1024
 CONTROL_CONNECTIONS_MAX = 256
 SCAN_LIMIT_MAX = 1000
+MEMBERS_NS = "members"
 READYZ_TIMEOUT_S = 2.0
 API_LIMIT_DEFAULT = 100
 API_LIMIT_MAX = 1000
@@ -93,6 +94,7 @@ class MasterNode:
         self._leader_seen: str | None = None
         self.version = __version__
         self._ssh_by_id = {n.id: str(n.ssh) for n in cfg.all_nodes()}
+        self._load_members()
         from tetherlab.cluster.service import Service
         from tetherlab.cluster.sshserver import SshEndpoint
 
@@ -114,6 +116,8 @@ class MasterNode:
         self.metrics.proposals_applied.inc()
         # A revoked key's SSH connections end on every node, as each node applies the revoke.
         if isinstance(cmd, sm.Txn) and result.get("succeeded"):
+            if any(op.ns == MEMBERS_NS for op in cmd.success):
+                self.loop.call_soon_threadsafe(self._load_members)
             for op in cmd.success:
                 if isinstance(op, sm.Delete) and op.ns == "keys":
                     self.loop.call_soon_threadsafe(self.ssh.drop_key, op.key, "the SSH key was revoked")
@@ -213,6 +217,42 @@ class MasterNode:
         return st
 
     # --- endpoints --------------------------------------------------------------------------
+
+    def _load_members(self) -> None:
+        """Nodes added online are in the replicated ``members`` namespace, not in node.toml."""
+        for nid, rec in self.store.scan(MEMBERS_NS, limit=1000):
+            m = json.loads(rec.value)
+            self._ssh_by_id[nid] = m["ssh"]
+            self.raft._tl_addr_to_id[m["raft"]] = nid
+
+    def members(self) -> dict[str, dict[str, str]]:
+        """Current Raft members by id, with their addresses."""
+        out = {}
+        addr_to_id = self.raft._tl_addr_to_id
+        raft_addrs = [str(self.cfg.node.raft), *(n.address for n in self.raft.otherNodes)]
+        by_id = {n.id: n for n in self.cfg.all_nodes()}
+        for addr in raft_addrs:
+            nid = addr_to_id.get(addr, addr)
+            cfgn = by_id.get(nid)
+            out[nid] = {"raft": addr, "ssh": self._ssh_by_id.get(nid, str(cfgn.ssh) if cfgn else "")}
+        return out
+
+    async def change_membership(self, add: bool, raft_addr: str, timeout_s: float = PROPOSE_TIMEOUT_S) -> None:
+        """pysyncobj's dynamic membership change, committed (one at a time)."""
+        fut: asyncio.Future[dict[str, Any]] = self.loop.create_future()
+
+        def done(res: Any, err: int) -> None:  # tick thread
+            self.loop.call_soon_threadsafe(_resolve, fut, {"ok": True}, err)
+
+        if add:
+            self.raft.addNodeToCluster(raft_addr, callback=done)
+        else:
+            self.raft.removeNodeFromCluster(raft_addr, callback=done)
+        self.raft.tl_wake()
+        try:
+            await asyncio.wait_for(fut, timeout_s)
+        except TimeoutError:
+            raise Indeterminate("timeout") from None
 
     def ssh_address_of(self, node_id: str) -> str | None:
         return self._ssh_by_id.get(node_id)

@@ -324,6 +324,10 @@ class RaftNode(SyncObj):
     def tl_submit(self, payload: bytes, callback: Callback) -> None:
         """Queue a command; ``callback(result, fail_code)`` runs on the tick thread."""
         self._tl_apply(payload, callback=callback)
+        self.tl_wake()
+
+    def tl_wake(self) -> None:
+        """Wake the tick thread so queued work goes out now, not at the next poll timeout."""
         notifier = self._tl_notifier
         if notifier is not None:
             try:

@@ -10,6 +10,7 @@ quorum-backed leader answers ``unavailable``. Writes are acknowledged only once 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -329,3 +330,68 @@ class Service:
                                             intent_id=req.intent_id, revert=req.revert))
         log.info("intent %s revoked (revert=%s) by %s", req.intent_id, req.revert, who.developer)
         return res
+
+    # --- membership (admin) -----------------------------------------------------------------
+
+    def _healthy_members(self) -> int:
+        """Members that answered this leader within an election timeout, itself included."""
+        st = self.node.raft.tl_status()
+        window = self.node.cfg.raft.election_timeout_min_s
+        return 1 + sum(1 for p_ in (st.get("peers") or {}).values()
+                       if p_.get("last_response_age_s") is not None and p_["last_response_age_s"] < window)
+
+    async def _h_cluster_add(self, who: Identity, req: p.ClusterAdd, ch: Channel | None) -> dict[str, Any]:
+        from tetherlab.cluster.node import MEMBERS_NS
+
+        members = self.node.members()
+        if req.node_id in members:
+            raise Refused("member_exists", f"node {req.node_id!r} is already a member")
+        used = {a for m in members.values() for a in m.values()}
+        for addr in (req.raft, req.ssh, req.http):
+            if addr in used:
+                raise Refused("address_in_use", f"address {addr} is already used by a member")
+        size = len(members) + 1
+        healthy = self._healthy_members()
+        if healthy < size // 2 + 1:
+            raise Refused("would_lose_quorum", f"only {healthy} of {len(members)} members answer; a {size}-node "
+                                               f"cluster needs {size // 2 + 1}: heal the cluster first")
+        record = json.dumps({"raft": req.raft, "ssh": req.ssh, "http": req.http})
+        res = await self.node.propose_command(sm.Txn((sm.Compare(MEMBERS_NS, req.node_id, 0),),
+                                                     (sm.Put(MEMBERS_NS, req.node_id, record),)))
+        if not res.get("succeeded"):
+            raise Refused("member_exists", f"node {req.node_id!r} is being added already")
+        try:
+            await self.node.change_membership(True, req.raft)
+        except Exception:
+            await self.node.propose_command(sm.Delete(MEMBERS_NS, req.node_id))  # undo the record
+            raise
+        log.info("node %s (%s) added to the cluster by %s", req.node_id, req.raft, who.developer)
+        return {"added": req.node_id, "members": sorted(self.node.members())}
+
+    async def _h_cluster_remove(self, who: Identity, req: p.ClusterRemove, ch: Channel | None) -> dict[str, Any]:
+        from tetherlab.cluster.node import MEMBERS_NS
+
+        members = self.node.members()
+        if req.node_id not in members:
+            raise Refused("not_found", f"node {req.node_id!r} is not a member; members: {sorted(members)}")
+        if len(members) <= 1:
+            raise Refused("would_lose_quorum", "cannot remove the last member")
+        if req.node_id == self.node.cfg.id:
+            # Raft cannot remove its own leader: hand leadership over, and let the client retry.
+            self.node.raft.transferLeadership()
+            self.node.raft.tl_wake()
+            raise Refused("leader_moving", f"{req.node_id} is the leader: leadership is being handed over; "
+                                           "retry the removal in a moment")
+        size = len(members) - 1
+        st = self.node.raft.tl_status()
+        target = (st.get("peers") or {}).get(req.node_id) or {}
+        target_healthy = target.get("last_response_age_s") is not None and \
+            target["last_response_age_s"] < self.node.cfg.raft.election_timeout_min_s
+        healthy_after = self._healthy_members() - (1 if target_healthy else 0)
+        if healthy_after < size // 2 + 1:
+            raise Refused("would_lose_quorum", f"after removing {req.node_id} only {healthy_after} of {size} members "
+                                               f"would answer; {size // 2 + 1} are needed")
+        await self.node.change_membership(False, members[req.node_id]["raft"])
+        await self.node.propose_command(sm.Delete(MEMBERS_NS, req.node_id))
+        log.info("node %s removed from the cluster by %s", req.node_id, who.developer)
+        return {"removed": req.node_id, "members": sorted(self.node.members())}

@@ -584,6 +584,29 @@ class IntentsRevoke(Request):
     revert: bool = field(default=False, metadata=_spec(_Bool()))  # tell the agent's shim to stash its changes
 
 
+_HOSTPORT = _Str(MAX_NAME_CHARS, pattern=_ADDRESS, pattern_name="'host:port'")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterAdd(Request):
+    """Add a node to the Raft membership (one change at a time; refused if it would lose quorum)."""
+
+    type: ClassVar[str] = "cluster_add"
+    admin: ClassVar[bool] = True
+    node_id: str = field(metadata=_spec(_Str(32, pattern=re.compile(r"[a-z0-9][a-z0-9_-]{0,31}"),
+                                             pattern_name="a node id ([a-z0-9_-], 1-32)")))
+    raft: str = field(metadata=_spec(_HOSTPORT))
+    ssh: str = field(metadata=_spec(_HOSTPORT))
+    http: str = field(metadata=_spec(_HOSTPORT))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterRemove(Request):
+    type: ClassVar[str] = "cluster_remove"
+    admin: ClassVar[bool] = True
+    node_id: str = field(metadata=_spec(_NAME))
+
+
 @dataclass(frozen=True, kw_only=True)
 class Reply(Message):
     """An answer from the server to the request with the same ``id``."""
@@ -679,7 +702,8 @@ MESSAGE_TYPES: Final[dict[str, type[Message]]] = {
     for cls in (
         Hello, Ping, Status, OpenSession, Heartbeat, SubmitIntent, Complete, Abandon, WorldSlice,
         KeysAdd, KeysList, KeysRevoke, ConceptsPush, ConceptsList, ConceptsShow, IntentsList,
-        IntentsRevoke, HelloOk, Result, Redirect, Unavailable, Error, VerdictChanged, Revoked,
+        IntentsRevoke, ClusterAdd, ClusterRemove, HelloOk, Result, Redirect, Unavailable, Error,
+        VerdictChanged, Revoked,
     )
 }  # fmt: skip
 
