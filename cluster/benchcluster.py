@@ -45,7 +45,8 @@ from tetherlab.cluster import bench_load as bl
 from tetherlab.cluster.localcluster import LocalCluster
 
 PHASE_TIMEOUT_S = 120.0
-HB_INTERVAL_S = [bl.HEARTBEAT_INTERVAL_S]  # set from --heartbeat-interval
+HB_INTERVAL_S = [bl.HEARTBEAT_INTERVAL_S]
+SWITCH_INTERVAL_ENV = "TETHERLAB_BENCH_SWITCH_INTERVAL_S"  # set from --heartbeat-interval
 LEADER_POLL_S = 0.02
 TARGETS = {
     "saturation_verdicts_per_s": (">=", 2000.0),
@@ -116,6 +117,11 @@ def _bench_node_main() -> None:
         return await original(self, line)
 
     MasterNode._handle_control = handle  # type: ignore[method-assign]
+    # Experiment knob (see docs/performance.md): the GIL hand-off interval between the asyncio
+    # thread and pysyncobj's tick thread.
+    interval = os.environ.get(SWITCH_INTERVAL_ENV)
+    if interval:
+        sys.setswitchinterval(float(interval))
     sys.exit(cli.main(sys.argv[1:]))
 
 

@@ -432,6 +432,7 @@ class MasterNode:
 
     async def _h_metrics(self, request: web.Request) -> web.Response:
         self.status()  # notes leader changes between scrapes too
+        self.metrics.shims_failing_closed.set(self.service.failing_closed())
         data = generate_latest(self.metrics.registry)
         return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

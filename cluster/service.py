@@ -28,7 +28,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("tetherlab.service")
 
 RETRY_NO_LEADER_MS = 500
-HEARTBEAT_BATCH_WINDOW_S = 0.02  # heartbeats arriving within this window share one log entry
+HEARTBEAT_BATCH_WINDOW_S = 0.02
+FAILED_CLOSED_WINDOW_S = 300.0  # tetherlab_shims_failing_closed counts reports this recent
+FAILED_CLOSED_MAX = 10_000  # heartbeats arriving within this window share one log entry
 RETRY_TIMEOUT_MS = 1000
 KEYS_LIST_MAX = 10_000
 
@@ -48,6 +50,7 @@ class Service:
         self._hb_pending: dict[str, None] = {}
         self._hb_waiters: list[asyncio.Future[dict[str, Any]]] = []
         self._hb_task: asyncio.Task[None] | None = None
+        self.failed_closed: dict[str, float] = {}  # agent id -> when it reported (monotonic)
 
     # --- engine plumbing --------------------------------------------------------------------
 
@@ -395,3 +398,23 @@ class Service:
         await self.node.propose_command(sm.Delete(MEMBERS_NS, req.node_id))
         log.info("node %s removed from the cluster by %s", req.node_id, who.developer)
         return {"removed": req.node_id, "members": sorted(self.node.members())}
+
+    # --- shim reports -------------------------------------------------------------------------
+
+    async def _h_shim_report(self, who: Identity, req: p.ShimReport, ch: Channel | None) -> dict[str, Any]:
+        self._own(who, req.agent_id)
+        now = asyncio.get_running_loop().time()
+        self.failed_closed[req.agent_id] = now
+        # Bounded: keep the window's reports, and at most FAILED_CLOSED_MAX of them.
+        for a, t in list(self.failed_closed.items()):
+            if now - t > FAILED_CLOSED_WINDOW_S:
+                del self.failed_closed[a]
+        while len(self.failed_closed) > FAILED_CLOSED_MAX:
+            del self.failed_closed[next(iter(self.failed_closed))]
+        log.warning("shim reports it failed closed at %d ms: %s", req.at_unix_ms, req.detail,
+                    extra={"agent_id": req.agent_id})
+        return {"ok": True}
+
+    def failing_closed(self) -> int:
+        now = asyncio.get_event_loop().time()
+        return sum(1 for t in list(self.failed_closed.values()) if now - t <= FAILED_CLOSED_WINDOW_S)

@@ -585,6 +585,19 @@ class IntentsRevoke(Request):
 
 
 _HOSTPORT = _Str(MAX_NAME_CHARS, pattern=_ADDRESS, pattern_name="'host:port'")
+SHIM_EVENTS: Final[tuple[str, ...]] = ("failed_closed",)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShimReport(Request):
+    """A shim reports, when it next reaches the master, something that happened while it could
+    not (it failed closed); operators see it in tetherlab_shims_failing_closed."""
+
+    type: ClassVar[str] = "shim_report"
+    agent_id: str = field(metadata=_spec(_AGENT))
+    event: str = field(metadata=_spec(_Str(32, choices=SHIM_EVENTS)))
+    at_unix_ms: int = field(metadata=_spec(_Int(0, 2**53 - 1)))
+    detail: str = field(default="", metadata=_spec(_Str(MAX_TEXT_CHARS, multiline=True, min_chars=0)))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -702,7 +715,7 @@ MESSAGE_TYPES: Final[dict[str, type[Message]]] = {
     for cls in (
         Hello, Ping, Status, OpenSession, Heartbeat, SubmitIntent, Complete, Abandon, WorldSlice,
         KeysAdd, KeysList, KeysRevoke, ConceptsPush, ConceptsList, ConceptsShow, IntentsList,
-        IntentsRevoke, ClusterAdd, ClusterRemove, HelloOk, Result, Redirect, Unavailable, Error,
+        IntentsRevoke, ClusterAdd, ClusterRemove, ShimReport, HelloOk, Result, Redirect, Unavailable, Error,
         VerdictChanged, Revoked,
     )
 }  # fmt: skip

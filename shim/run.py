@@ -74,6 +74,7 @@ STOP_GRACE_INTERRUPT_S = 2.0  # SIGINT, then SIGTERM after this, then SIGKILL af
 STOP_GRACE_TERMINATE_S = 2.0
 HOOK_LINE_MAX_BYTES = 4 * 1024 * 1024
 WORLD_FILE = Path(".tetherlab") / "world.md"
+FAILURE_REPORTS_MAX = 100  # earlier fail-closed events reported per run, newest kept
 CONFIG_PATHS = (Path("~/.config/tetherlab/shim.toml"),)
 EDIT_TOOLS = {"Edit", "Write", "MultiEdit", "NotebookEdit", "Bash", "edit", "write", "patch", "bash", "multiedit"}
 READ_ONLY_COMMANDS = {"ls", "cat", "pwd", "head", "tail", "wc", "grep", "rg", "find", "tree", "echo", "which",
@@ -296,6 +297,7 @@ class Shim:
                 return EXIT_USAGE
         self.event("session", message=f"session {self.agent_id} open (leader {self.client.leader_id})",
                    leader=self.client.leader_id, base_commit=self.base_commit, remote=self.remote)
+        await self._report_past_failures()
         try:
             await self._start_hook_server()
             self._install_instructions()
@@ -593,6 +595,32 @@ class Shim:
             elif self.agent_id in (res.get("lapsed") or []):
                 await self.stop_agent("the session lapsed at the master", code=EXIT_UNAVAILABLE)
 
+    async def _report_past_failures(self) -> None:
+        """Tell the master about earlier runs on this machine that failed closed (it could not be
+        told then): operators see them in tetherlab_shims_failing_closed."""
+        path = failures_file()
+        try:
+            lines = path.read_text().splitlines()[-FAILURE_REPORTS_MAX:]
+        except OSError:
+            return
+        for line in lines:
+            try:
+                f = json.loads(line)
+                await self.client.call(p.ShimReport, 5.0, agent_id=f["agent_id"], event="failed_closed",
+                                       at_unix_ms=int(f["at_unix_ms"]), detail=str(f.get("detail", ""))[:1000])
+            except (ValueError, KeyError, TypeError, p.ProtocolError, ClientError):
+                continue  # a report that cannot be sent is not worth blocking the agent for
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+    def _record_failure(self, detail: str) -> None:
+        path = failures_file()
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as f:
+                f.write(json.dumps({"agent_id": self.agent_id, "at_unix_ms": int(time.time() * 1000),
+                                    "detail": detail}) + "\n")
+
     async def _watchdog(self) -> None:
         f = self.cfg.fail_closed_s
         while not self._exited.is_set():
@@ -601,6 +629,7 @@ class Shim:
             if last is not None and time.monotonic() - last > f and not self.stopping:
                 self.event("fail_closed", message=f"the master's quorum is unreachable: no confirmed heartbeat for "
                                                   f"{f:.1f} s; stopping the agent")
+                self._record_failure(f"no quorum-confirmed heartbeat for {f:.1f} s")
                 await self.stop_agent("the master's quorum is unreachable", code=EXIT_UNAVAILABLE)
 
     async def _finish(self) -> int:
@@ -698,6 +727,11 @@ class Shim:
             return {"decision": "deny", "reason": f"Tetherlab: {why}. Present your plan first (plan mode / "
                                                   "ExitPlanMode, or a TETHERLAB-PLAN block).", "context": ""}
         return {"decision": "allow", "reason": "", "context": ""}
+
+
+def failures_file() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "tetherlab" / "failed-closed.jsonl"
 
 
 def _read_only(command: str) -> bool:

@@ -121,8 +121,9 @@ class Tether:
         cmd = [sys.executable, "-m", "tetherlab.shim.cli", "run", "--cluster", str(c.dir / "shim.toml"),
                "--key", str(key), "--developer", dev, "--tool", "scripted", "--json",
                "--fail-closed-s", str(fail_closed_s), "--", sys.executable, "-c", AGENT, str(spec_file)]
+        env = {**os.environ, "XDG_CACHE_HOME": str(repo.parent / "cache")}
         self.proc = subprocess.Popen(cmd, cwd=repo, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE)
+                                     stderr=subprocess.PIPE, env=env)
 
     def wait(self, timeout_s: float = 60) -> tuple[int, str, list[dict]]:
         out, err = self.proc.communicate(timeout=timeout_s)
@@ -335,5 +336,25 @@ def test_losing_quorum_stops_a_running_agent_within_the_fail_closed_bound(tmp_pa
         code, _, events = t.wait()
         assert code == 3
         assert any(e["event"] == "fail_closed" for e in events)
+        # The next run on this machine reports it; operators see it in the gauge.
+        c.start(leader)
+        c.start(others[0])
+        for nid in (leader, others[0]):
+            c.wait_serving(nid)
+        new_leader = c.wait_leader()
+        again = Tether(c, keys["alice"], "alice", repo, {"plan": {"summary": "tiny", "steps": ["x"]}, "done": True})
+        assert again.wait()[0] == 0
+        import urllib.request
+
+        deadline = time.monotonic() + 10
+        gauge = 0.0
+        while time.monotonic() < deadline and gauge < 1:
+            for n in c.ids:
+                with urllib.request.urlopen(f"http://{c.cluster.by_id()[n].http}/metrics", timeout=5) as r:
+                    for line in r.read().decode().splitlines():
+                        if line.startswith("tetherlab_shims_failing_closed "):
+                            gauge = max(gauge, float(line.split()[1]))
+            time.sleep(0.2)
+        assert gauge >= 1, f"no node counts the failed-closed shim (leader {new_leader})"
     finally:
         c.close()

@@ -1,0 +1,52 @@
+"""``tetherlab bench cluster`` at a tiny size: the machinery runs end to end (real cluster,
+SSH load generators, bare pysyncobj, etcd when installed, a failover, the hook) and the JSON
+has the shape the issue names. Timing is not checked: this machine is shared."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from tetherlab.cluster.benchcluster import add_bench_cluster_args, bench_cluster
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+
+KEYS = ("saturation_verdicts_per_s", "p99_ms_at_500", "etcd_verdicts_per_s", "bare_commits_per_s",
+        "ratio_vs_etcd", "ratio_vs_bare", "failover_s", "hook_p50_ms")
+
+
+def _args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_bench_cluster_args(p)
+    return p.parse_args(argv)
+
+
+def test_tiny_run_has_the_issue_keys() -> None:
+    args = _args(["--workers", "1", "--developers", "2", "--agents", "6", "--concepts", "50",
+                  "--rates", "20,500", "--warmup", "0.2", "--duration", "0.8", "--concurrency", "2",
+                  "--failover-runs", "1", "--failover-rate", "20", "--hook-calls", "3", "--no-install"])
+    out = bench_cluster(args)
+    json.dumps(out)  # --json prints it as is
+    for k in KEYS:
+        assert k in out, k
+    d = out["details"]
+    assert out["saturation_verdicts_per_s"] and out["saturation_verdicts_per_s"] > 0
+    assert out["p99_ms_at_500"] is not None
+    assert out["bare_commits_per_s"] and out["bare_commits_per_s"] > 0
+    assert out["ratio_vs_bare"] is not None
+    tl = d["tetherlab"]
+    for phase in [*tl["offered"].values(), tl["saturation"]]:
+        assert set(phase) >= {"verdicts_per_s", "p50_ms", "p99_ms", "p999_ms", "heartbeats_per_s", "rss_mb"}
+        assert not phase["errors"], phase["errors"]
+    assert len(tl["rss_mb"]) == 3
+    fo = d["failover"]["runs"][0]
+    assert fo["to_new_leader_s"] is not None and fo["to_first_verdict_s"] is not None
+    assert out["failover_s"] == d["failover"]["median_to_first_verdict_s"]
+    if "skipped" in d["etcd"]:
+        assert out["etcd_verdicts_per_s"] is None
+    else:
+        assert out["etcd_verdicts_per_s"] and out["ratio_vs_etcd"] is not None
+    assert d["hook"]["calls"] == 3 and out["hook_p50_ms"] is not None
+    assert set(out["targets"]) >= {"saturation_verdicts_per_s", "failover_s", "hook_p50_ms"}
