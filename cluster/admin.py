@@ -142,11 +142,10 @@ def run(args: argparse.Namespace) -> int:
         client = MasterClient(masters_from_cluster_file(path), key, cf.developer or "admin",
                               client_name="tetherlab-admin")
         try:
-            res = await client.call(cls, ADMIN_DEADLINE_S, idempotent=cls not in (p.KeysAdd, p.ConceptsPush),
-                                    **fields)
             if args.command == "cluster" and args.action == "replace":
-                res = {"added": res, "removed": await _remove_when_ready(client, args.old)}
-            return res
+                return await _replace(client, args.old, fields)
+            return await client.call(cls, ADMIN_DEADLINE_S, idempotent=cls not in (p.KeysAdd, p.ConceptsPush),
+                                     **fields)
         finally:
             await client.close()
 
@@ -175,6 +174,21 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(render(args.command, args.action, payload))
     return EXIT_OK
+
+
+async def _replace(client: Any, old: str, add: dict[str, Any]) -> dict[str, Any]:
+    """Add the new node, then remove the old one. When the old node is dead, adding first
+    would leave too few healthy members for the larger cluster: remove it first instead."""
+    from tetherlab.shim.client import RequestError
+
+    try:
+        added = await client.call(p.ClusterAdd, ADMIN_DEADLINE_S, **add)
+    except RequestError as e:
+        if e.code != "would_lose_quorum":
+            raise
+        removed = await client.call(p.ClusterRemove, ADMIN_DEADLINE_S, node_id=old)
+        return {"removed": removed, "added": await client.call(p.ClusterAdd, ADMIN_DEADLINE_S, **add)}
+    return {"added": added, "removed": await _remove_when_ready(client, old)}
 
 
 async def _remove_when_ready(client: Any, node_id: str) -> dict[str, Any]:

@@ -34,8 +34,12 @@ ETCD_START_TIMEOUT_S = 30.0
 # --- bare pysyncobj running the engine -------------------------------------------------------------
 
 
-def bare_engine_node_main(self_addr: str, peers: list[str], sock_path: str) -> None:
+def bare_engine_node_main(self_addr: str, peers: list[str], sock_path: str, as_shipped: bool = False) -> None:
+    """One bare node. ``as_shipped``: pysyncobj's own timing (a command waits for the next
+    tick, entries go out on the append-entries period); otherwise with the two latency fixes
+    Tetherlab's RaftNode also has, so that the comparison isolates durability and transport."""
     from pysyncobj import SyncObj, SyncObjConf, replicated
+    from pysyncobj.pipe_notifier import PipeNotifier
 
     from tetherlab.cluster.engine.commands import decode_command
     from tetherlab.cluster.engine.engine import Engine
@@ -45,6 +49,26 @@ def bare_engine_node_main(self_addr: str, peers: list[str], sock_path: str) -> N
         def __init__(self) -> None:
             super().__init__(self_addr, peers, SyncObjConf(bindAddress=self_addr))
             self.engine = Engine()
+            self.notifier: PipeNotifier | None = None
+            self.last_sent: tuple[int, int] = (-1, -1)
+            if not as_shipped:
+                self.addOnTickCallback(self.on_tick)
+
+        def on_tick(self) -> None:
+            # The two latency fixes RaftNode has that do not touch durability: wake the tick
+            # thread when a command arrives, and send new entries and a new commit index at once.
+            if self.notifier is None:
+                self.notifier = PipeNotifier(self._poller)
+            sent = (self._SyncObj__getCurrentLogIndex(), self.raftCommitIndex)
+            if self._isLeader() and sent != self.last_sent:
+                self.last_sent = sent
+                self._SyncObj__sendAppendEntries()
+
+        def submit(self, payload: bytes, callback: Any) -> None:
+            self.apply_cmd(payload, callback=callback)
+            if self.notifier is not None:
+                with contextlib.suppress(BlockingIOError):
+                    self.notifier.notify()
 
         @replicated
         def apply_cmd(self, payload: bytes) -> dict[str, Any]:
@@ -79,7 +103,7 @@ def bare_engine_node_main(self_addr: str, peers: list[str], sock_path: str) -> N
                     data = json.dumps(reply, separators=(",", ":")).encode() + b"\n"
                     loop.call_soon_threadsafe(writer.write, data)
 
-                node.apply_cmd(payload, callback=done)
+                node.submit(payload, done)
 
         await asyncio.start_unix_server(conn, path=sock_path, limit=1 << 24)
         stop = asyncio.Event()
@@ -91,8 +115,9 @@ def bare_engine_node_main(self_addr: str, peers: list[str], sock_path: str) -> N
 
 
 class BareCluster:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, as_shipped: bool = False) -> None:
         self.workdir = workdir
+        self.as_shipped = as_shipped
         workdir.mkdir(parents=True, exist_ok=True)
         base = free_base_port(3)
         self.addrs = [f"127.0.0.1:{base + 1 + i}" for i in range(3)]
@@ -101,11 +126,12 @@ class BareCluster:
 
     def start(self) -> None:
         code = ("import sys, json; from tetherlab.cluster.bench_baselines import bare_engine_node_main; "
-                "bare_engine_node_main(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3])")
+                "bare_engine_node_main(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4] == '1')")
         for i, a in enumerate(self.addrs):
             peers = [p for p in self.addrs if p != a]
             log = open(self.workdir / f"bare{i}.log", "ab")  # noqa: SIM115 - handed to the child
-            self.procs.append(subprocess.Popen([sys.executable, "-c", code, a, json.dumps(peers), self.socks[i]],
+            self.procs.append(subprocess.Popen([sys.executable, "-c", code, a, json.dumps(peers), self.socks[i],
+                                                "1" if self.as_shipped else "0"],
                                                stdout=log, stderr=subprocess.STDOUT))
 
     def leader_sock(self) -> str:

@@ -392,7 +392,8 @@ class Stats:
     dropped: int = 0  # due commands that found no idle agent
     # (monotonic time answered, node that answered) of every verdict, for failover timing
     verdict_times: list[tuple[float, str | None]] = field(default_factory=list)
-    hb_ok_sent: list[float] = field(default_factory=list)  # send times of successful heartbeats
+    # (monotonic time answered, node that answered) of every successful heartbeat
+    hb_ok: list[tuple[float, str | None]] = field(default_factory=list)
 
 
 class Developer:
@@ -485,7 +486,7 @@ class Developer:
                     self.stats.errors[f"heartbeat:{type(e).__name__}"] += 1
                 continue
             t1 = time.monotonic()
-            self.stats.hb_ok_sent.append(t0)
+            self.stats.hb_ok.append((t1, self.backend.served_by))
             if self.measuring and t0 >= self.t_measure:
                 self.stats.hb_agents += n
                 self.stats.hb_rpcs += (len(ids) + HEARTBEAT_CHUNK - 1) // HEARTBEAT_CHUNK
@@ -574,7 +575,7 @@ async def _run_phase(all_devs: list[Developer], passive: set[str], req: dict[str
     }
     if req.get("timeline"):
         out["verdict_times"] = {d.name: d.stats.verdict_times for d in devs}
-        out["hb_ok_sent"] = {d.name: d.stats.hb_ok_sent for d in devs}
+        out["hb_ok"] = {d.name: d.stats.hb_ok for d in devs}
     return out
 
 

@@ -491,8 +491,8 @@ def failover_runs(c: BenchCluster, workers: Workers, args: argparse.Namespace) -
         reattach: list[float] = []
         first_verdict: float | None = None
         for r in results:
-            for sends in r["hb_ok_sent"].values():
-                after = [t for t in sends if t > kill_t]
+            for oks in r["hb_ok"].values():
+                after = [t for t, node in oks if t > kill_t and node != leader]
                 reattach.append(min(after) - kill_t if after else float("inf"))
             for times in r["verdict_times"].values():
                 after = [t for t, node in times if t > kill_t and node != leader]
@@ -522,7 +522,8 @@ def failover_runs(c: BenchCluster, workers: Workers, args: argparse.Namespace) -
 def bare_phase(work: Path, args: argparse.Namespace, out: dict[str, Any]) -> None:
     wl = bl.Workload(concepts=args.concepts)
     devs = _developers("dev", args.developers, args.agents)
-    bc = __import__("tetherlab.cluster.bench_baselines", fromlist=["BareCluster"]).BareCluster(work / "bare")
+    bc = __import__("tetherlab.cluster.bench_baselines", fromlist=["BareCluster"]).BareCluster(
+        work / "bare", as_shipped=args.bare_as_shipped)
     bc.start()
     workers: Workers | None = None
     try:
@@ -544,7 +545,7 @@ def bare_phase(work: Path, args: argparse.Namespace, out: dict[str, Any]) -> Non
         n = sum(r["sessions"] for r in workers.run({"op": "open"}))
         _say(f"bare pysyncobj: {n} sessions opened")
         pids = bc.pids()
-        out["bare"] = {"offered": {}}
+        out["bare"] = {"offered": {}, "as_shipped": args.bare_as_shipped}
         if 500 in args.rates:
             out["bare"]["offered"]["500"] = run_load(workers, pids, 500, args.warmup, args.duration,
                                                      args.concurrency, "bare @500/s")
@@ -708,7 +709,8 @@ def add_bench_cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rates", type=lambda s: [int(x) for x in s.split(",")], default=[100, 250, 500],
                    help="offered loads, verdicts/s (default 100,250,500)")
     g.add_argument("--warmup", type=float, default=2.0, help="seconds before each measurement")
-    g.add_argument("--duration", type=float, default=8.0, help="seconds measured per phase")
+    if "--duration" not in p._option_string_actions:  # `tetherlab bench` has it already (same default)
+        g.add_argument("--duration", type=float, default=8.0, help="seconds measured per phase")
     g.add_argument("--concurrency", type=int, default=24, help="closed loop: commands in flight per developer")
     g.add_argument("--heartbeat-interval", type=float, default=bl.HEARTBEAT_INTERVAL_S,
                    help="seconds between one developer's heartbeats (default: tether run's 1 s)")
@@ -716,6 +718,8 @@ def add_bench_cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--failover-rate", type=float, default=200.0)
     g.add_argument("--hook-calls", type=int, default=60)
     g.add_argument("--skip", action="append", choices=["tetherlab", "bare", "etcd", "hook"])
+    g.add_argument("--bare-as-shipped", action="store_true",
+                   help="bare pysyncobj with its own tick timing (default: with RaftNode's two latency fixes)")
     g.add_argument("--no-install", action="store_true", help="do not apt-get install etcd-server when missing")
     g.add_argument("--profile", metavar="DIR", help="py-spy the leader, a follower and a load generator")
     g.add_argument("--scale", action="store_true", help="also run the scale scenario (adds about 2 minutes)")

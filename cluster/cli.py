@@ -70,6 +70,8 @@ def write_client_files(directory: Path, addrs: list[NodeAddresses], host_keys: d
     """``cluster.toml`` (admin CLI: nodes, pinned host keys, admin key) and ``shim.toml``
     (developers: nodes and pinned host keys)."""
     cluster_path = directory / "cluster.toml"
+    if admin_key is not None and admin_key.resolve().is_relative_to(directory.resolve()):
+        admin_key = admin_key.resolve().relative_to(directory.resolve())  # the directory can move
     write_text_atomic(cluster_path, render_cluster_file(addrs, admin_key, host_keys, developer=admin_name))
     write_text_atomic(directory / "shim.toml", render_cluster_file(
         addrs, None, host_keys,
@@ -130,7 +132,8 @@ def _cmd_init(args: argparse.Namespace) -> int:
             print("tetherlab init: --hosts needs --out DIR (one bundle per host is written there)", file=sys.stderr)
             return EXIT_USAGE
         try:
-            res = init_hosts(args.hosts.split(","), Path(args.out), data_dir=args.data_dir,
+            res = init_hosts(args.hosts.split(","), Path(args.out), data_dir=args.data_dir, raft_port=args.raft_port,
+                             ssh_port=args.ssh_port, http_port=args.http_port,
                              admin_key=Path(args.admin_key) if args.admin_key else None, admin_name=args.admin_name,
                              remote=args.remote, force=args.force)
         except ConfigError as e:
@@ -231,8 +234,16 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     from tetherlab.cluster.operate import restore
     from tetherlab.cluster.store import SnapshotError
 
+    if bool(args.config) == bool(args.dir):
+        print("tetherlab restore: give exactly one of --dir (a new local cluster) or --config (seed a deployed "
+              "node)", file=sys.stderr)
+        return EXIT_USAGE
     try:
-        return _report(args, "restored", restore(Path(args.file), Path(args.dir), args.nodes,
+        if args.config:
+            from tetherlab.cluster.operate import restore_node
+
+            return _report(args, "seeded node data", restore_node(Path(args.file), Path(args.config)))
+        return _report(args, "restored", restore(Path(args.file), Path(args.dir), args.nodes, host=args.host,
                                                  base_port=args.base_port,
                                                  admin_key=Path(args.admin_key) if args.admin_key else None))
     except (ConfigError, SnapshotError, OSError) as e:
@@ -246,7 +257,7 @@ def _cmd_recover(args: argparse.Namespace) -> int:
 
     try:
         return _report(args, "recovered a single-node", recover(
-            Path(args.config), Path(args.dir), base_port=args.base_port,
+            Path(args.config), Path(args.dir), host=args.host, base_port=args.base_port,
             admin_key=Path(args.admin_key) if args.admin_key else None))
     except (ConfigError, SnapshotError, OSError) as e:
         print(f"tetherlab recover: {e}", file=sys.stderr)
@@ -434,6 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="with --hosts: the directory to write the bundles to")
     s.add_argument("--data-dir", default="/var/lib/tetherlab",
                    help="with --hosts: data directory on each host (default /var/lib/tetherlab)")
+    s.add_argument("--raft-port", type=int, default=7100, help="with --hosts: Raft port on every host (7100)")
+    s.add_argument("--ssh-port", type=int, default=7200, help="with --hosts: SSH port on every host (7200)")
+    s.add_argument("--http-port", type=int, default=7300, help="with --hosts: HTTP port on every host (7300)")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
     s.set_defaults(func=_cmd_init)
 
@@ -446,11 +460,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_backup)
 
-    s = sub.add_parser("restore", help="bootstrap a new local cluster from a backup file")
+    s = sub.add_parser("restore", help="bootstrap a new cluster from a backup file: a local one (--dir), or seed "
+                                      "one deployed node (--config, on every host)")
     s.add_argument("file", help="a file written by tetherlab backup")
+    s.add_argument("--config", help="seed this deployed node (node.toml of a new, never-started node) instead")
+    s.add_argument("--host", default="127.0.0.1", help="with --dir: address the local nodes listen on")
     s.add_argument("--admin-key", help="private key of an admin registered in the backup, for cluster.toml "
                                        "(the backup's key registry is kept as it was)")
-    s.add_argument("--dir", required=True, help="new cluster directory (must not exist yet)")
+    s.add_argument("--dir", help="new local cluster directory (must not exist yet)")
     s.add_argument("--nodes", type=int, default=3)
     s.add_argument("--base-port", type=int, default=DEFAULT_BASE_PORT)
     s.add_argument("--json", action="store_true")
@@ -459,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("recover", help="disaster recovery: a new single-node cluster from a stopped node's data")
     s.add_argument("--config", required=True, help="node.toml of the surviving node (stop it first)")
     s.add_argument("--admin-key", help="private key of an admin registered in the cluster, for cluster.toml")
+    s.add_argument("--host", default="127.0.0.1", help="address the recovered node listens on")
     s.add_argument("--dir", required=True, help="new cluster directory (must not exist yet)")
     s.add_argument("--base-port", type=int, default=DEFAULT_BASE_PORT)
     s.add_argument("--json", action="store_true")

@@ -97,8 +97,15 @@ class RaftTuning:
         tuning = cls(**kwargs)
         if tuning.election_timeout_min_s >= tuning.election_timeout_max_s:
             raise ConfigError(f"{where}: [raft] election_timeout_min_s must be below election_timeout_max_s")
-        if tuning.heartbeat_interval_s >= tuning.election_timeout_min_s:
-            raise ConfigError(f"{where}: [raft] heartbeat_interval_s must be below election_timeout_min_s")
+        # pysyncobj asserts these at start; say so in the operator's terms instead.
+        if tuning.election_timeout_min_s <= 3 * tuning.heartbeat_interval_s:
+            raise ConfigError(f"{where}: [raft] election_timeout_min_s must be more than 3 x heartbeat_interval_s")
+        if tuning.connection_timeout_s < tuning.election_timeout_max_s:
+            raise ConfigError(f"{where}: [raft] connection_timeout_s must be at least election_timeout_max_s")
+        if tuning.leader_fallback_timeout_s <= tuning.heartbeat_interval_s:
+            raise ConfigError(f"{where}: [raft] leader_fallback_timeout_s must be above heartbeat_interval_s")
+        if tuning.compaction_min_entries < 2:
+            raise ConfigError(f"{where}: [raft] compaction_min_entries must be at least 2")
         return tuning
 
 

@@ -75,11 +75,11 @@ def init_hosts(hosts: list[str], out: Path, data_dir: str = DEFAULT_DATA_DIR, ra
         write_text_atomic(bundle / "node.toml", render_node_config(cfg))
     write_client_files(admin_dir, addrs, host_keys, admin_private, admin_name)
     shutil.copy(admin_dir / "shim.toml", out / "shim.toml")
-    targets = ", ".join(f'"{a.http}"' for a in addrs)
+    static = "".join(f'      - targets: ["{a.http}"]\n        labels:\n          node: {a.id}\n' for a in addrs)
     write_text_atomic(out / "prometheus.yml", (
         "# Scrape configuration for this cluster (see deploy/prometheus/ for alert rules and docs/metrics.md).\n"
         "global:\n  scrape_interval: 15s\n  evaluation_interval: 15s\nrule_files:\n  - alerts.yml\n"
-        f"scrape_configs:\n  - job_name: tetherlab\n    static_configs:\n      - targets: [{targets}]\n"))
+        f"scrape_configs:\n  - job_name: tetherlab\n    static_configs:\n{static}"))
     return {"out": str(out), "bundles": {h: str(out / h) for h in hosts}, "shim": str(out / "shim.toml"),
             "admin": str(admin_dir / "cluster.toml"), "nodes": [a.to_json() for a in addrs]}
 
@@ -199,6 +199,16 @@ def restore(snapshot: Path, directory: Path, nodes: int = 3, host: str = "127.0.
         seed_node(load_node_config(directory / n.id / "node.toml"), snapshot, list(cluster.nodes))
     return {"dir": str(directory.resolve()), "restored_index": header["applied_index"],
             "registry_version": header.get("registry_version"), "nodes": [n.to_json() for n in cluster.nodes]}
+
+
+def restore_node(snapshot: Path, config: Path) -> dict[str, Any]:
+    """Seed one deployed node (its node.toml names the members) from a backup; run it on every
+    host of the new cluster with the same backup before starting the nodes."""
+    header = verify_backup(snapshot)
+    cfg = load_node_config(config)
+    seed_node(cfg, snapshot, cfg.all_nodes())
+    return {"dir": str(cfg.data_dir), "restored_index": header["applied_index"],
+            "registry_version": header.get("registry_version"), "nodes": [n.to_json() for n in cfg.all_nodes()]}
 
 
 def recover(config: Path, directory: Path, host: str = "127.0.0.1", base_port: int | None = None,

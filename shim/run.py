@@ -290,7 +290,7 @@ class Shim:
         session = opened.get("session") or {}
         if "deadline_ms" in session and "last_seen_ms" in session:
             self.ttl_s = (session["deadline_ms"] - session["last_seen_ms"]) / 1000
-            if self.cfg.fail_closed_s + FAIL_CLOSED_MARGIN_S > self.ttl_s:
+            if self.cfg.fail_closed_s + FAIL_CLOSED_MARGIN_S >= self.ttl_s:
                 self.event("error", message=f"--fail-closed-s {self.cfg.fail_closed_s} plus a {FAIL_CLOSED_MARGIN_S} s "
                                             f"margin must stay below the session TTL of {self.ttl_s:.0f} s")
                 await self.client.close()
