@@ -28,3 +28,50 @@ def make_cluster(tmp_path: Path, nodes: int = 3, extra_toml: str = "") -> LocalC
     for nid in c.ids:
         c.wait_serving(nid)
     return c
+
+
+class BackgroundWriter:
+    """Writes keys ``<ns>/<prefix><i>`` in a loop through whichever nodes are up (skipping
+    ``avoid``), recording what was acknowledged and the longest pause between acknowledgements.
+    An indeterminate outcome is not counted as acknowledged. Use as a context manager."""
+
+    def __init__(self, c: LocalCluster, ns: str = "w", prefix: str = "k", avoid: str | None = None,
+                 pause_s: float = 0.0) -> None:
+        import threading
+
+        self.c, self.ns, self.prefix, self.avoid, self.pause_s = c, ns, prefix, avoid, pause_s
+        self.acked: list[str] = []
+        self.gaps_s: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import time
+
+        i = 0
+        last_ok = time.monotonic()
+        while not self._stop.is_set():
+            for nid in list(self.c.ids):
+                if self._stop.is_set() or nid == self.avoid or not self.c.alive(nid):
+                    continue
+                try:
+                    with self.c.client(nid, timeout_s=6) as cl:
+                        r = cl.put(self.ns, f"{self.prefix}{i}", "v")
+                except OSError:
+                    continue
+                if r["ok"]:
+                    self.acked.append(f"{self.prefix}{i}")
+                    now = time.monotonic()
+                    self.gaps_s.append(now - last_ok)
+                    last_ok = now
+                i += 1
+                if self.pause_s:
+                    time.sleep(self.pause_s)
+
+    def __enter__(self) -> BackgroundWriter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)

@@ -8,7 +8,6 @@ import pickle
 import signal
 import socket
 import struct
-import threading
 import time
 import zlib
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 
 from tetherlab.cluster.localcluster import LocalCluster
 
-from conftest import make_cluster
+from conftest import BackgroundWriter, make_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -61,35 +60,14 @@ def test_writes_replicate_and_any_node_reads_them(cluster3: LocalCluster) -> Non
 
 def test_sigkill_leader_elects_new_leader_and_loses_no_acknowledged_write(cluster3: LocalCluster) -> None:
     leader = cluster3.wait_leader()
-    acked: list[str] = []
-    stop = threading.Event()
-
-    def writer() -> None:
-        # Writes go to whichever node is up; an indeterminate outcome is not counted as acked.
-        i = 0
-        while not stop.is_set():
-            for nid in cluster3.ids:
-                if nid == leader or stop.is_set():
-                    continue
-                try:
-                    with cluster3.client(nid, timeout_s=6) as cl:
-                        r = cl.put("t", f"w{i}", "x")
-                except OSError:
-                    continue
-                if r["ok"]:
-                    acked.append(f"w{i}")
-                i += 1
-
-    t = threading.Thread(target=writer)
-    t.start()
-    time.sleep(1.0)
-    cluster3.kill(leader)
-    t0 = time.monotonic()
-    new_leader = cluster3.wait_leader(exclude=leader, timeout_s=15)
-    elected_s = time.monotonic() - t0
-    time.sleep(1.5)
-    stop.set()
-    t.join(30)
+    with BackgroundWriter(cluster3, ns="t", prefix="w", avoid=leader) as w:
+        time.sleep(1.0)
+        cluster3.kill(leader)
+        t0 = time.monotonic()
+        new_leader = cluster3.wait_leader(exclude=leader, timeout_s=15)
+        elected_s = time.monotonic() - t0
+        time.sleep(1.5)
+    acked = w.acked
     assert new_leader != leader
     assert len(acked) > 10, "writes must go on after the new leader is elected"
     survivors = [n for n in cluster3.ids if n != leader]

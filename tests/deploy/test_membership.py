@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
 from tetherlab.cluster.config import load_cluster_file
 from tetherlab.cluster.localcluster import LocalCluster
+
+from conftest import BackgroundWriter
 
 pytestmark = pytest.mark.slow
 TL = [sys.executable, "-m", "tetherlab.cluster.cli"]
@@ -27,33 +28,7 @@ def test_add_a_fourth_node_and_remove_one_while_writing(cluster3: LocalCluster) 
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and "keys" not in c.dump(leader)["records"]:
         time.sleep(0.1)  # the bootstrap admin key
-    acked: list[str] = []
-    gaps: list[float] = []
-    stop = threading.Event()
-
-    def writer() -> None:
-        i = 0
-        last_ok = time.monotonic()
-        while not stop.is_set():
-            for nid in list(c.ids):
-                if stop.is_set() or not c.alive(nid):
-                    continue
-                try:
-                    with c.client(nid, timeout_s=6) as cl:
-                        r = cl.put("w", f"k{i}", "v")
-                except OSError:
-                    continue
-                if r["ok"]:
-                    acked.append(f"k{i}")
-                    now = time.monotonic()
-                    gaps.append(now - last_ok)
-                    last_ok = now
-                i += 1
-                time.sleep(0.01)
-
-    t = threading.Thread(target=writer)
-    t.start()
-    try:
+    with BackgroundWriter(c, pause_s=0.01) as w:
         time.sleep(1.0)
         base = int(str(c.cluster.nodes[0].raft).rsplit(":", 1)[1]) - 1
         add = tl(c, "cluster", "add", "n4", "--raft", f"127.0.0.1:{base + 4}", "--ssh", f"127.0.0.1:{base + 104}",
@@ -80,9 +55,7 @@ def test_add_a_fourth_node_and_remove_one_while_writing(cluster3: LocalCluster) 
         assert victim not in json.loads(rm.stdout)["members"]
         c.stop(victim)
         time.sleep(1.5)
-    finally:
-        stop.set()
-        t.join(30)
+    acked, gaps = w.acked, w.gaps_s
     survivors = [n for n in c.ids if n != victim]
     assert len(acked) > 50
     # Quorum was never lost: acknowledged writes never paused for an election's length.
@@ -109,27 +82,7 @@ def test_add_a_fourth_node_and_remove_one_while_writing(cluster3: LocalCluster) 
 def test_rolling_restart_keeps_a_quorum_and_every_write(cluster3: LocalCluster) -> None:
     c = cluster3
     c.wait_leader()
-    acked: list[str] = []
-    stop = threading.Event()
-
-    def writer() -> None:
-        i = 0
-        while not stop.is_set():
-            for nid in list(c.ids):
-                if stop.is_set() or not c.alive(nid):
-                    continue
-                try:
-                    with c.client(nid, timeout_s=6) as cl:
-                        r = cl.put("w", f"k{i}", "v")
-                except OSError:
-                    continue
-                if r["ok"]:
-                    acked.append(f"k{i}")
-                i += 1
-
-    t = threading.Thread(target=writer)
-    t.start()
-    try:
+    with BackgroundWriter(c) as w:
         for nid in c.ids:  # one node at a time, waiting for it to rejoin before the next
             c.stop(nid)
             c.start(nid)
@@ -138,9 +91,7 @@ def test_rolling_restart_keeps_a_quorum_and_every_write(cluster3: LocalCluster) 
             while time.monotonic() < deadline and not (c.node_status(nid) or {}).get("leader"):
                 time.sleep(0.1)
             assert c.wait_leader(timeout_s=20)
-    finally:
-        stop.set()
-        t.join(30)
+    acked = w.acked
     assert len(acked) > 20
     stored = c.dump(c.wait_leader())["records"].get("w", {})
     missing = [k for k in acked if k not in stored]
