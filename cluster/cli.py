@@ -409,6 +409,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from tetherlab.cluster.engine.bench import run_bench
 
         result = run_bench()
+    elif args.what == "cluster":
+        from tetherlab.cluster.benchcluster import bench_cluster
+
+        result = bench_cluster(args)
     else:
         print(f"tetherlab bench: unknown benchmark {args.what!r}", file=sys.stderr)
         return EXIT_USAGE
@@ -416,7 +420,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         for k, v in result.items():
-            print(f"{k:>28}: {v}")
+            if k != "details":
+                print(f"{k:>28}: {v}")
     return EXIT_OK
 
 
@@ -521,12 +526,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=lambda a: __import__("tetherlab.cluster.demo", fromlist=["main"]).main(a.dir, a.json))
 
     s = sub.add_parser("bench", help="benchmarks that print figures")
-    s.add_argument("what", choices=["raft", "engine"],
-                   help="raft: durable cluster vs bare pysyncobj; engine: pure engine")
+    s.add_argument("what", choices=["raft", "engine", "cluster"],
+                   help="raft: durable cluster vs bare pysyncobj; engine: the pure engine; cluster: the full path "
+                        "(SSH, protocol, Raft, LMDB) vs bare pysyncobj and etcd")
     s.add_argument("--json", action="store_true")
     s.add_argument("--duration", type=float, default=8.0, help="seconds of load per phase (raft)")
     s.add_argument("--clients", type=int, default=4, help="client processes (raft)")
     s.add_argument("--in-flight", type=int, default=256, help="requests in flight per client (raft)")
+    from tetherlab.cluster.benchcluster import add_bench_cluster_args
+
+    add_bench_cluster_args(s)
     s.set_defaults(func=_cmd_bench)
     return p
 

@@ -12,6 +12,7 @@ the SSH endpoint.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -91,6 +92,9 @@ class MasterNode:
             on_apply_seconds=m.apply_seconds.observe,
         )
         self.metrics.attach(NodeCollector(self.raft.tl_status, self._lmdb_sizes, self._coordination_stats))
+        # Results of proposals, handed to the event loop once per tick rather than once each.
+        self._results: collections.deque[tuple[asyncio.Future[dict[str, Any]], Any, int]] = collections.deque()
+        self.raft.addOnTickCallback(self._deliver_results)
         self._leader_seen: str | None = None
         self.version = __version__
         self._ssh_by_id = {n.id: str(n.ssh) for n in cfg.all_nodes()}
@@ -107,6 +111,13 @@ class MasterNode:
         self._runner: web.AppRunner | None = None
         self._control: asyncio.AbstractServer | None = None
         self._control_conns = 0
+
+    def _deliver_results(self) -> None:  # tick thread
+        batch = []
+        while self._results:  # deque: appends from other threads are safe meanwhile
+            batch.append(self._results.popleft())
+        if batch:
+            self.loop.call_soon_threadsafe(_resolve_all, batch)
 
     # --- Raft bridge ------------------------------------------------------------------------
 
@@ -133,14 +144,21 @@ class MasterNode:
         stats: dict[str, int] = self.store.engine_view(lambda e: e.stats())
         return stats
 
+    def _deliver_results(self) -> None:  # tick thread
+        batch = []
+        while self._results:  # deque: appends from other threads are safe meanwhile
+            batch.append(self._results.popleft())
+        if batch:
+            self.loop.call_soon_threadsafe(_resolve_all, batch)
+
     # --- Raft bridge ------------------------------------------------------------------------
 
     async def propose(self, payload: bytes, timeout_s: float = PROPOSE_TIMEOUT_S) -> dict[str, Any]:
         """Commit one command through Raft and return its result, applied on this node."""
         fut: asyncio.Future[dict[str, Any]] = self.loop.create_future()
 
-        def done(res: Any, err: int) -> None:  # tick thread
-            self.loop.call_soon_threadsafe(_resolve, fut, res, err)
+        def done(res: Any, err: int) -> None:  # tick thread: delivered in one batch per tick
+            self._results.append((fut, res, err))
 
         m = self.metrics
         m.proposals_pending.inc()
@@ -570,6 +588,11 @@ def _resolve(fut: asyncio.Future[dict[str, Any]], res: Any, err: int) -> None:
         fut.set_exception(Unavailable(FailReason.NAMES.get(err, str(err))))
     else:
         fut.set_exception(Indeterminate(FailReason.NAMES.get(err, str(err))))
+
+
+def _resolve_all(batch: list[tuple[asyncio.Future[dict[str, Any]], Any, int]]) -> None:
+    for fut, res, err in batch:
+        _resolve(fut, res, err)
 
 
 def _bad_request(message: str) -> web.Response:

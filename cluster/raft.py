@@ -152,7 +152,8 @@ class RaftNode(SyncObj):
         self._tl_snapshot_file = cfg.data_dir / "snapshot.tls"
         self._tl_notifier: PipeNotifier | None = None
         self._tl_last_sent: tuple[int | None, int] = (None, -1)
-        self._tl_last_state_sync = time.monotonic()
+        self._tl_syncer: threading.Thread | None = None
+        self._tl_stopping = threading.Event()
         self._tl_status: dict[str, Any] = {}
         self._tl_status_at = 0.0
         self._tl_leader_changes = 0
@@ -209,9 +210,10 @@ class RaftNode(SyncObj):
             self._tl_last_sent = sent
             self._SyncObj__sendAppendEntries()  # type: ignore[attr-defined]
         now = time.monotonic()
-        if now - self._tl_last_state_sync >= _STATE_SYNC_INTERVAL_S:
-            self._tl_last_state_sync = now
-            self._tl_store.sync()
+        if self._tl_syncer is None:
+            # The state's periodic fsync runs beside the Raft thread, never inside it.
+            self._tl_syncer = threading.Thread(target=self._tl_sync_state, name="state-sync", daemon=True)
+            self._tl_syncer.start()
         if now - self._tl_status_at >= _STATUS_REFRESH_S:
             self._tl_status_at = now
             self._tl_status = self._tl_compute_status(now)
@@ -319,6 +321,13 @@ class RaftNode(SyncObj):
         cluster = {TCPNode(a) for a in header["cluster"]}
         return entry_from_json(header["last"]), entry_from_json(header["prev"]), cluster
 
+    def _tl_sync_state(self) -> None:
+        while not self._tl_stopping.wait(_STATE_SYNC_INTERVAL_S):
+            try:
+                self._tl_store.sync_unlocked()
+            except Exception:  # the env may be mid-swap (snapshot install): next round
+                log.debug("state sync skipped", exc_info=True)
+
     # --- any thread -------------------------------------------------------------------------
 
     def tl_submit(self, payload: bytes, callback: Callback) -> None:
@@ -343,6 +352,7 @@ class RaftNode(SyncObj):
 
     def tl_destroy(self, timeout_s: float) -> bool:
         """Stop the tick thread (it flushes and closes the journal); False if it did not stop."""
+        self._tl_stopping.set()
         self.destroy()
         thread: threading.Thread | None = self._SyncObj__thread  # type: ignore[attr-defined]
         if thread is not None:

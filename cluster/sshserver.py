@@ -104,6 +104,8 @@ class Channel:
         self.proto = p.ServerConnection()
         self.tasks: set[asyncio.Task[None]] = set()
         self.agent_ids: set[str] = set()  # sessions opened on this channel (for notifications)
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
 
     def write(self, msg: p.Message | p.ProtocolViolation) -> None:
         if self.proto.state is p.State.CLOSED:
@@ -115,8 +117,18 @@ class Channel:
             return
         if isinstance(msg, p.ProtocolViolation | p.Error):
             self.ep.node.metrics.protocol_errors.labels(msg.code).inc()
-        with contextlib.suppress(Exception):
-            self.process.stdout.write(data)
+        # Replies finished in one loop iteration go out in one channel write.
+        self._out.append(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        data, self._out = b"".join(self._out), []
+        if data:
+            with contextlib.suppress(Exception):
+                self.process.stdout.write(data)
 
     async def run(self) -> None:
         identity = self.info.identity

@@ -96,6 +96,10 @@ class StateStore:
         with self._lock:
             self.env.sync(True)
 
+    def sync_unlocked(self) -> None:
+        """fsync without excluding applies (LMDB allows it); may fail while the env is swapped."""
+        self.env.sync(True)
+
     # --- apply ------------------------------------------------------------------------------
 
     def _meta_int(self, txn: lmdb.Transaction, key: bytes) -> int:

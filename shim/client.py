@@ -31,7 +31,7 @@ log = logging.getLogger("tetherlab.client")
 CONNECT_TIMEOUT_S = 5.0
 REQUEST_TIMEOUT_S = 20.0  # per attempt: a write goes through Raft (the node answers unavailable by 5 s)
 BACKOFF_INITIAL_S = 0.1
-BACKOFF_MAX_S = 2.0
+BACKOFF_MAX_S = 0.5  # short: after a leader dies, shims re-attach within about an election
 REDIRECTS_MAX = 8  # per request: more means the cluster is electing, so back off instead
 CLIENT_NAME = "tetherlab-client"
 
@@ -158,6 +158,7 @@ class MasterClient:
         self._link: _Link | None = None
         self._lock = asyncio.Lock()  # one connect at a time
         self._rr = random.randrange(len(self.masters))  # spread shims over the nodes
+        self._rng = random.Random()
         self.last_confirmed: float | None = None  # monotonic time of the last quorum-backed ack
         self.leader_id: str | None = None
 
@@ -203,6 +204,10 @@ class MasterClient:
             self._link = await self._open(m)
             return self._link
 
+    def _jitter(self, backoff_s: float) -> float:
+        """Spread retries so shims that lost the same leader do not reconnect in lockstep."""
+        return backoff_s * self._rng.uniform(0.5, 1.5)
+
     def _rotate(self) -> None:
         self._rr += 1
         if self._link is not None:
@@ -234,7 +239,7 @@ class MasterClient:
                 last_reason = f"cannot reach a node: {e}"
                 self._rotate()
                 prefer = None
-                await asyncio.sleep(min(backoff, max(0.0, deadline - time.monotonic())))
+                await asyncio.sleep(min(self._jitter(backoff), max(0.0, deadline - time.monotonic())))
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
                 continue
             req = make(link.proto.next_id())
@@ -248,7 +253,7 @@ class MasterClient:
                 if sent and not idempotent:
                     raise Indeterminate(f"connection to {link.master.id} broke after sending {req.type}: {e}") from None
                 last_reason = f"{link.master.id}: {e or type(e).__name__}"
-                await asyncio.sleep(min(backoff, max(0.0, deadline - time.monotonic())))
+                await asyncio.sleep(min(self._jitter(backoff), max(0.0, deadline - time.monotonic())))
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
                 continue
             if isinstance(reply, p.Result):
@@ -263,7 +268,7 @@ class MasterClient:
                 elif redirects <= REDIRECTS_MAX:
                     prefer = target
                     continue
-                await asyncio.sleep(min(backoff, max(0.0, deadline - time.monotonic())))
+                await asyncio.sleep(min(self._jitter(backoff), max(0.0, deadline - time.monotonic())))
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
                 continue
             if isinstance(reply, p.Unavailable):

@@ -26,7 +26,8 @@ def _args(argv: list[str]) -> argparse.Namespace:
 def test_tiny_run_has_the_issue_keys() -> None:
     args = _args(["--workers", "1", "--developers", "2", "--agents", "6", "--concepts", "50",
                   "--rates", "20,500", "--warmup", "0.2", "--duration", "0.8", "--concurrency", "2",
-                  "--failover-runs", "1", "--failover-rate", "20", "--hook-calls", "3", "--no-install"])
+                  "--failover-runs", "1", "--failover-rate", "20", "--hook-calls", "3", "--no-install",
+                  "--no-scale"])
     out = bench_cluster(args)
     json.dumps(out)  # --json prints it as is
     for k in KEYS:
