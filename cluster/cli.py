@@ -281,7 +281,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"tetherlab status: {e}", file=sys.stderr)
         return EXIT_USAGE
-    st = cluster_status(cluster)
+    versions: dict[str, str] = {}
+    st = cluster_status(cluster, versions=versions)
     if args.json:
         print(json.dumps(st))
     else:
@@ -290,8 +291,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
         for n in st["nodes"]:
             print(
                 f"{n['id']:<6} {n['role']:<12} {_s(n['term']):>6} {_s(n['commit_index']):>9} "
-                f"{_s(n['applied_index']):>9}  {n['raft']} / {n['ssh']} / {n['http']}"
+                f"{_s(n['applied_index']):>9}  {n['raft']} / {n['ssh']} / {n['http']}  {versions.get(n['id']) or ''}"
             )
+        if len(set(versions.values())) > 1:
+            print(f"warning: nodes run different versions {versions}: finish the rolling upgrade", file=sys.stderr)
     if all(n["role"] == "unreachable" for n in st["nodes"]):
         return EXIT_UNREACHABLE
     return EXIT_OK if st["leader"] else EXIT_FAILED

@@ -106,8 +106,10 @@ def node_status(node: NodeAddresses, timeout_s: float = HTTP_TIMEOUT_S) -> dict[
     return body if code == 200 and isinstance(body, dict) else None
 
 
-def cluster_status(cluster: ClusterFile, timeout_s: float = HTTP_TIMEOUT_S) -> dict[str, Any]:
-    """Ask every node in parallel; the contract of ``tetherlab status --json``."""
+def cluster_status(cluster: ClusterFile, timeout_s: float = HTTP_TIMEOUT_S,
+                   versions: dict[str, str] | None = None) -> dict[str, Any]:
+    """Ask every node in parallel; the contract of ``tetherlab status --json``. Each reachable
+    node's software version goes into ``versions`` when given."""
     with ThreadPoolExecutor(max_workers=max(1, len(cluster.nodes))) as pool:
         answers = list(pool.map(lambda n: node_status(n, timeout_s), cluster.nodes))
     nodes = []
@@ -137,4 +139,6 @@ def cluster_status(cluster: ClusterFile, timeout_s: float = HTTP_TIMEOUT_S) -> d
                 leader_votes[st["leader"]] = leader_votes.get(st["leader"], 0) + 1
         nodes.append(entry)
     leader = best_leader[1] if best_leader else None
+    if versions is not None:
+        versions.update({n.id: str(st.get("version")) for n, st in zip(cluster.nodes, answers, strict=True) if st})
     return {"leader": leader, "nodes": nodes}
