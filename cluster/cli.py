@@ -399,6 +399,15 @@ def _stop_all(procs: dict[str, subprocess.Popen[bytes]]) -> None:
         print("all nodes stopped", file=sys.stderr)
 
 
+# --- demo -----------------------------------------------------------------------------------
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from tetherlab.cluster.demo import main as demo_main
+
+    return demo_main(args.dir, args.json)
+
+
 # --- bench ----------------------------------------------------------------------------------
 
 
@@ -526,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dir", default=DEFAULT_DIR,
                    help=f"cluster directory; a cluster is started there if none runs (default {DEFAULT_DIR})")
     s.add_argument("--json", action="store_true", help='print {"alice": VERDICT, "bob": VERDICT, "carol": VERDICT}')
-    s.set_defaults(func=lambda a: __import__("tetherlab.cluster.demo", fromlist=["main"]).main(a.dir, a.json))
+    s.set_defaults(func=_cmd_demo)
 
     s = sub.add_parser("bench", help="benchmarks that print figures")
     s.add_argument("what", choices=["raft", "engine", "cluster"],
