@@ -16,6 +16,7 @@ found (bounded), so a failing drill says what went wrong without a debugger.
   write succeeded.
 - :func:`check_leader_recovery`: every fault that took the leader away was followed by a new
   leader within a bound.
+- :func:`check_rejoin`: once the faults end, every node catches up with the leader within a bound.
 """
 
 from __future__ import annotations
@@ -52,9 +53,15 @@ def _summarise(what: str, problems: Sequence[str], ok_detail: str) -> CheckResul
 
 
 def check_no_lost_acks(history: History, dumps: Mapping[str, Mapping[str, Any]]) -> CheckResult:
-    """Every ``ok`` open/submit/complete must be visible, as acknowledged, on every replica."""
+    """Every ``ok`` open/submit/complete must be visible, as acknowledged, on every replica.
+
+    A replica that has applied less than the most advanced one is lagging, not losing: it is left
+    to :func:`check_convergence` and named in the detail here."""
     if not dumps:
         return CheckResult(False, "no replica state to compare with (no dumps)")
+    top = max(int(d.get("applied_index") or 0) for d in dumps.values())
+    lagging = sorted(n for n, d in dumps.items() if int(d.get("applied_index") or 0) < top)
+    dumps = {n: d for n, d in dumps.items() if n not in lagging}
     problems: list[str] = []
     acked = 0
     # The latest acknowledged token per intent: a replan re-grants the same intent id.
@@ -99,8 +106,10 @@ def check_no_lost_acks(history: History, dumps: Mapping[str, Mapping[str, Any]])
                 if status != "completed":
                     problems.append(f"{node}: completion of {op.intent_id} acknowledged at {op.complete_s:.3f} "
                                     f"but the intent is {status}")
-    return _summarise("acknowledged writes lost", problems,
-                      f"{acked} acknowledgements found on all {len(dumps)} replicas")
+    lag = f" ({', '.join(lagging)} lagging behind index {top}: not compared)" if lagging else ""
+    result = _summarise("acknowledged writes lost", problems,
+                        f"{acked} acknowledgements found on all {len(dumps)} replicas{lag}")
+    return CheckResult(result.passed, result.detail + (lag if problems else ""))
 
 
 # --- mutual exclusion ----------------------------------------------------------------------------
@@ -226,6 +235,13 @@ def _diff_paths(a: Any, b: Any, path: str, out: list[str], limit: int) -> None:
         out.append(f"{path}: {str(a)[:60]} != {str(b)[:60]}")
 
 
+def first_differences(a: Any, b: Any, limit: int = 3) -> list[str]:
+    """Where two JSON values differ, as paths (at most ``limit``)."""
+    out: list[str] = []
+    _diff_paths(a, b, "", out, limit)
+    return out
+
+
 def check_convergence(dumps: Mapping[str, Mapping[str, Any]], expected_nodes: Sequence[str],
                       final_write_ok: bool, final_write_detail: str) -> CheckResult:
     """Every replica's state equal (same applied index, same records), and a final write acknowledged."""
@@ -261,11 +277,12 @@ class LeaderLoss:
     observed_for_s: float  # how long the fault lasted: a short fault may end before an election
 
 
-def check_leader_recovery(losses: Sequence[LeaderLoss], bound_s: float) -> CheckResult:
+def check_leader_recovery(losses: Sequence[LeaderLoss], bound_s: float, min_observe_s: float) -> CheckResult:
+    """A leader cut off for at least ``min_observe_s`` must have been replaced, within ``bound_s``."""
     problems: list[str] = []
     for loss in losses:
         t = loss.time_to_new_leader_s
-        if t is None and loss.observed_for_s >= bound_s:
+        if t is None and loss.observed_for_s >= min_observe_s:
             problems.append(f"{loss.fault}: no new leader in {loss.observed_for_s:.1f} s after {loss.old_leader} "
                             "was cut off")
         elif t is not None and t > bound_s:
@@ -273,3 +290,30 @@ def check_leader_recovery(losses: Sequence[LeaderLoss], bound_s: float) -> Check
     times = [f"{x.time_to_new_leader_s:.2f}s" for x in losses if x.time_to_new_leader_s is not None]
     return _summarise("slow leader recoveries", problems,
                       f"{len(losses)} leader losses; new leader after {', '.join(times) or 'n/a'}")
+
+
+# --- the workload did something ---------------------------------------------------------------------
+
+
+def check_workload_progress(history: History) -> CheckResult:
+    """The other checks are vacuous on an idle history: some plans must have been granted and
+    completed, and runs recorded."""
+    grants = sum(1 for o in history.ops if o.is_grant)
+    completions = sum(1 for o in history.ops if o.kind == "complete" and o.outcome == "ok")
+    if grants == 0 or completions == 0 or not history.runs:
+        return CheckResult(False, f"the workload made too little progress to check: {grants} grants, "
+                                  f"{completions} completions, {len(history.runs)} runs")
+    return CheckResult(True, f"{grants} grants, {completions} completions, {len(history.runs)} runs")
+
+
+# --- every node back after healing ---------------------------------------------------------------------
+
+
+def check_rejoin(rejoin_s: float | None, bound_s: float, note: str = "") -> CheckResult:
+    """Every node caught up with the leader within ``bound_s`` of the faults ending."""
+    if rejoin_s is None:
+        return CheckResult(False, f"not every node caught up after healing: {note or 'never observed'}")
+    if rejoin_s > bound_s:
+        return CheckResult(False, f"the last node caught up only {rejoin_s:.1f} s after healing "
+                                  f"(bound {bound_s:.0f} s)")
+    return CheckResult(True, f"every node caught up {rejoin_s:.1f} s after healing")

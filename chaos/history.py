@@ -91,7 +91,7 @@ class History:
     fail_closed_s: float = 5.0
 
     def counts(self) -> dict[str, int]:
-        out = dict.fromkeys(OUTCOMES, 0)
+        out: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
         for op in self.ops:
             out[op.outcome] += 1
         return out
@@ -129,7 +129,7 @@ class Recorder:
         self._ops: list[Op] = []
         self._runs: list[Run] = []
         self._open: dict[str, _OpenRun] = {}
-        self._counts = dict.fromkeys(OUTCOMES, 0)
+        self._counts: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
         self._events: dict[str, int] = {"fail_closed": 0, "resumed": 0, "notices": 0, "lapsed": 0}
         self._lock = threading.Lock()
 
@@ -160,6 +160,10 @@ class Recorder:
     def running(self, agent_id: str) -> bool:
         with self._lock:
             return agent_id in self._open
+
+    def running_agents(self) -> list[str]:
+        with self._lock:
+            return sorted(self._open)
 
     def event(self, name: str) -> None:
         with self._lock:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import shutil
 import signal
 import socket
@@ -50,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CLIENT = "client"  # the location of every process that is not a node (the simulated shims)
-ENV_IN_NETNS = "TETHERLAB_DRILL_NETNS"  # set by reexec_in_netns for the child it starts
+ENV_IN_NETNS = "TETHERLAB_DRILL_NETNS"  # set by reexec_in_netns: the namespace inode it started from
 NFT_TIMEOUT_S = 10.0
 RECONCILE_INTERVAL_S = 0.02
 PROC_TCP = "/proc/net/tcp"
@@ -98,22 +99,23 @@ def netns_inode() -> int:
 
 
 def in_private_netns() -> bool:
-    """True in the child that :func:`reexec_in_netns` started (the marker names its namespace)."""
-    return os.environ.get(ENV_IN_NETNS) == "1"
+    """True in the child that :func:`reexec_in_netns` started: the marker names the namespace it was
+    started from, and ours must be another."""
+    parent = os.environ.get(ENV_IN_NETNS, "")
+    return parent.isdigit() and int(parent) != netns_inode()
 
 
 def setup_private_netns() -> None:
     """Bring up lo in the fresh namespace (it starts down): 127.0.0.0/8 then routes on it."""
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True, capture_output=True, timeout=NFT_TIMEOUT_S)
-    # A guard against running the namespace-only code in the root namespace by mistake.
-    if os.stat("/proc/1/ns/net").st_ino == netns_inode():
-        raise RuntimeError("expected a private network namespace, but this is PID 1's")
+    if not in_private_netns():  # a guard against changing the caller's namespace by mistake
+        raise RuntimeError("expected a private network namespace made by reexec_in_netns")
 
 
 def reexec_in_netns(module: str, argv: list[str], timeout_s: float) -> int:
     """Run ``python -m module argv...`` in a new network namespace; its stdout/stderr pass through.
     Returns its exit status; on timeout it is killed (its nodes die with it) and 124 is returned."""
-    env = {**os.environ, ENV_IN_NETNS: "1"}
+    env = {**os.environ, ENV_IN_NETNS: str(netns_inode())}
     cmd = ["unshare", "--net", "--", sys.executable, "-m", module, *argv]
     proc = subprocess.Popen(cmd, env=env)
     try:
@@ -204,18 +206,19 @@ def find_listener_pids(endpoints: Mapping[str, Endpoint]) -> dict[str, int]:
 
 
 def classify(entries: Iterable[TcpEntry], listeners: Mapping[Endpoint, str], owners: Mapping[int, str],
-             drops: Drops) -> tuple[set[Tuple4], set[Tuple4]]:
+             drops: Drops, groups: Mapping[str, str] | None = None) -> tuple[set[Tuple4], set[Tuple4]]:
     """The connections allowed each way: (dialler to listener, listener to dialler) 4-tuples.
 
     ``listeners`` maps a guarded endpoint to its node; ``owners`` a socket inode to the node
-    holding it (sockets of other processes belong to the client side)."""
+    holding it; other sockets belong to the client side: the group named by their source address
+    in ``groups``, else ``client``."""
     fwd: set[Tuple4] = set()
     rev: set[Tuple4] = set()
     for e in entries:
         dst = listeners.get(e.remote)
         if dst is None or e.state in (TCP_LISTEN, TCP_TIME_WAIT) or e.inode == 0:
             continue
-        src = owners.get(e.inode, CLIENT)
+        src = owners.get(e.inode) or (groups or {}).get(e.local[0], CLIENT)
         key = (e.local[0], e.local[1], e.remote[0], e.remote[1])
         if (src, dst) not in drops:
             fwd.add(key)
@@ -235,19 +238,24 @@ class NftPartitioner:
     """Drops packets between locations (node ids and ``client``) by nftables, as described above.
 
     ``listeners``: node id -> its guarded endpoints (raft and SSH). ``pids``: called on every
-    refresh for the node processes' current PIDs (restarts change them)."""
+    refresh for the node processes' current PIDs (restarts change them). ``client_groups``: source
+    address -> location, for shims that connect from their own address (a drop naming ``client``
+    applies to every group too)."""
 
     name = "nftables"
     supports_latency = False
+    supports_groups = True
 
     def __init__(self, listeners: Mapping[str, Iterable[Endpoint]], pids: Callable[[], Mapping[str, int]],
-                 log: Callable[[str], None] | None = None) -> None:
+                 log: Callable[[str], None] | None = None, client_groups: Mapping[str, str] | None = None) -> None:
         reason = nft_unavailable_reason()
         if reason:
             raise RuntimeError(reason)
         self.table = f"tetherlab_drill_{os.getpid()}"
+        remove_stale_tables(log)
         self._listeners = {ep: nid for nid, eps in listeners.items() for ep in eps}
         self._pids = pids
+        self._groups = dict(client_groups or {})
         self._log = log or (lambda s: None)
         self._drops: Drops = frozenset()
         self._installed: tuple[set[Tuple4], set[Tuple4]] | None = None  # None: no table
@@ -261,8 +269,15 @@ class NftPartitioner:
 
     def cut(self, drops: Drops) -> None:
         """Replace the set of dropped directions; an empty set heals everything."""
+        expanded = set(drops)
+        for a, b in drops:
+            for g in set(self._groups.values()):
+                if a == CLIENT:
+                    expanded.add((g, b))
+                if b == CLIENT:
+                    expanded.add((a, g))
         with self._lock:
-            self._drops = frozenset(drops)
+            self._drops = frozenset(expanded)
             self._reconcile()
 
     def heal(self) -> None:
@@ -305,12 +320,12 @@ class NftPartitioner:
     def _reconcile(self) -> None:
         if not self._drops:
             if self._installed is not None:
-                _nft(f"delete table inet {self.table}\n", check=False)
+                _nft(f"delete table inet {self.table}\n")  # raises if the rules could not be removed
                 self._installed = None
             return
         # The TCP table first, then the owners: a socket listed must already be in its owner's fds.
         entries = parse_proc_tcp(Path(PROC_TCP).read_text())
-        fwd, rev = classify(entries, self._listeners, self._owners(), self._drops)
+        fwd, rev = classify(entries, self._listeners, self._owners(), self._drops, self._groups)
         if self._installed is None:
             self._create(fwd, rev)
             return
@@ -360,6 +375,19 @@ def _nft(script: str, check: bool = True) -> int:
     return r.returncode
 
 
-def delete_table(table: str) -> None:
-    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-        _nft(f"delete table inet {table}\n", check=False)
+def remove_stale_tables(log: Callable[[str], None] | None = None) -> list[str]:
+    """Delete the tables of drills that died without cleaning up (their PID is gone), so a killed
+    drill cannot leave a cluster's ports blocked. Returns the tables removed."""
+    try:
+        r = subprocess.run(["nft", "list", "tables", "inet"], capture_output=True, text=True, timeout=NFT_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    removed = []
+    for m in re.finditer(r"table inet (tetherlab_drill_(\d+))", r.stdout):
+        if not Path(f"/proc/{m.group(2)}").exists():
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                _nft(f"delete table inet {m.group(1)}\n", check=False)
+            removed.append(m.group(1))
+    if removed and log is not None:
+        log(f"removed the rules of drills that died: {', '.join(removed)}")
+    return removed

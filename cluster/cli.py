@@ -549,6 +549,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_cluster_args(s)
     s.set_defaults(func=_cmd_bench)
+
+    from tetherlab.chaos import drill
+
+    drill.add_parser(sub)
     return p
 
 

@@ -117,6 +117,9 @@ class ClusterSettings:
     remote: str = ""
     bootstrap_admin_keys: tuple[str, ...] = ()
     bootstrap_admin_developer: str = "admin"
+    # Agent sessions lapse after this long without a heartbeat. Shims stop their agent after
+    # fail_closed_s without a confirmed heartbeat, which must stay below this minus a margin.
+    session_ttl_s: int = 30
 
 
 @dataclass(frozen=True)
@@ -209,6 +212,9 @@ def load_node_config(path: str | Path) -> NodeConfig:
         raise ConfigError(f"{where}: [cluster].bootstrap_admin_keys must be a list of public key lines")
     if not isinstance(admin_dev, str) or not admin_dev:
         raise ConfigError(f"{where}: [cluster].bootstrap_admin_developer must be a name")
+    ttl = cl.get("session_ttl_s", 30)
+    if not isinstance(ttl, int) or isinstance(ttl, bool) or not 10 <= ttl <= 3600:
+        raise ConfigError(f"{where}: [cluster].session_ttl_s must be a whole number of seconds in 10..3600")
 
     def _abs(p: str) -> Path:
         return Path(p) if Path(p).is_absolute() else base / p
@@ -221,7 +227,7 @@ def load_node_config(path: str | Path) -> NodeConfig:
         raft=tuning,
         path=path,
         ssh_host_key=_abs(host_key) if host_key else None,
-        cluster=ClusterSettings(remote, tuple(admin_keys), admin_dev),
+        cluster=ClusterSettings(remote, tuple(admin_keys), admin_dev, ttl),
     )
 
 
@@ -297,7 +303,8 @@ def render_node_config(cfg: NodeConfig) -> str:
         _toml_table(
             "[cluster]",
             {"remote": cfg.cluster.remote, "bootstrap_admin_keys": list(cfg.cluster.bootstrap_admin_keys),
-             "bootstrap_admin_developer": cfg.cluster.bootstrap_admin_developer},
+             "bootstrap_admin_developer": cfg.cluster.bootstrap_admin_developer,
+             "session_ttl_s": cfg.cluster.session_ttl_s},
         ),
     ]
     for peer in cfg.peers:

@@ -93,6 +93,7 @@ class MasterNode:
         )
         self.metrics.attach(NodeCollector(self.raft.tl_status, self._lmdb_sizes, self._coordination_stats))
         # Results of proposals, handed to the event loop once per tick rather than once each.
+        self._pending: set[asyncio.Future[dict[str, Any]]] = set()
         self._results: collections.deque[tuple[asyncio.Future[dict[str, Any]], Any, int]] = collections.deque()
         self.raft.addOnTickCallback(self._deliver_results)
         self._leader_seen: str | None = None
@@ -162,6 +163,8 @@ class MasterNode:
 
         m = self.metrics
         m.proposals_pending.inc()
+        self._pending.add(fut)
+        fut.add_done_callback(self._pending.discard)
         self.raft.tl_submit(payload, done)
         try:
             res = await asyncio.wait_for(fut, timeout_s)
@@ -296,11 +299,17 @@ class MasterNode:
             st = self.raft.tl_status()
             try:
                 if not st.get("quorum_backed"):
+                    if elected_term is not None:
+                        self._fail_pending("this node lost its quorum-backed leadership")
                     elected_term = None
                     continue
                 await self._bootstrap_once()
-                if self.cfg.cluster.remote and self.store.engine_view(lambda e: e._cluster) is None:
-                    await self.service.engine(ec.Init(remote=self.cfg.cluster.remote))
+                meta = self.store.engine_view(lambda e: dict(e._cluster or {}))
+                ttl_ms = self.cfg.cluster.session_ttl_s * 1000
+                if (not meta and self.cfg.cluster.remote) or (meta and meta.get("session_ttl_ms") != ttl_ms):
+                    # First remote from the config, or the configured session TTL changed.
+                    await self.service.engine(ec.Init(remote=meta.get("remote") or self.cfg.cluster.remote,
+                                                      session_ttl_ms=ttl_ms))
                 if elected_term != st.get("term"):
                     await self.propose_engine(ec.LeaderElected(now_ms=int(time.time() * 1000)))
                     elected_term = st.get("term")
@@ -316,6 +325,14 @@ class MasterNode:
                 elected_term = None  # leadership moved or wobbled; extend again when it settles
             except Exception:
                 log.exception("leader duty failed")
+
+    def _fail_pending(self, reason: str) -> None:
+        """A leader that lost its majority will not commit what it holds: say so now (the
+        outcome is unknown: another leader may still commit it), so clients retry elsewhere
+        instead of waiting out their timeouts."""
+        for fut in list(self._pending):
+            if not fut.done():
+                fut.set_exception(Indeterminate(reason))
 
     async def _bootstrap_once(self) -> None:
         """Register the first admin key and the git remote, once per cluster lifetime (a txn

@@ -17,8 +17,10 @@ Everything in this class runs on pysyncobj's tick thread unless a method says ot
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
 import struct
 import threading
 import time
@@ -79,6 +81,27 @@ def _bounded_parse(conn: TcpConnection) -> Any:
 
 
 TcpConnection._TcpConnection__processParseMessage = _bounded_parse  # type: ignore[attr-defined]
+
+# pysyncobj checks its connection timeout only on sockets that see events, so after a silent
+# partition a connect whose SYNs were dropped waits out the kernel's SYN backoff (up to ~2 min)
+# and a dead link with unacknowledged data stays "connected" for many minutes (keepalive does
+# not probe while data is outstanding). Let the kernel give up as fast as Raft needs.
+RAFT_TCP_USER_TIMEOUT_MS = 3000  # unacknowledged data for this long kills the connection
+RAFT_TCP_SYN_RETRIES = 1  # a connect attempt fails in ~3 s; pysyncobj retries every connection_retry_s
+_original_keepalive = TcpConnection.setSockoptKeepalive
+
+
+def _raft_socket_options(conn: TcpConnection) -> None:
+    _original_keepalive(conn)
+    sock = conn._TcpConnection__socket  # type: ignore[attr-defined]
+    if sock is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, RAFT_TCP_USER_TIMEOUT_MS)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_SYNCNT, RAFT_TCP_SYN_RETRIES)
+
+
+TcpConnection.setSockoptKeepalive = _raft_socket_options  # type: ignore[method-assign]
 
 
 class DurableTransport(TCPTransport):

@@ -72,7 +72,8 @@ class Service:
         """The first session sets the cluster's git remote when init did not."""
         if self.node.store.engine_view(lambda e: e._cluster) is not None:
             return
-        await self.engine(ec.Init(remote=self.node.cfg.cluster.remote or remote))
+        await self.engine(ec.Init(remote=self.node.cfg.cluster.remote or remote,
+                                  session_ttl_ms=self.node.cfg.cluster.session_ttl_s * 1000))
 
     async def handle(self, who: Identity, req: p.Request, channel: Channel | None = None) -> p.Message:
         from tetherlab.cluster.node import Indeterminate, Unavailable

@@ -81,6 +81,17 @@ def test_a_lost_intent_on_one_replica_fails() -> None:
     assert not r.passed and "n2: intent i-14" in r.detail
 
 
+def test_a_lagging_replica_is_left_to_convergence() -> None:
+    h = clean_history()
+    d = dump_for(h)
+    behind = {"applied_index": 3, "revision": 3, "records": {}, "engine": {"sessions": {}, "intents": {}}}
+    r = ck.check_no_lost_acks(h, {"n1": d, "n2": behind})
+    assert r.passed and "n2 lagging" in r.detail
+    d_lost = copy.deepcopy(d)
+    del d_lost["engine"]["intents"]["i-10"]
+    assert not ck.check_no_lost_acks(h, {"n1": d_lost, "n2": behind}).passed
+
+
 def test_a_lost_completion_fails() -> None:
     h = clean_history()
     d = dump_for(h)
@@ -257,6 +268,12 @@ def test_leader_recovery() -> None:
     assert not ck.check_leader_recovery(slow, 10.0, 5.0).passed
     short = [ck.LeaderLoss("pause", "n1", None, 0.5)]  # over before an election could finish
     assert ck.check_leader_recovery(short, 10.0, 5.0).passed
+
+
+def test_rejoin() -> None:
+    assert ck.check_rejoin(2.5, 10.0).passed
+    assert not ck.check_rejoin(26.0, 10.0).passed
+    assert not ck.check_rejoin(None, 10.0, "n3 behind").passed
 
 
 def test_an_idle_history_is_not_a_pass() -> None:

@@ -25,10 +25,22 @@ _REASON = netns_unavailable_reason()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(_REASON is not None, reason=f"chaos drills: {_REASON}")]
 
 DRILL_TIMEOUT_S = 240.0
+SETTLE_S = "20"  # how long a drill waits after healing for nodes to catch up (the CLI's default is 90)
+
+# Product failures the drills found, reported and not yet fixed. A drill that hits one of these
+# still has to pass every safety check; then it is marked xfail with the reason, not hidden.
+# (The first finding, slow rejoin after a silent partition, is fixed in cluster/raft.py with
+# TCP_USER_TIMEOUT and TCP_SYNCNT on Raft sockets; its check now has to pass.)
+KNOWN_PRODUCT_FAILURES: dict[str, str] = {}
+# What such a failure takes with it: a node that has not rejoined cannot converge.
+CONSEQUENCES = {"rejoin_after_heal": {"convergence"}}
 
 # (test id, drill arguments). Seeds are fixed so a failure here replays anywhere.
 DRILLS: list[tuple[str, list[str]]] = [
     ("isolate-leader", ["partition", "--isolate", "leader", "--duration", "6", "--seed", "101"]),
+    # Longer than the session TTL (30 s): one group of shims with the minority fails closed, its
+    # sessions lapse, the other group takes its concepts over, and learns of lapses after healing.
+    ("split-agents-past-session-ttl", ["partition", "--split", "agents", "--duration", "38", "--seed", "115"]),
     ("split-2-1-shims-with-minority", ["partition", "--split", "2-1", "--client", "minority", "--duration", "8",
                                        "--seed", "102"]),
     ("split-1-1-1", ["partition", "--split", "1-1-1", "--duration", "6", "--seed", "103"]),
@@ -71,26 +83,37 @@ def _report(proc: subprocess.CompletedProcess[str]) -> dict[str, Any] | None:
 @pytest.mark.timeout(DRILL_TIMEOUT_S + 30)
 @pytest.mark.parametrize("argv", [a for _, a in DRILLS], ids=[i for i, _ in DRILLS])
 def test_drill(argv: list[str]) -> None:
-    proc = subprocess.run([sys.executable, "-m", "tetherlab.chaos.drill", *argv, "--netns", "--json", "--quiet"],
-                          capture_output=True, text=True, timeout=DRILL_TIMEOUT_S)
-    report = _report(proc)
-    assert proc.returncode == 0 and report is not None and report["passed"], _explain(proc, report)
+    proc = subprocess.run([sys.executable, "-m", "tetherlab.chaos.drill", *argv, "--netns", "--json", "--quiet",
+                           "--settle-s", SETTLE_S], capture_output=True, text=True, timeout=DRILL_TIMEOUT_S)
+    _assert_passed(proc, _report(proc))
+
+
+def _assert_passed(proc: subprocess.CompletedProcess[str], report: dict[str, Any] | None) -> None:
+    assert report is not None, _explain(proc, report)
     assert report["ops"]["ok"] > 0 and report["faults"], _explain(proc, report)
-    if argv[:3] == ["partition", "--isolate", "leader"]:
-        assert report["leader_changes"] >= 1 and report["time_to_new_leader_s"] is not None
+    failed = {k for k, v in report["checks"].items() if not v["passed"]}
+    known = failed & set(KNOWN_PRODUCT_FAILURES)
+    excused = known | {c for k in known for c in CONSEQUENCES.get(k, set())}
+    assert not failed - excused, _explain(proc, report)
+    if known:
+        pytest.xfail("; ".join(f"{k}: {report['checks'][k]['detail']} -- known product failure: "
+                               f"{KNOWN_PRODUCT_FAILURES[k]} (seed {report['seed']}; replay: {report['replay']})"
+                               for k in sorted(known)))
+    assert proc.returncode == 0 and report["passed"], _explain(proc, report)
 
 
 def test_every_nemesis_is_in_the_suite() -> None:
     from tetherlab.chaos.nemesis import NEMESES
 
     covered = {"isolate-leader", "split-2-1", "split-1-1-1", "one-way", "bridge", "flap", "isolate-client",
-               "latency", "kill", "kill-several", "pause", "rolling-restart", "full-restart"}
-    # isolate-node is isolate-leader with a fixed node (same code path, other target).
-    assert set(NEMESES) - covered == {"isolate-node"}
+               "split-agents", "latency", "kill", "kill-several", "pause", "rolling-restart", "full-restart"}
+    # isolate-node is isolate-leader with a fixed node, isolate-agents split-agents without the node
+    # split (same code paths, other targets).
+    assert set(NEMESES) - covered == {"isolate-node", "isolate-agents"}
 
 
 ATTACH_SCRIPT = textwrap.dedent("""
-    import subprocess, sys, time, tempfile, pathlib, signal
+    import subprocess, sys, time, tempfile, pathlib, signal, shutil
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     d = pathlib.Path(tempfile.mkdtemp(prefix="tetherlab-up-")) / "c"
     up = subprocess.Popen([sys.executable, "-m", "tetherlab.cluster.cli", "up", "--dir", str(d)],
@@ -103,12 +126,13 @@ ATTACH_SCRIPT = textwrap.dedent("""
             time.sleep(0.1)
         assert wait_for_leader(load_cluster_file(d / "cluster.toml"), 30) is not None, "no leader"
         r = subprocess.run([sys.executable, "-m", "tetherlab.chaos.drill", "partition", "--isolate", "leader",
-                            "--duration", "10", "--json", "--quiet", "--seed", "120", "--dir", str(d)],
-                           timeout=200)
+                            "--duration", "10", "--json", "--quiet", "--seed", "120", "--settle-s", "20",
+                            "--dir", str(d)], timeout=200)
         code = r.returncode
     finally:
         up.send_signal(signal.SIGINT)
         up.wait(30)
+        shutil.rmtree(d.parent, ignore_errors=True)
     sys.exit(code)
 """)
 
@@ -120,6 +144,7 @@ def test_drill_attaches_to_a_cluster_from_tetherlab_up() -> None:
     proc = subprocess.run(["unshare", "--net", "--", sys.executable, "-c", ATTACH_SCRIPT], capture_output=True,
                           text=True, timeout=DRILL_TIMEOUT_S)
     report = _report(proc)
-    assert proc.returncode == 0 and report is not None and report["passed"], _explain(proc, report)
-    assert report["mode"] == "attached" and report["leader_changes"] >= 1
-    assert report["time_to_new_leader_s"] is not None
+    assert report is not None, _explain(proc, report)
+    assert report["mode"] == "attached" and report["leader_changes"] >= 1, _explain(proc, report)
+    assert report["time_to_new_leader_s"] is not None, _explain(proc, report)
+    _assert_passed(proc, report)
