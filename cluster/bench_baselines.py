@@ -31,6 +31,19 @@ from tetherlab.cluster.localcluster import free_base_port
 ETCD_START_TIMEOUT_S = 30.0
 
 
+def stop_processes(procs: list[subprocess.Popen[bytes]], grace_s: float) -> None:
+    """SIGTERM every process we started, then SIGKILL what is still there after ``grace_s``."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 # --- bare pysyncobj running the engine -------------------------------------------------------------
 
 
@@ -143,15 +156,7 @@ class BareCluster:
         return [p.pid for p in self.procs]
 
     def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(self.procs, grace_s=5.0)
 
 
 # --- etcd ---------------------------------------------------------------------------------------
@@ -240,12 +245,4 @@ class EtcdCluster:
         return [p.pid for p in self.procs]
 
     def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(self.procs, grace_s=10.0)
