@@ -5,23 +5,19 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fake_tether import HANG, FakeTether
 
 from tetherlab.shim import cli, hooks
 
 TETHER = Path(sys.executable).parent / "tether"
-HANG = b"<hang>"
 
 # --- fixtures in Claude Code's documented stdin format --------------------------------
 
@@ -212,46 +208,6 @@ def test_budgets_stay_under_hook_timeout() -> None:
 
 
 # --- a fake `tether run` on a unix socket -----------------------------------------------
-
-
-class FakeTether:
-    """Answers each request line with `answer(request)`; HANG means never answer, b"" means hang up."""
-
-    def __init__(self, answer: Callable[[dict[str, object]], bytes]) -> None:
-        # AF_UNIX paths are limited to ~107 bytes; pytest's tmp_path can be longer.
-        self.dir = tempfile.mkdtemp(prefix="tether-test-", dir="/tmp")
-        self.path = os.path.join(self.dir, "tether.sock")
-        self.answer = answer
-        self.requests: list[dict[str, object]] = []
-        self.closed = threading.Event()
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(self.path)
-        self.sock.listen(64)
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-
-    def _handle(self, conn: socket.socket) -> None:
-        with conn:
-            line = conn.makefile("rb").readline()
-            request = json.loads(line)
-            self.requests.append(request)
-            out = self.answer(request)
-            if out == HANG:
-                self.closed.wait(30)
-            elif out:
-                conn.sendall(out)
-
-    def close(self) -> None:
-        self.closed.set()
-        self.sock.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def line(obj: object) -> bytes:
