@@ -125,10 +125,11 @@ class StateStore:
             revision = self._meta_int(txn, META_REVISION)
             cmd: sm.Command | None
             obj: Any = None
+            parse_error: str | None = None
             try:
                 obj = json.loads(payload)
-            except (ValueError, UnicodeDecodeError):
-                pass
+            except (ValueError, UnicodeDecodeError) as e:
+                parse_error = str(e)
             if isinstance(obj, dict) and obj.get("op") == "engine":
                 result = self._apply_engine(txn, index, obj)
                 txn.put(META_APPLIED, str(index).encode(), db=self._meta)
@@ -137,12 +138,11 @@ class StateStore:
                     self.on_apply(index, None, result)
                 return result
             try:
-                cmd = sm.decode_command(json.loads(payload))
+                if parse_error is not None:
+                    raise sm.CommandError("bad_json", f"command is not JSON: {parse_error}")
+                cmd = sm.decode_command(obj)
             except sm.CommandError as e:
                 cmd, result, writes, new_rev = None, e.to_json(), (), revision
-            except (ValueError, UnicodeDecodeError) as e:
-                cmd, new_rev, writes = None, revision, ()
-                result = {"error": {"code": "bad_json", "message": f"command is not JSON: {e}"}}
             else:
 
                 def read(ns: str, key: str) -> sm.Record | None:
