@@ -55,18 +55,11 @@ class DrillCluster(LocalCluster):
         super().__init__(directory)
         self.die_with_runner = die_with_runner
 
-    def start(self, nid: str | None = None) -> None:
-        for n in [nid] if nid else self.ids:
-            proc = self.procs.get(n)
-            if proc is not None and proc.poll() is None:
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                self.control_path(n).unlink()
-            cmd = [sys.executable, "-m", "tetherlab.cluster.cli", "master", "--config", str(self.config_path(n))]
-            with open(self.dir / n / "node.log", "ab") as out:
-                self.procs[n] = subprocess.Popen(
-                    cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                    preexec_fn=die_with_parent if self.die_with_runner else None)
+    def _spawn(self, nid: str) -> subprocess.Popen[bytes]:
+        cmd = [sys.executable, "-m", "tetherlab.cluster.cli", "master", "--config", str(self.config_path(nid))]
+        with open(self.dir / nid / "node.log", "ab") as out:
+            return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                    preexec_fn=die_with_parent if self.die_with_runner else None)
 
     def pids(self) -> dict[str, int]:
         return {n: p.pid for n, p in self.procs.items() if p.poll() is None}

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tetherlab.cluster.localcluster import LocalCluster, free_base_port
+from tetherlab.cluster.localcluster import LocalCluster, free_base_port, stop_processes
 
 WARMUP_S = 1.5
 REPLY_TIMEOUT_S = 30.0
@@ -216,13 +216,7 @@ def bench_raft(duration_s: float = 8.0, clients: int = 4, in_flight: int = 256, 
             bare = drive(sock, clients, in_flight, duration_s, payload_bytes)
             say(f"bare: {bare['commits_per_s']:.0f} commits/s, p50 {bare['p50_ms']} ms, p99 {bare['p99_ms']} ms")
         finally:
-            for p in procs:
-                p.send_signal(signal.SIGTERM)
-            for p in procs:
-                try:
-                    p.wait(5)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            stop_processes(procs, grace_s=5.0)
     ratio = durable["commits_per_s"] / bare["commits_per_s"] if bare["commits_per_s"] else float("nan")
     return {
         "durable_commits_per_s": durable["commits_per_s"],

@@ -26,22 +26,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tetherlab.cluster.localcluster import free_base_port
+from tetherlab.cluster.localcluster import free_base_port, stop_processes
 
 ETCD_START_TIMEOUT_S = 30.0
-
-
-def stop_processes(procs: list[subprocess.Popen[bytes]], grace_s: float) -> None:
-    """SIGTERM every process we started, then SIGKILL what is still there after ``grace_s``."""
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 # --- bare pysyncobj running the engine -------------------------------------------------------------

@@ -129,17 +129,11 @@ def _bench_node_main() -> None:
 
 
 class BenchCluster(LocalCluster):
-    def start(self, nid: str | None = None) -> None:
-        for n in [nid] if nid else self.ids:
-            p = self.procs.get(n)
-            if p is not None and p.poll() is None:
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                self.control_path(n).unlink()
-            cmd = [sys.executable, "-c", "from tetherlab.cluster.benchcluster import _bench_node_main as m; m()",
-                   "master", "--config", str(self.config_path(n)), "--log-level", "warning"]
-            log = open(self.dir / n / "node.log", "ab")  # noqa: SIM115 - handed to the child
-            self.procs[n] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    def _spawn(self, nid: str) -> subprocess.Popen[bytes]:
+        cmd = [sys.executable, "-c", "from tetherlab.cluster.benchcluster import _bench_node_main as m; m()",
+               "master", "--config", str(self.config_path(nid)), "--log-level", "warning"]
+        with open(self.dir / nid / "node.log", "ab") as log:
+            return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def pid(self, nid: str) -> int:
         return self.procs[nid].pid
@@ -748,18 +742,10 @@ def add_bench_cluster_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tetherlab.cluster.benchcluster", description=__doc__.split("\n")[0])
-    p.add_argument("--json", action="store_true")
-    add_bench_cluster_args(p)
-    args = p.parse_args(argv)
-    result = bench_cluster(args)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for k, v in result.items():
-            if k != "details":
-                print(f"{k:>28}: {v}")
-    return 0
+    """``python -m tetherlab.cluster.benchcluster ARGS`` is ``tetherlab bench cluster ARGS``."""
+    from tetherlab.cluster import cli
+
+    return cli.main(["bench", "cluster", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -21,6 +21,19 @@ PORT_PROBE_TRIES = 50
 STOP_GRACE_S = 10.0
 
 
+def stop_processes(procs: list[subprocess.Popen[bytes]], grace_s: float) -> None:
+    """SIGTERM every process we started, then SIGKILL what is still there after ``grace_s``."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 def _ports_free(host: str, ports: list[int]) -> bool:
     for port in ports:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -82,7 +95,11 @@ class LocalCluster:
                 continue
             with contextlib.suppress(FileNotFoundError):
                 self.control_path(n).unlink()
-            self.procs[n] = start_node_process(self.config_path(n), self.dir / n / "node.log")
+            self.procs[n] = self._spawn(n)
+
+    def _spawn(self, nid: str) -> subprocess.Popen[bytes]:
+        """Start one node process (subclasses change how)."""
+        return start_node_process(self.config_path(nid), self.dir / nid / "node.log")
 
     def wait_serving(self, nid: str, timeout_s: float = 20.0) -> None:
         node = self.cluster.by_id()[nid]

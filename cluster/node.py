@@ -113,15 +113,6 @@ class MasterNode:
         self._control: asyncio.AbstractServer | None = None
         self._control_conns = 0
 
-    def _deliver_results(self) -> None:  # tick thread
-        batch = []
-        while self._results:  # deque: appends from other threads are safe meanwhile
-            batch.append(self._results.popleft())
-        if batch:
-            self.loop.call_soon_threadsafe(_resolve_all, batch)
-
-    # --- Raft bridge ------------------------------------------------------------------------
-
     # --- metrics hooks (tick thread) ---------------------------------------------------------
 
     def _on_apply(self, index: int, cmd: sm.Command | None, result: dict[str, Any]) -> None:
