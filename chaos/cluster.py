@@ -23,11 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tetherlab.chaos.checkers import first_differences
 from tetherlab.chaos.netns import die_with_parent
-from tetherlab.cluster.client import ControlClient, cluster_status, node_status
-from tetherlab.cluster.config import ClusterFile, load_cluster_file, load_node_config
-from tetherlab.cluster.localcluster import LocalCluster
-from tetherlab.shim import protocol as p
+from tetherlab.cluster import protocol as p
+from tetherlab.cluster.core.config import ClusterFile
+from tetherlab.cluster.ops.client import ControlClient, cluster_status, node_status
+from tetherlab.cluster.ops.config import load_cluster_file, load_node_config
+from tetherlab.cluster.ops.keys import generate_key_pair, public_line_of
+from tetherlab.cluster.ops.localcluster import LocalCluster
+from tetherlab.shim.client import MasterClient, RequestError, masters_from_cluster_file
 
 DRILL_REMOTE = "git@example.invalid:tetherlab/drill.git"
 SETUP_DEADLINE_S = 30.0
@@ -161,8 +165,6 @@ class Target:
         """Dumps of every node taken at one applied index (the leader writes an entry a second, so
         retry until all nodes are caught up at the same moment); (dumps, note). ``log`` hears
         why it is still waiting, every couple of seconds."""
-        from tetherlab.chaos.checkers import first_differences
-
         t0 = time.monotonic()
         deadline = t0 + timeout_s
         last: dict[str, dict[str, Any]] = {}
@@ -205,8 +207,6 @@ class Target:
 
 def developer_keys(directory: Path, developers: Sequence[str]) -> dict[str, Path]:
     """One ed25519 key per simulated developer, made once and kept in DIR/drill/."""
-    from tetherlab.cluster.keys import generate_key_pair
-
     out: dict[str, Path] = {}
     kdir = directory / "drill"
     kdir.mkdir(parents=True, exist_ok=True)
@@ -239,9 +239,6 @@ def registry_toml(concepts: Mapping[str, Mapping[str, Any]]) -> str:
 
 async def setup_cluster(target: Target, developers: Mapping[str, Path], log: Any) -> None:
     """Register the developers' keys and make sure the drill's concepts are in the registry."""
-    from tetherlab.cluster.keys import public_line_of
-    from tetherlab.shim.client import MasterClient, RequestError, masters_from_cluster_file
-
     assert target.cluster.path is not None
     client = MasterClient(masters_from_cluster_file(target.cluster.path), target.admin_key,
                           target.cluster.developer or "admin", client_name="tetherlab-drill")

@@ -29,6 +29,7 @@ import itertools
 import json
 import os
 import random
+import shlex
 import shutil
 import signal
 import socket
@@ -44,6 +45,7 @@ from typing import Any
 from tetherlab.chaos import checkers
 from tetherlab.chaos.cluster import (
     DRILL_CONCEPTS,
+    DRILL_REMOTE,
     DrillCluster,
     Target,
     developer_keys,
@@ -64,9 +66,24 @@ from tetherlab.chaos.nemesis import (
     build_schedule,
     random_fault,
 )
-from tetherlab.chaos.workload import SimAgent, Workload, WorkloadConfig
+from tetherlab.chaos.netns import (
+    NftPartitioner,
+    find_listener_pids,
+    in_private_netns,
+    netns_unavailable_reason,
+    nft_unavailable_reason,
+    reexec_in_netns,
+    setup_private_netns,
+)
+from tetherlab.chaos.toxinet import ToxiproxyNet, create_proxies, make_proxied_layout
+from tetherlab.chaos.toxiproxy_server import spawn_bundled_server
+from tetherlab.chaos.workload import GROUP_SOURCE_IPS, SimAgent, Workload, WorkloadConfig
+from tetherlab.cluster import protocol as p
+from tetherlab.cluster.core.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
+from tetherlab.cluster.ops.config import load_cluster_file, load_node_config
+from tetherlab.cluster.ops.layout import DEFAULT_BASE_PORT, init_cluster
+from tetherlab.shim.client import masters_from_cluster_file
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 DEFAULT_DIR = ".tetherlab"
 LEADER_WAIT_S = 30.0
 FINAL_WRITE_DEADLINE_S = 30.0
@@ -160,14 +177,6 @@ def _add_commands(sub: Any) -> None:
     s.set_defaults(drill="schedule")
 
 
-def add_parser(sub: Any) -> None:
-    """Register ``tetherlab drill`` on the ``tetherlab`` command's subparsers."""
-    s = sub.add_parser("drill", help="fault drills: partitions, kills, pauses, latency, with checked histories",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_commands(s.add_subparsers(dest="drill_command", metavar="DRILL", required=True))
-    s.set_defaults(func=run)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tetherlab drill", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -197,8 +206,6 @@ def canonical_argv(args: argparse.Namespace) -> list[str]:
 
 
 def replay_command(args: argparse.Namespace) -> str:
-    import shlex
-
     return "tetherlab drill " + " ".join(shlex.quote(a) for a in canonical_argv(args))
 
 
@@ -329,29 +336,21 @@ def _log_err(msg: str) -> None:
 
 
 def _nft_net(target: Target, pids: Callable[[], dict[str, int]], log: Callable[[str], None]) -> Net:
-    from tetherlab.chaos.netns import NftPartitioner
-
     listeners = {}
     for n in target.cluster.nodes:
         cfg_path = target.dir / n.id / "node.toml"
         raft, ssh = n.raft, n.ssh
         if cfg_path.exists():  # the node's own addresses (the cluster file may name proxies)
-            from tetherlab.cluster.config import load_node_config
 
             own = load_node_config(cfg_path).node
             raft, ssh = own.raft, own.ssh
         listeners[n.id] = [(socket.gethostbyname(raft.host), raft.port), (socket.gethostbyname(ssh.host), ssh.port)]
-    from tetherlab.chaos.workload import GROUP_SOURCE_IPS
 
     return NftPartitioner(listeners, pids, log, {ip: g for g, ip in GROUP_SOURCE_IPS.items()})
 
 
 def _fresh_netns_cluster(args: argparse.Namespace, proxied: bool, log: Progress) -> Env:
     """A new cluster in this private namespace: node i on 127.0.0.(10+i); proxied if asked."""
-    from tetherlab.chaos.cluster import DRILL_REMOTE
-    from tetherlab.chaos.netns import setup_private_netns
-    from tetherlab.cluster.cli import init_cluster
-
     setup_private_netns()
     work = Path(tempfile.mkdtemp(prefix="tetherlab-drill-"))
     cdir = work / "cluster"
@@ -362,9 +361,6 @@ def _fresh_netns_cluster(args: argparse.Namespace, proxied: bool, log: Progress)
                   "latency": "unavailable: no tc netem in this kernel; use --proxied"}
     toxi_url = None
     if proxied:
-        from tetherlab.chaos.toxinet import create_proxies, make_proxied_layout
-        from tetherlab.chaos.toxiproxy_server import spawn_bundled_server
-        from tetherlab.cluster.config import load_cluster_file
 
         nodes = load_cluster_file(cdir / "cluster.toml").nodes
         specs = make_proxied_layout(cdir, nodes, NETNS_PROXY_PORT_BASE)
@@ -383,20 +379,11 @@ def _fresh_netns_cluster(args: argparse.Namespace, proxied: bool, log: Progress)
     else:
         log(f"cluster directory kept: {cdir}")
     net: Net
-    if toxi_url is not None:
-        from tetherlab.chaos.toxinet import ToxiproxyNet
-
-        net = ToxiproxyNet(toxi_url, log)
-    else:
-        net = _nft_net(target, owned.pids, log)
+    net = ToxiproxyNet(toxi_url, log) if toxi_url is not None else _nft_net(target, owned.pids, log)
     return Env(target, net, "netns" + ("+proxied" if proxied else ""), mechanisms, cleanup)
 
 
 def _local_env(args: argparse.Namespace, log: Progress) -> Env:
-    from tetherlab.chaos.cluster import DRILL_REMOTE
-    from tetherlab.chaos.netns import find_listener_pids, nft_unavailable_reason
-    from tetherlab.cluster.cli import DEFAULT_BASE_PORT, init_cluster
-
     cdir = Path(args.dir).resolve()
     cleanup: list[Callable[[], None]] = []
     if not (cdir / "cluster.toml").exists():
@@ -407,7 +394,6 @@ def _local_env(args: argparse.Namespace, log: Progress) -> Env:
     net: Net | None = None
     mechanisms: dict[str, str] = {}
     if args.toxiproxy:
-        from tetherlab.chaos.toxinet import ToxiproxyNet
 
         net = ToxiproxyNet(args.toxiproxy, log)
         mechanisms = {"partitions": f"toxiproxy timeout toxics at {args.toxiproxy}",
@@ -506,9 +492,6 @@ class Drill:
     # -- final write --
 
     async def _final_write(self, keys: dict[str, Path], remote: str) -> tuple[bool, str]:
-        from tetherlab.shim import protocol as p
-        from tetherlab.shim.client import masters_from_cluster_file
-
         assert self.target.cluster.path is not None
         dev = sorted(keys)[0]
         cfg = WorkloadConfig(agents=1, fail_closed_s=self.args.fail_closed_s)
@@ -552,7 +535,6 @@ class Drill:
         keys = developer_keys(target.dir, devs)
         run_setup(target, keys, log)
         remote = target.remote()
-        from tetherlab.shim.client import masters_from_cluster_file
 
         assert target.cluster.path is not None
         cfg = WorkloadConfig(agents=args.agents, fail_closed_s=args.fail_closed_s)
@@ -679,8 +661,6 @@ def render(report: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tetherlab.chaos.netns import in_private_netns, netns_unavailable_reason, reexec_in_netns
-
     if args.seed is None:
         args.seed = int.from_bytes(os.urandom(4), "big") >> 1
     # SIGTERM unwinds like Ctrl-C, so the rules and the nodes this drill made are removed.

@@ -23,7 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from toxiproxy.api import APIConsumer  # type: ignore[import-untyped]
+from toxiproxy.exceptions import NotFound  # type: ignore[import-untyped]
+
 from tetherlab.chaos.netns import CLIENT, Drops
+from tetherlab.chaos.toxiproxy_server import ToxiproxyHandle
 
 API_TIMEOUT_S = 5.0
 CUT = "tl-cut"
@@ -66,10 +70,6 @@ class ToxiproxyNet:
     supports_groups = False  # every shim shares the ssh-<node> proxies
 
     def __init__(self, url: str, log: Callable[[str], None] | None = None) -> None:
-        from toxiproxy.api import APIConsumer  # type: ignore[import-untyped]
-
-        from tetherlab.chaos.toxiproxy_server import ToxiproxyHandle
-
         handle = ToxiproxyHandle(url=url.rstrip("/"), kind="env")
         # toxiproxy-python keeps the API address in class attributes.
         APIConsumer.host, APIConsumer.port = handle.host, handle.port
@@ -91,8 +91,6 @@ class ToxiproxyNet:
                        timeout=API_TIMEOUT_S)
 
     def _remove(self, proxy: str, name: str) -> None:
-        from toxiproxy.exceptions import NotFound  # type: ignore[import-untyped]
-
         try:
             self._api.delete(f"/proxies/{proxy}/toxics/{name}", timeout=API_TIMEOUT_S)
         except NotFound:
@@ -189,10 +187,6 @@ def make_proxied_layout(cluster_dir: Path, nodes: Sequence[Any], proxy_port_base
 
 
 def create_proxies(url: str, specs: Sequence[ProxySpec]) -> None:
-    from toxiproxy.api import APIConsumer
-
-    from tetherlab.chaos.toxiproxy_server import ToxiproxyHandle
-
     handle = ToxiproxyHandle(url=url.rstrip("/"), kind="env")
     APIConsumer.host, APIConsumer.port = handle.host, handle.port
     for s in specs:

@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from aiohttp import web
+from toxiproxy import Toxiproxy  # type: ignore[import-untyped]
 
 from tetherlab.chaos.toxics import (
     DOWNSTREAM,
@@ -912,8 +913,6 @@ class ToxiproxyHandle:
 
     def configure_client(self) -> Any:
         """Point toxiproxy-python (whose API address is global, class-level state) at this server."""
-        from toxiproxy import Toxiproxy  # type: ignore[import-untyped]
-
         client = Toxiproxy()
         client.update_api_consumer(self.host, self.port)
         return client

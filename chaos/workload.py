@@ -29,8 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncssh
+
 from tetherlab.chaos.history import Op, OpKind, Outcome, Recorder, RunEnd
-from tetherlab.shim import protocol as p
+from tetherlab.cluster import protocol as p
 from tetherlab.shim.client import ClusterUnavailable, Indeterminate, Master, MasterClient, RequestError
 
 WATCHDOG_INTERVAL_S = 0.1
@@ -54,7 +56,6 @@ def _bind_source_addresses() -> None:
     global _installed
     if _installed:
         return
-    import asyncssh
 
     original = asyncssh.connect
 

@@ -1,13 +1,20 @@
-"""Tetherlab master: the replicated core (Raft over LMDB), the node process and the CLI.
+"""Tetherlab's master and everything that shares its code, in layers that import downwards only.
 
-Layout:
-- ``config``: node and cluster configuration files (TOML).
-- ``journal``: the pysyncobj journal kept in LMDB, with group-commit fsync.
-- ``statemachine``: the pure replicated state machine (typed records in, typed records out).
-- ``store``: LMDB as the state machine's store, snapshots as LMDB copies.
-- ``raft``: the pysyncobj adapter: durable transport, snapshots, proposals, read barrier.
-- ``node``: one node process (``tetherlab master``).
-- ``cli``: the ``tetherlab`` command.
+Layers, from the bottom (each imports only the ones above it in this list; the contract is
+checked by tests/unit/test_import_contract.py):
+
+- ``protocol``: the sans-I/O shim protocol (``tetherlab.cluster.protocol``);
+- ``core``: pure logic: the state machine, the coordination engine, ``apply``, config model;
+- ``replica``: storage and consensus adapters: LMDB and in-memory stores, the LMDB journal,
+  pysyncobj and every change made to it;
+- ``node``: one master node: the ``Replica`` interface, the service, SSH/HTTP/control;
+- ``ops``: clusters on disk and as processes: layout, config files, backup, the supervisor;
+- ``shim``: ``tether`` (``tetherlab.shim``): the client, the session, the runner, hooks;
+- ``tools``: admin requests and the demo, over the shim's client;
+- ``cli``: argument parsing and printing (``tetherlab.cluster.cli``, ``tetherlab.shim.cli``).
+
+Test and measurement infrastructure (``tetherlab.chaos``, ``tetherlab.chaos.bench``) sits
+outside: no product module imports it.
 """
 
 __version__ = "0.1.0"

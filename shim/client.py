@@ -24,7 +24,8 @@ from typing import Any
 
 import asyncssh
 
-from tetherlab.shim import protocol as p
+from tetherlab.cluster import protocol as p
+from tetherlab.cluster.ops.config import load_cluster_file
 
 log = logging.getLogger("tetherlab.client")
 
@@ -74,8 +75,6 @@ class Master:
 
 
 def masters_from_cluster_file(path: str | Path) -> list[Master]:
-    from tetherlab.cluster.config import load_cluster_file
-
     cf = load_cluster_file(path)
     return [Master(n.id, n.ssh.host, n.ssh.port, cf.host_keys.get(n.id)) for n in cf.nodes]
 

@@ -44,7 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tetherlab.shim import protocol as p
+from tetherlab.cluster import protocol as p
+from tetherlab.cluster.core.exitcodes import EXIT_REVERTED, EXIT_STOPPED, EXIT_UNAVAILABLE, EXIT_USAGE
 from tetherlab.shim.client import (
     ClientError,
     ClusterUnavailable,
@@ -63,7 +64,6 @@ from tetherlab.shim.sentinel import (
     remove_section,
 )
 
-EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_STOPPED, EXIT_REVERTED = 2, 3, 4, 5
 STARTUP_DEADLINE_S = 15.0  # to open the session through a quorum-backed leader
 SUBMIT_DEADLINE_S = 15.0  # a plan's verdict (hooks wait up to 20 s)
 FAIL_CLOSED_DEFAULT_S = 5.0

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tetherlab.cluster.localcluster import LocalCluster
+from tetherlab.cluster.ops.localcluster import LocalCluster
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from tetherlab.cluster.benchcluster import add_bench_cluster_args, bench_cluster
+from tetherlab.chaos.bench.cluster import add_bench_cluster_args, bench_cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 

@@ -119,8 +119,8 @@ ATTACH_SCRIPT = textwrap.dedent("""
     up = subprocess.Popen([sys.executable, "-m", "tetherlab.cluster.cli", "up", "--dir", str(d)],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        from tetherlab.cluster.cli import wait_for_leader
-        from tetherlab.cluster.config import load_cluster_file
+        from tetherlab.cluster.ops.localcluster import wait_for_leader
+        from tetherlab.cluster.ops.config import load_cluster_file
         deadline = time.monotonic() + 30
         while not (d / "cluster.toml").exists() and time.monotonic() < deadline:
             time.sleep(0.1)

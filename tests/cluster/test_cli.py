@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tetherlab.cluster.localcluster import free_base_port
+from tetherlab.cluster.ops.localcluster import free_base_port
 
 pytestmark = pytest.mark.slow
 TETHERLAB = [sys.executable, "-m", "tetherlab.cluster.cli"]
@@ -67,3 +69,42 @@ def test_init_refuses_an_initialised_directory(tmp_path: Path) -> None:
     assert subprocess.run(args, capture_output=True, timeout=30).returncode == 0
     p = subprocess.run(args, capture_output=True, timeout=30)
     assert p.returncode == 2 and b"initialised already" in p.stderr
+
+
+def test_killing_the_leader_under_up_fails_over_and_the_node_comes_back(tmp_path: Path) -> None:
+    """`make up` demonstrates failover: the others keep running, a new leader is shown, and the
+    killed node is restarted after a short delay (said on screen)."""
+    d = tmp_path / "c"
+    up = subprocess.Popen([*TETHERLAB, "up", "--nodes", "3", "--dir", str(d), "--base-port", str(free_base_port(3))],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(up.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+
+    def wait_for(pred: object, timeout_s: float = 60.0) -> dict:
+        deadline = time.monotonic() + timeout_s
+        st: dict = {}
+        while time.monotonic() < deadline:
+            _, st = status(d) if (d / "cluster.toml").exists() else (3, {})
+            if pred(st):  # type: ignore[operator]
+                return st
+            time.sleep(0.3)
+        raise AssertionError(f"timed out; status {st}; output:\n{''.join(lines)}")
+
+    try:
+        st = wait_for(lambda s: bool(s.get("leader")))
+        old = st["leader"]
+        pids = {m.group(1): int(m.group(2)) for m in (re.search(r"started (n\d) \(pid (\d+)\)", ln) for ln in lines)
+                if m}
+        os.kill(pids[old], signal.SIGKILL)  # a child of the `up` we started, by the PID it printed
+        st = wait_for(lambda s: s.get("leader") not in (None, old))
+        assert sum(n["role"] != "unreachable" for n in st["nodes"]) >= 2
+        wait_for(lambda s: all(n["role"] in ("leader", "follower") for n in s.get("nodes", [])))
+        text = "".join(lines)
+        assert re.search(rf"node {old} \(pid {pids[old]}\) exited with status -9; restarting it in \d+ s", text), text
+        assert f"restarted {old} (pid " in text and f"leader: {st['leader']}" in text, text
+        assert up.poll() is None  # `up` itself kept running
+    finally:
+        os.killpg(up.pid, signal.SIGINT)
+        up.wait(timeout=30)
+    assert up.returncode == 0

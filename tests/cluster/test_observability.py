@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tetherlab.cluster.client import http_get_json
-from tetherlab.cluster.localcluster import LocalCluster
+from tetherlab.cluster.ops.client import http_get_json
+from tetherlab.cluster.ops.localcluster import LocalCluster
 
 pytestmark = pytest.mark.slow
 

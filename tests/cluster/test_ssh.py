@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from tetherlab.cluster.localcluster import LocalCluster
-from tetherlab.shim import protocol as p
+from tetherlab.cluster import protocol as p
+from tetherlab.cluster.ops.localcluster import LocalCluster
 from tetherlab.shim.client import (
     ClusterUnavailable,
     HostKeyMismatch,

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from tetherlab.cluster.config import load_cluster_file
-from tetherlab.cluster.localcluster import LocalCluster
+from tetherlab.cluster.ops.config import load_cluster_file
+from tetherlab.cluster.ops.localcluster import LocalCluster
 
 from conftest import BackgroundWriter
 

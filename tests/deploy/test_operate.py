@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from tetherlab.cluster.config import load_cluster_file
-from tetherlab.cluster.keys import generate_key_pair
-from tetherlab.cluster.localcluster import LocalCluster, free_base_port
-from tetherlab.shim import protocol as p
+from tetherlab.cluster import protocol as p
+from tetherlab.cluster.ops.config import load_cluster_file
+from tetherlab.cluster.ops.keys import generate_key_pair
+from tetherlab.cluster.ops.localcluster import LocalCluster, free_base_port
 from tetherlab.shim.client import MasterClient, masters_from_cluster_file
 
 pytestmark = pytest.mark.slow
@@ -136,9 +136,9 @@ def _comparable(dump: dict) -> dict:
 
 
 def _dump_file(snapshot: Path, tmp: Path) -> dict:
-    from tetherlab.cluster.store import StateStore
+    from tetherlab.cluster.replica.lmdbstore import LmdbStore
 
-    s = StateStore(tmp / f"check-{uuid.uuid4()}")
+    s = LmdbStore(tmp / f"check-{uuid.uuid4()}")
     s.install_snapshot(snapshot, force=True)
     d = s.dump()
     s.close()
@@ -205,9 +205,9 @@ def test_disaster_recovery_from_the_one_surviving_node(tmp_path: Path) -> None:
             if nid != survivor:
                 c.kill(nid)
         c.stop(survivor)  # the operator stops the survivor before recovering from its data
-        from tetherlab.cluster.store import StateStore
+        from tetherlab.cluster.replica.lmdbstore import LmdbStore
 
-        s = StateStore(c.data_dir(survivor) / "state")
+        s = LmdbStore(c.data_dir(survivor) / "state")
         survivor_state = s.dump()
         s.close()
     finally:

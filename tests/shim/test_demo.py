@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("git") is None, 
 
 
 def test_demo_shows_alice_continue_bob_stop_carol_continue(tmp_path: Path) -> None:
-    from tetherlab.cluster.localcluster import LocalCluster
+    from tetherlab.cluster.ops.localcluster import LocalCluster
 
     LocalCluster(tmp_path / "c", nodes=3)  # initialise on free ports; the demo starts the nodes itself
     p = subprocess.run([sys.executable, "-m", "tetherlab.cluster.cli", "demo", "--dir", str(tmp_path / "c"), "--json"],

@@ -382,7 +382,8 @@ def test_hook_path_imports_only_light_modules() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     loaded = set(json.loads(proc.stdout.strip()))
-    heavy = {"argparse", "typing", "asyncio", "pathlib", "subprocess", "tetherlab.cluster", "tetherlab.shim.protocol"}
+    heavy = {"argparse", "typing", "asyncio", "pathlib", "subprocess", "tetherlab.cluster",
+             "tetherlab.cluster.protocol"}
     assert not loaded & heavy, loaded & heavy
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tetherlab.cluster.localcluster import LocalCluster
+from tetherlab.cluster.ops.localcluster import LocalCluster
 
 pytestmark = [
     pytest.mark.slow,

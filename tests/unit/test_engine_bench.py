@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tetherlab.cluster.engine.bench import run_bench
+from tetherlab.chaos.bench.engine import run_bench
 
 
 def test_bench_reports_its_figures() -> None:

@@ -6,13 +6,13 @@ import json
 
 import pytest
 
-from tetherlab.cluster.engine import (
+from tetherlab.cluster.core.engine import (
+    CommandError,
     Engine,
-    EngineError,
     Limits,
     decode_command,
 )
-from tetherlab.cluster.engine.testing import REMOTE, Driver
+from tetherlab.cluster.core.engine.testing import REMOTE, Driver
 
 REGISTRY = """
 [[concept]]
@@ -413,7 +413,7 @@ BAD = [
 
 @pytest.mark.parametrize(("obj", "code", "names"), BAD)
 def test_bad_commands_are_refused_naming_the_field(obj: object, code: str, names: str) -> None:
-    with pytest.raises(EngineError) as e:
+    with pytest.raises(CommandError) as e:
         decode_command(obj)  # type: ignore[arg-type]
     assert e.value.code == code
     assert names in e.value.message
@@ -453,7 +453,7 @@ def test_queries() -> None:
     assert [s["agent_id"] for s in d.engine.list_sessions(after=A)["sessions"]] == [B, C]
     stats = d.engine.stats()
     assert (stats["active_intents"], stats["open_sessions"], stats["concepts"]) == (2, 3, 5)
-    with pytest.raises(EngineError):
+    with pytest.raises(CommandError):
         d.engine.world_slice("nobody/none")
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tetherlab.cluster.engine.testing import Driver
+from tetherlab.cluster.core.engine.testing import Driver
 
 REGISTRY = """
 [[concept]]

@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from tetherlab.cluster.engine import Engine, Limits
-from tetherlab.cluster.engine.testing import Driver
+from tetherlab.cluster.core.engine import Engine, Limits
+from tetherlab.cluster.core.engine.testing import Driver
 
 AGENTS = ["ann/1", "ben/2", "cat/3", "dan/4"]
 CONCEPTS = ["k.a", "k.b", "k.c", "k.d"]

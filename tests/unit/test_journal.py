@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tetherlab.cluster.journal import NOOP_COMMAND, JournalError, LmdbJournal
+from tetherlab.cluster.replica.journal import NOOP_COMMAND, JournalError, LmdbJournal
 
 
 def crash_after(path: Path, body: str) -> None:
@@ -20,7 +20,7 @@ def crash_after(path: Path, body: str) -> None:
     code = textwrap.dedent(
         f"""
         import os
-        from tetherlab.cluster.journal import LmdbJournal
+        from tetherlab.cluster.replica.journal import LmdbJournal
         j = LmdbJournal({str(path)!r})
         """
     ) + textwrap.dedent(body) + "\nos._exit(9)\n"

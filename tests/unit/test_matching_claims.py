@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tetherlab.cluster.engine import EngineError, IntentBody, Registry, match_intent, parse_toml
+from tetherlab.cluster.core.engine import CommandError, IntentBody, Registry, match_intent, parse_toml
 
 REG = Registry(
     parse_toml(
@@ -87,10 +87,10 @@ def test_modify_beats_depend_and_explicit_beats_both() -> None:
 
 
 def test_unknown_explicit_concept_is_an_error_naming_it() -> None:
-    with pytest.raises(EngineError) as e:
+    with pytest.raises(CommandError) as e:
         claims("x", modify=("no.such",))
     assert e.value.code == "unknown_concept" and "no.such" in e.value.message
-    with pytest.raises(EngineError):
+    with pytest.raises(CommandError):
         match_intent(None, IntentBody("x", modify=("a.b",)))
 
 
@@ -108,7 +108,7 @@ def test_no_registry_yields_only_files() -> None:
 def test_alias_index_cost_does_not_scan_the_registry() -> None:
     # 20,000 aliases sharing a first word: a walk still only follows the text's own words.
     concepts = [{"id": f"x.c{i}", "aliases": [f"widget {i}"]} for i in range(20_000)]
-    from tetherlab.cluster.engine import validate_concepts
+    from tetherlab.cluster.core.engine import validate_concepts
 
     big = Registry(validate_concepts(concepts), 1)
     c = match_intent(big, IntentBody("Fix widget 1234 and widget 77"))

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tetherlab.shim.protocol import (
+from tetherlab.cluster.protocol import (
     MAX_FRAME_BYTES,
     MAX_IN_FLIGHT,
     MESSAGE_TYPES,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tetherlab.cluster.engine import Concept, Registry, RegistryError, parse_toml, validate_concepts
-from tetherlab.cluster.engine.globs import GlobError, GlobIndex, compile_glob
+from tetherlab.cluster.core.engine import Concept, Registry, RegistryError, parse_toml, validate_concepts
+from tetherlab.cluster.core.engine.globs import GlobError, GlobIndex, compile_glob
 
 GOOD = """
 [[concept]]

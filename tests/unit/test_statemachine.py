@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tetherlab.cluster import statemachine as sm
+from tetherlab.cluster.core import statemachine as sm
 
 
 def run(cmds: list[sm.Command]) -> tuple[dict[tuple[str, str], sm.Record], int, list[dict]]:

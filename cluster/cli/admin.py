@@ -1,0 +1,176 @@
+"""Admin commands over SSH: ``tetherlab keys|concepts|intents ...``.
+
+They find the nodes and the admin key in the cluster file (``--dir DIR`` or ``--cluster
+FILE``), follow the leader like the shim, and print text or ``--json``.
+Exit codes: 0 done; 1 refused by the cluster (the message says why); 2 bad usage or
+configuration; 3 the cluster has no quorum-backed leader reachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from tetherlab.cluster import protocol as p
+from tetherlab.cluster.core.config import ConfigError
+from tetherlab.cluster.core.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
+from tetherlab.cluster.ops.config import load_cluster_file
+from tetherlab.cluster.ops.layout import forget_local_node, prepare_local_node
+from tetherlab.cluster.tools.admin import admin_request
+from tetherlab.shim.client import ClientError, ClusterUnavailable, HostKeyMismatch, RequestError
+
+
+def add_parsers(sub: Any, cluster_args: Any) -> None:
+    keys = sub.add_parser("keys", help="manage developers' SSH keys (admin)")
+    ks = keys.add_subparsers(dest="action", metavar="ACTION", required=True)
+    s = ks.add_parser("add", help="register a public key for a developer")
+    s.add_argument("developer")
+    s.add_argument("pubkey", help="a .pub file, an authorized_keys line, or - for standard input")
+    s.add_argument("--role", choices=["developer", "admin"], default="developer")
+    cluster_args(s)
+    s = ks.add_parser("list", help="list registered keys")
+    cluster_args(s)
+    s = ks.add_parser("revoke", help="revoke a key (its open sessions end)")
+    s.add_argument("id", help="key fingerprint (SHA256:...) or a unique prefix")
+    cluster_args(s)
+
+    con = sub.add_parser("concepts", help="the concept registry")
+    cs = con.add_subparsers(dest="action", metavar="ACTION", required=True)
+    s = cs.add_parser("push", help="replace the registry with a concepts.toml (atomic, bumps the version)")
+    s.add_argument("file", help="path to .tetherlab/concepts.toml, or - for standard input")
+    cluster_args(s)
+    s = cs.add_parser("list", help="list concepts")
+    cluster_args(s)
+    s = cs.add_parser("show", help="show one concept and who holds it")
+    s.add_argument("id")
+    cluster_args(s)
+
+    it = sub.add_parser("intents", help="agents' intents")
+    its = it.add_subparsers(dest="action", metavar="ACTION", required=True)
+    s = its.add_parser("list", help="list active intents (--all: finished ones too)")
+    s.add_argument("--all", action="store_true")
+    s.add_argument("--limit", type=int, default=100)
+    cluster_args(s)
+    s = its.add_parser("revoke", help="revoke an intent: its agent is stopped (--revert: and its changes stashed)")
+    s.add_argument("id")
+    s.add_argument("--revert", action="store_true")
+    cluster_args(s)
+    cl = sub.add_parser("cluster", help="membership: add, remove or replace a node, online (admin)")
+    cls = cl.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for name, what in (("add", "add a node"), ("replace", "add a new node, then remove an old one")):
+        s = cls.add_parser(name, help=what)
+        if name == "replace":
+            s.add_argument("old", help="id of the node to remove")
+        s.add_argument("id", help="id of the new node (e.g. n4)")
+        s.add_argument("--raft", required=True, help="the new node's Raft HOST:PORT")
+        s.add_argument("--ssh", required=True, help="its SSH HOST:PORT")
+        s.add_argument("--http", required=True, help="its HTTP HOST:PORT")
+        cluster_args(s)
+    s = cls.add_parser("remove", help="remove a node (stop it afterwards)")
+    s.add_argument("id")
+    cluster_args(s)
+    for parser in (keys, con, it, cl):
+        parser.set_defaults(func=run)
+
+
+def _read_input(arg: str) -> str:
+    return sys.stdin.read() if arg == "-" else Path(arg).read_text()
+
+
+def _request(args: argparse.Namespace) -> tuple[type[p.Request], dict[str, Any]]:
+    group, action = args.command, args.action
+    if group == "keys":
+        if action == "add":
+            return p.KeysAdd, {"developer": args.developer, "public_key": _read_input(args.pubkey).strip(),
+                               "role": args.role}
+        if action == "list":
+            return p.KeysList, {}
+        return p.KeysRevoke, {"key_id": args.id}
+    if group == "concepts":
+        if action == "push":
+            return p.ConceptsPush, {"toml": _read_input(args.file)}
+        if action == "list":
+            return p.ConceptsList, {}
+        return p.ConceptsShow, {"concept_id": args.id}
+    if group == "cluster":
+        if action == "remove":
+            return p.ClusterRemove, {"node_id": args.id}
+        return p.ClusterAdd, {"node_id": args.id, "raft": args.raft, "ssh": args.ssh, "http": args.http}
+    if action == "list":
+        return p.IntentsList, {"all": args.all, "limit": args.limit}
+    return p.IntentsRevoke, {"intent_id": args.id, "revert": args.revert}
+
+
+def run(args: argparse.Namespace) -> int:
+    path = Path(args.cluster) if getattr(args, "cluster", None) else Path(args.dir) / "cluster.toml"
+    try:
+        cf = load_cluster_file(path)
+        if cf.admin_key is None:
+            raise ConfigError(f"{path}: no admin_key: say which private key to use (admin_key = \"PATH\")")
+        key = Path(args.key) if getattr(args, "key", None) else cf.admin_key
+        cls, fields = _request(args)
+    except (ConfigError, OSError) as e:
+        print(f"tetherlab {args.command} {args.action}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except p.ProtocolError as e:
+        print(f"tetherlab {args.command} {args.action}: {e.message}", file=sys.stderr)
+        return EXIT_USAGE
+
+    local = args.command == "cluster" and not getattr(args, "cluster", None)
+    if local and cls is p.ClusterAdd:
+        try:
+            cfg_path = prepare_local_node(path.parent, args.id, args.raft, args.ssh, args.http)
+        except (ConfigError, OSError) as e:
+            print(f"tetherlab cluster {args.action}: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"wrote {cfg_path}; start the node with: tetherlab master --config {cfg_path}", file=sys.stderr)
+
+    replace_old = args.old if args.command == "cluster" and args.action == "replace" else None
+    try:
+        payload = asyncio.run(admin_request(path, key, cf.developer or "admin", cls, fields, replace_old))
+    except p.LocalProtocolError as e:
+        print(f"tetherlab {args.command} {args.action}: {e.message}", file=sys.stderr)
+        return EXIT_USAGE
+    except RequestError as e:
+        if args.json:
+            print(json.dumps({"error": {"code": e.code, "message": e.message}}))
+        print(f"tetherlab {args.command} {args.action}: refused ({e.code}): {e.message}", file=sys.stderr)
+        return EXIT_FAILED
+    except (ClusterUnavailable, HostKeyMismatch) as e:
+        print(f"tetherlab {args.command} {args.action}: {e}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except ClientError as e:
+        print(f"tetherlab {args.command} {args.action}: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    if local and args.action in ("remove", "replace"):
+        forget_local_node(path.parent, args.id if args.action == "remove" else args.old)
+    if args.json:
+        print(json.dumps(payload))
+    else:
+        print(render(args.command, args.action, payload))
+    return EXIT_OK
+
+
+def render(group: str, action: str, payload: dict[str, Any]) -> str:
+    if group == "keys" and action == "list":
+        rows = [f"{k['id']}  {k['developer']:<16} {k['role']:<9} {k.get('comment', '')}" for k in payload["keys"]]
+        return "\n".join(rows) if rows else "(no keys)"
+    if group == "keys":
+        k = payload.get("key") or payload.get("revoked") or {}
+        verb = "added" if "key" in payload else "revoked"
+        return f"{verb} {k.get('id')} ({k.get('developer')}, {k.get('role')})"
+    if group == "concepts" and action == "list":
+        rows = [f"{c['id']:<40} {c.get('title', '')}" for c in payload.get("concepts", [])]
+        head = f"registry version {payload.get('version', 0)}"
+        return "\n".join([head, *rows])
+    if group == "intents" and action == "list":
+        rows = [
+            f"{i['intent_id']:<12} {i['status']:<10} {i['agent_id']:<50} {i.get('summary', '')[:60]}"
+            for i in payload.get("intents", [])
+        ]
+        return "\n".join(rows) if rows else "(no intents)"
+    return json.dumps(payload, indent=2)

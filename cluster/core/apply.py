@@ -1,0 +1,103 @@
+"""One log entry applied to the replicated state: the dispatch every store uses.
+
+``apply(index, payload, view)`` decides, for the entry at Raft ``index``:
+
+- idempotency: an index at or below the view's applied index is a replay and changes nothing
+  (a restart replays the log over a state that may already hold it);
+- what the payload is: a KV command (``statemachine``) or an engine command (``{"op": "engine",
+  "now_ms", "cmd"}``), or neither (a refusal that every replica makes the same way);
+- the writes, which the store commits atomically together with ``index``.
+
+Pure: the view is read, never written; the caller persists the :class:`Outcome`. A failure of
+*this node* (out of memory) is raised, so the node stops instead of diverging from its peers;
+an exception from the engine on a valid entry is a bug every replica hits identically, so it is
+answered as a deterministic ``internal`` refusal and the store rebuilds its engine from the
+records it had (``Outcome.reset_engine``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from tetherlab.cluster.core import statemachine as sm
+from tetherlab.cluster.core.engine.commands import decode_command as decode_engine_command
+from tetherlab.cluster.core.engine.engine import Engine
+from tetherlab.cluster.core.errors import CommandError
+
+log = logging.getLogger("tetherlab.apply")
+
+EngineWrite = tuple[str, str, bytes | None]
+
+# A failure of this process, not of the entry: re-raised so the node stops (its peers carry on).
+NODE_FAILURES = (MemoryError, RecursionError, OSError)
+
+
+class StateView(Protocol):
+    """What apply reads: the applied index, the KV revision and records, the live engine."""
+
+    engine: Engine
+
+    def applied_index_now(self) -> int: ...
+
+    def revision_now(self) -> int: ...
+
+    def read(self, ns: str, key: str) -> sm.Record | None: ...
+
+
+@dataclass(frozen=True)
+class Outcome:
+    index: int
+    result: dict[str, Any]  # what the proposer gets back; carries "index"
+    kv_writes: tuple[sm.Write, ...] = ()
+    engine_writes: tuple[EngineWrite, ...] = ()
+    revision: int = 0  # the KV revision after this entry
+    command: sm.Command | None = None  # the decoded KV command (None for engine and bad entries)
+    replayed: bool = False  # at or below the applied index: nothing to write, not even the index
+    reset_engine: bool = False  # the engine failed mid-command: rebuild it from the stored records
+
+
+def apply(index: int, payload: bytes, view: StateView) -> Outcome:
+    applied = view.applied_index_now()
+    if index <= applied:
+        return Outcome(index, {"ok": True, "replayed": True, "index": index}, replayed=True,
+                       revision=view.revision_now())
+    revision = view.revision_now()
+    obj: Any = None
+    parse_error: str | None = None
+    try:
+        obj = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as e:
+        parse_error = str(e)
+    if isinstance(obj, dict) and obj.get("op") == "engine":
+        return _apply_engine(index, obj, view, revision)
+    try:
+        if parse_error is not None:
+            raise CommandError("bad_json", f"command is not JSON: {parse_error}")
+        cmd = sm.decode_command(obj)
+    except CommandError as e:
+        return Outcome(index, {**e.to_json(), "index": index}, revision=revision)
+    out = sm.apply(cmd, revision=revision, read=view.read)
+    return Outcome(index, {**out.result, "index": index}, kv_writes=out.writes, revision=out.revision, command=cmd)
+
+
+def _apply_engine(index: int, obj: dict[str, Any], view: StateView, revision: int) -> Outcome:
+    now_ms = obj.get("now_ms")
+    if not isinstance(now_ms, int) or isinstance(now_ms, bool) or now_ms < 0:
+        err = CommandError("bad_field", "engine command needs an integer 'now_ms' (the leader's clock)")
+        return Outcome(index, {**err.to_json(), "index": index}, revision=revision)
+    try:
+        cmd = decode_engine_command(obj.get("cmd"))
+    except CommandError as e:
+        return Outcome(index, {**e.to_json(), "index": index}, revision=revision)
+    try:
+        applied = view.engine.apply(cmd, index=index, now_ms=now_ms)
+    except NODE_FAILURES:
+        raise
+    except Exception:
+        log.exception("engine failed on raft index %d; every replica refuses it the same way", index)
+        err = CommandError("internal", "the engine failed on this command; nothing changed")
+        return Outcome(index, {**err.to_json(), "index": index}, revision=revision, reset_engine=True)
+    return Outcome(index, {**applied.result, "index": index}, engine_writes=tuple(applied.writes), revision=revision)

@@ -1,0 +1,280 @@
+"""Commands: what goes through the Raft log, as frozen dataclasses validated on construction.
+
+Each command is a JSON object with a ``"type"``; ``decode_command`` turns one into a Command
+(raising CommandError naming the bad field) and ``Command.to_json`` turns it back, so that
+``decode_command(c.to_json()) == c``. The registry travels as JSON concepts, not TOML text:
+TOML is parsed once at the edge, so replicas never depend on a TOML parser's version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, fields
+from typing import Any, ClassVar
+
+from tetherlab.cluster.core.engine.model import (
+    AGENT_ID_MAX_CHARS,
+    AGENT_ID_RE,
+    AGENT_IDS_PER_HEARTBEAT_MAX,
+    SHORT_FIELD_MAX_CHARS,
+    TRIGGERS,
+    IntentBody,
+)
+from tetherlab.cluster.core.engine.registry import Concept, load_toml, validate_concepts
+from tetherlab.cluster.core.engine.validate import check_bool, check_int, check_str
+from tetherlab.cluster.core.errors import CommandError
+
+SESSION_TTL_MS_DEFAULT = 30_000
+SESSION_TTL_MS_MIN = 1_000
+REMOTE_MAX_CHARS = 1000
+INTENT_ID_MAX_CHARS = 32
+TOML_MAX_CHARS = 64 * 1024 * 1024
+
+
+def _agent_id(value: Any, field: str) -> str:
+    check_str(value, field, AGENT_ID_MAX_CHARS)
+    if not AGENT_ID_RE.match(value):
+        raise CommandError("bad_field", f"field {field!r}: {value!r} is not an agent id like 'alice/<uuid>'")
+    return value
+
+
+class _Command:
+    TYPE: ClassVar[str]
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.TYPE}
+        for f in fields(self):  # type: ignore[arg-type]
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+
+@dataclass(frozen=True)
+class Init(_Command):
+    """Set the one git remote this cluster coordinates, and the session TTL."""
+
+    TYPE: ClassVar[str] = "init"
+    remote: str
+    session_ttl_ms: int = SESSION_TTL_MS_DEFAULT
+
+    def __post_init__(self) -> None:
+        check_str(self.remote, "remote", REMOTE_MAX_CHARS)
+        check_int(self.session_ttl_ms, "session_ttl_ms", minimum=SESSION_TTL_MS_MIN)
+
+
+@dataclass(frozen=True)
+class PushRegistry(_Command):
+    """Replace the concept registry; with ``expected_version``, only if it is still current."""
+
+    TYPE: ClassVar[str] = "push_registry"
+    concepts: tuple[Concept, ...]
+    expected_version: int | None = None
+
+    def __post_init__(self) -> None:
+        # Accepts Concepts or their JSON objects; validated as a whole either way, since some
+        # rules span concepts (unknown dependency, cycle, duplicate id).
+        if not isinstance(self.concepts, list | tuple):
+            raise CommandError("bad_field", "field 'concepts' must be a list of concept objects")
+        raw = [c.to_json() if isinstance(c, Concept) else c for c in self.concepts]
+        object.__setattr__(self, "concepts", validate_concepts(raw))
+        if self.expected_version is not None:
+            check_int(self.expected_version, "expected_version")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": self.TYPE,
+            "concepts": [c.to_json() for c in self.concepts],
+            "expected_version": self.expected_version,
+        }
+
+
+@dataclass(frozen=True)
+class OpenSession(_Command):
+    TYPE: ClassVar[str] = "open_session"
+    agent_id: str
+    developer: str
+    tool: str
+    machine: str
+    repo_remote: str
+    base_commit: str
+
+    def __post_init__(self) -> None:
+        _agent_id(self.agent_id, "agent_id")
+        check_str(self.developer, "developer", AGENT_ID_MAX_CHARS)
+        check_str(self.tool, "tool", SHORT_FIELD_MAX_CHARS)
+        check_str(self.machine, "machine", SHORT_FIELD_MAX_CHARS)
+        check_str(self.repo_remote, "repo_remote", REMOTE_MAX_CHARS)
+        check_str(self.base_commit, "base_commit", SHORT_FIELD_MAX_CHARS)
+        owner = self.agent_id.split("/", 1)[0]
+        if owner != self.developer:
+            raise CommandError(
+                "agent_developer_mismatch",
+                f"agent id {self.agent_id!r} is not scoped under developer {self.developer!r}",
+            )
+
+
+@dataclass(frozen=True)
+class CloseSession(_Command):
+    """The agent exits: its session ends and its current intent is abandoned."""
+
+    TYPE: ClassVar[str] = "close_session"
+    agent_id: str
+
+    def __post_init__(self) -> None:
+        _agent_id(self.agent_id, "agent_id")
+
+
+@dataclass(frozen=True)
+class Heartbeat(_Command):
+    """Keep-alives from many agents batched into one log entry."""
+
+    TYPE: ClassVar[str] = "heartbeat"
+    agent_ids: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.agent_ids, list | tuple):
+            raise CommandError("bad_field", "field 'agent_ids' must be a list of agent ids")
+        if len(self.agent_ids) > AGENT_IDS_PER_HEARTBEAT_MAX:
+            raise CommandError("too_large", f"field 'agent_ids' has more than {AGENT_IDS_PER_HEARTBEAT_MAX} entries")
+        ids = tuple(_agent_id(a, f"agent_ids[{i}]") for i, a in enumerate(self.agent_ids))
+        object.__setattr__(self, "agent_ids", tuple(dict.fromkeys(ids)))
+
+
+@dataclass(frozen=True)
+class SubmitIntent(_Command):
+    """The seed's intent message: ``{"agent_id", "tool", "intent", "trigger"}``; ``intent`` may be
+    omitted for complete/abandon, and ``intent_id`` pins which intent the agent means."""
+
+    TYPE: ClassVar[str] = "intent"
+    agent_id: str
+    tool: str
+    intent: IntentBody | None
+    trigger: str
+    intent_id: str | None = None
+
+    def __post_init__(self) -> None:
+        _agent_id(self.agent_id, "agent_id")
+        check_str(self.tool, "tool", SHORT_FIELD_MAX_CHARS)
+        if self.trigger not in TRIGGERS:
+            raise CommandError("bad_field", f"field 'trigger' must be one of {list(TRIGGERS)}, got {self.trigger!r}")
+        if self.intent is None and self.trigger in ("initial", "replan"):
+            raise CommandError("missing_field", f"trigger {self.trigger!r} needs field 'intent'")
+        if self.intent is not None and not isinstance(self.intent, IntentBody):
+            raise CommandError("bad_field", "field 'intent' must be an IntentBody")
+        if self.intent_id is not None:
+            check_str(self.intent_id, "intent_id", INTENT_ID_MAX_CHARS)
+            if self.trigger == "initial":
+                raise CommandError(
+                    "bad_field", "field 'intent_id' names an existing intent; trigger 'initial' starts a new one"
+                )
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.TYPE, "agent_id": self.agent_id, "tool": self.tool}
+        if self.intent is not None:
+            out["intent"] = self.intent.to_json()
+        out["trigger"] = self.trigger
+        if self.intent_id is not None:
+            out["intent_id"] = self.intent_id
+        return out
+
+
+@dataclass(frozen=True)
+class Revoke(_Command):
+    """An operator ends an intent: stopped, or with ``revert`` reverted."""
+
+    TYPE: ClassVar[str] = "revoke"
+    intent_id: str
+    by: str
+    revert: bool = False
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        check_str(self.intent_id, "intent_id", INTENT_ID_MAX_CHARS)
+        check_str(self.by, "by", AGENT_ID_MAX_CHARS)
+        check_bool(self.revert, "revert")
+        check_str(self.reason, "reason", SHORT_FIELD_MAX_CHARS, empty_ok=True)
+
+
+@dataclass(frozen=True)
+class LeaderElected(_Command):
+    """A new leader's first entry: extends every open session by one TTL from ``now_ms``."""
+
+    TYPE: ClassVar[str] = "leader_elected"
+    now_ms: int
+
+    def __post_init__(self) -> None:
+        check_int(self.now_ms, "now_ms")
+
+
+@dataclass(frozen=True)
+class Expire(_Command):
+    """The leader's periodic sweep: lapse sessions whose deadline is before ``now_ms``."""
+
+    TYPE: ClassVar[str] = "expire"
+    now_ms: int
+
+    def __post_init__(self) -> None:
+        check_int(self.now_ms, "now_ms")
+
+
+Command = Init | PushRegistry | OpenSession | CloseSession | Heartbeat | SubmitIntent | Revoke | LeaderElected | Expire
+
+COMMAND_TYPES: dict[str, type[_Command]] = {
+    c.TYPE: c
+    for c in (Init, PushRegistry, OpenSession, CloseSession, Heartbeat, SubmitIntent, Revoke, LeaderElected, Expire)
+}
+
+
+def _intent_body(obj: Any) -> IntentBody:
+    if not isinstance(obj, Mapping):
+        raise CommandError("bad_field", f"field 'intent' must be an object, got {type(obj).__name__}")
+    extra = sorted(set(obj) - {"summary", "steps", "files", "concepts"})
+    if extra:
+        raise CommandError("unknown_field", f"field 'intent' does not take {extra}")
+    if "summary" not in obj:
+        raise CommandError("missing_field", "field 'intent.summary' is required")
+    concepts = obj.get("concepts") or {}
+    if not isinstance(concepts, Mapping):
+        raise CommandError("bad_field", "field 'intent.concepts' must be an object with 'modify' and/or 'depend'")
+    extra = sorted(set(concepts) - {"modify", "depend"})
+    if extra:
+        raise CommandError("unknown_field", f"field 'intent.concepts' does not take {extra}")
+    return IntentBody(
+        summary=obj["summary"],
+        steps=obj.get("steps", ()),
+        files=obj.get("files") or (),
+        modify=concepts.get("modify") or (),
+        depend=concepts.get("depend") or (),
+    )
+
+
+def decode_command(obj: Any) -> Command:
+    """A JSON object to a validated Command; raises CommandError naming the bad field."""
+    if not isinstance(obj, Mapping):
+        raise CommandError("bad_command", f"a command must be a JSON object, got {type(obj).__name__}")
+    kind = obj.get("type")
+    cls = COMMAND_TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise CommandError("unknown_type", f"unknown command type {kind!r}; expected one of {sorted(COMMAND_TYPES)}")
+    args = {k: v for k, v in obj.items() if k != "type"}
+    if cls is PushRegistry:
+        if ("toml" in args) == ("concepts" in args):
+            raise CommandError("missing_field", "push_registry needs exactly one of 'concepts' or 'toml'")
+        if "toml" in args:
+            args["concepts"] = load_toml(check_str(args.pop("toml"), "toml", TOML_MAX_CHARS, empty_ok=True))
+    if cls is SubmitIntent and args.get("intent") is not None:
+        args["intent"] = _intent_body(args["intent"])
+    names = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    extra = sorted(set(args) - set(names))
+    if extra:
+        raise CommandError("unknown_field", f"command {kind!r} does not take field(s) {extra}")
+    for name, f in names.items():
+        if name not in args and f.default is MISSING and f.default_factory is MISSING and name != "intent":
+            raise CommandError("missing_field", f"command {kind!r} needs field {name!r}")
+    if cls is SubmitIntent:
+        args.setdefault("intent", None)
+    try:
+        cmd: Command = cls(**args)  # type: ignore[assignment]
+    except TypeError as e:  # a field left out that the checks above did not name
+        raise CommandError("missing_field", f"command {kind!r}: {e}") from None
+    return cmd

@@ -1,0 +1,791 @@
+"""The coordination engine: the state machine behind every verdict.
+
+``Engine.apply`` takes one command in Raft order and returns its result and the records it
+changed; it does no I/O, reads no clock (time is the leader's, stamped into the log) and draws
+no random numbers, so every replica computes the same verdict for the same log.
+
+State is a set of records, namespaced as the adapter stores them:
+
+- ``meta/cluster``: the coordinated git remote and the session TTL (set by ``init``);
+- ``meta/clock``: the latest leader time and Raft index applied (time never goes backwards);
+- ``registry/current`` and ``concepts/<id>``: the concept registry, one record per concept;
+- ``sessions/<agent_id>``: one per agent;
+- ``intents/<intent_id>``: active intents and a bounded history of finished ones;
+- ``history/<concept_id>``: the last few completed intents that modified the concept.
+
+Indexes (concept -> modifying intent, concept -> depending intents, and the same for lapsed
+intents) live only in memory and are rebuilt by ``from_records``; they make a verdict's cost
+follow the concepts it touches, not the number of intents or concepts.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from tetherlab.cluster.core.engine import world
+from tetherlab.cluster.core.engine.commands import (
+    CloseSession,
+    Command,
+    Expire,
+    Heartbeat,
+    Init,
+    LeaderElected,
+    OpenSession,
+    PushRegistry,
+    Revoke,
+    SubmitIntent,
+)
+from tetherlab.cluster.core.engine.matching import match_intent
+from tetherlab.cluster.core.engine.model import (
+    ABANDONED,
+    ACTIVE,
+    COMPLETED,
+    CONTINUE,
+    DEPEND_ON_MODIFIED,
+    HOLDING,
+    LAPSED,
+    MODIFY_DEPENDED,
+    MODIFY_MODIFY,
+    REVERT,
+    REVERTED,
+    SESSION_LAPSED,
+    SESSION_OPEN,
+    STATUSES,
+    STOP,
+    STOPPED,
+    TRANSITIONS,
+    Intent,
+    Session,
+    canonical_remote,
+)
+from tetherlab.cluster.core.engine.registry import POLICY_STOP, Registry, concept_from_json
+from tetherlab.cluster.core.errors import CommandError
+
+NS_META = "meta"
+NS_REGISTRY = "registry"
+NS_CONCEPTS = "concepts"
+NS_SESSIONS = "sessions"
+NS_INTENTS = "intents"
+NS_HISTORY = "history"
+NAMESPACES = (NS_META, NS_REGISTRY, NS_CONCEPTS, NS_SESSIONS, NS_INTENTS, NS_HISTORY)
+KEY_CLUSTER = "cluster"
+KEY_CLOCK = "clock"
+KEY_CURRENT = "current"
+
+# Bounds (every replica must use the same values: they shape the records).
+HISTORY_PER_CONCEPT = 5
+FINISHED_INTENTS_MAX = 10_000
+# A lapsed session is kept this long so its agent can reconnect and learn what happened.
+SESSION_RETAIN_MS = 24 * 3600 * 1000
+# Conflicts listed in one verdict; the decision itself always considers every holder.
+CONFLICTS_MAX = 20
+LIST_LIMIT_MAX = 1000
+
+Write = tuple[str, str, bytes | None]
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What one command did: its JSON result (a verdict, another result, or ``{"error"}``) and
+    every record it changed, as (namespace, key, value or None for a delete), sorted."""
+
+    result: dict[str, Any]
+    writes: list[Write]
+
+
+def _encode(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _index_of(intent_id: str) -> int:
+    return int(intent_id[2:])
+
+
+@dataclass(frozen=True)
+class Limits:
+    history_per_concept: int = HISTORY_PER_CONCEPT
+    finished_intents_max: int = FINISHED_INTENTS_MAX
+    session_retain_ms: int = SESSION_RETAIN_MS
+
+
+class Engine:
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        self._cluster: dict[str, Any] | None = None
+        self._clock_ms = 0
+        self._last_index = 0
+        self._registry: Registry | None = None
+        self._sessions: dict[str, Session] = {}
+        self._intents: dict[str, Intent] = {}
+        self._history: dict[str, list[dict[str, Any]]] = {}
+        # Finished (and lapsed) intents, oldest first: compaction pops from the front.
+        self._finished: dict[str, None] = {}
+        self._mod: dict[str, str] = {}
+        self._dep: dict[str, dict[str, None]] = {}
+        self._lmod: dict[str, dict[str, None]] = {}
+        self._ldep: dict[str, dict[str, None]] = {}
+        self._counts: dict[str, int] = dict.fromkeys(STATUSES, 0)
+        self._dirty: dict[tuple[str, str], None] = {}
+        self._finished_now: list[str] = []
+
+    # --- apply ---------------------------------------------------------------------------------
+
+    def apply(self, cmd: Command, *, index: int, now_ms: int) -> Applied:
+        """Apply one command decided at Raft ``index``; ``now_ms`` is the leader's clock stamped
+        into the entry (``leader_elected`` and ``expire`` carry their own). Never raises for bad
+        input: a refused command returns ``{"error": ...}`` and changes nothing."""
+        if index <= self._last_index:
+            err = CommandError("stale_index", f"index {index} is not above the last applied {self._last_index}")
+            return Applied(err.to_json(), [])
+        stamped = cmd.now_ms if isinstance(cmd, LeaderElected | Expire) else now_ms
+        # The leader's clock may step back across an election; state time never does.
+        now = max(self._clock_ms, stamped)
+        self._dirty = {}
+        self._finished_now = []
+        try:
+            result = self._HANDLERS[type(cmd)](self, cmd, index, now)
+        except CommandError as e:
+            # Handlers check everything before they change anything.
+            assert not self._dirty, f"{type(cmd).__name__} changed state before refusing"
+            return Applied(e.to_json(), [])
+        self._compact()
+        self._last_index = index
+        self._clock_ms = now
+        self._touch(NS_META, KEY_CLOCK)
+        writes = [(ns, key, self._record(ns, key)) for ns, key in sorted(self._dirty)]
+        self._dirty = {}
+        return Applied(result, writes)
+
+    def _touch(self, ns: str, key: str) -> None:
+        self._dirty[(ns, key)] = None
+
+    # --- records -------------------------------------------------------------------------------
+
+    def _record(self, ns: str, key: str) -> bytes | None:
+        """The current value of one record, encoded; None when it does not exist."""
+        obj: Any = None
+        if ns == NS_INTENTS:
+            i = self._intents.get(key)
+            obj = i.to_json() if i is not None else None
+        elif ns == NS_SESSIONS:
+            s = self._sessions.get(key)
+            obj = s.to_json() if s is not None else None
+        elif ns == NS_HISTORY:
+            obj = self._history.get(key)
+        elif ns == NS_CONCEPTS:
+            c = self._registry.concepts.get(key) if self._registry is not None else None
+            obj = c.to_json() if c is not None else None
+        elif ns == NS_REGISTRY and key == KEY_CURRENT:
+            if self._registry is not None:
+                obj = {"version": self._registry.version, "concepts": len(self._registry.concepts)}
+        elif ns == NS_META and key == KEY_CLUSTER:
+            obj = self._cluster
+        elif ns == NS_META and key == KEY_CLOCK:
+            obj = {"now_ms": self._clock_ms, "index": self._last_index}
+        return _encode(obj) if obj is not None else None
+
+    def _keys(self) -> list[tuple[str, str]]:
+        keys: list[tuple[str, str]] = [(NS_META, KEY_CLOCK)] if self._last_index else []
+        if self._cluster is not None:
+            keys.append((NS_META, KEY_CLUSTER))
+        if self._registry is not None:
+            keys.append((NS_REGISTRY, KEY_CURRENT))
+            keys.extend((NS_CONCEPTS, c) for c in self._registry.concepts)
+        keys.extend((NS_SESSIONS, a) for a in self._sessions)
+        keys.extend((NS_INTENTS, i) for i in self._intents)
+        keys.extend((NS_HISTORY, c) for c in self._history)
+        return sorted(keys)
+
+    def dump_records(self) -> list[tuple[str, str, bytes]]:
+        """Every persistent record, sorted by (namespace, key)."""
+        out: list[tuple[str, str, bytes]] = []
+        for ns, key in self._keys():
+            v = self._record(ns, key)
+            assert v is not None
+            out.append((ns, key, v))
+        return out
+
+    @classmethod
+    def from_records(cls, records: Iterable[tuple[str, str, bytes]], limits: Limits | None = None) -> Engine:
+        """Rebuild an engine, indexes included, from exactly the records it wrote."""
+        e = cls(limits)
+        concepts = []
+        version: int | None = None
+        for ns, key, raw in records:
+            obj = json.loads(raw)
+            if ns == NS_META and key == KEY_CLOCK:
+                e._clock_ms, e._last_index = obj["now_ms"], obj["index"]
+            elif ns == NS_META and key == KEY_CLUSTER:
+                e._cluster = obj
+            elif ns == NS_REGISTRY and key == KEY_CURRENT:
+                version = obj["version"]
+            elif ns == NS_CONCEPTS:
+                concepts.append(concept_from_json(obj))
+            elif ns == NS_SESSIONS:
+                e._sessions[key] = Session.from_json(obj)
+            elif ns == NS_INTENTS:
+                e._intents[key] = Intent.from_json(obj)
+            elif ns == NS_HISTORY:
+                e._history[key] = obj
+            else:
+                raise ValueError(f"unknown record {ns}/{key}")
+        if version is not None:
+            e._registry = Registry(concepts, version)
+        for iid in sorted(e._intents, key=_index_of):
+            it = e._intents[iid]
+            e._counts[it.status] += 1
+            if it.status in HOLDING:
+                e._index(it)
+        finished = [(it.finished_index, iid) for iid, it in e._intents.items() if it.finished_index is not None]
+        e._finished = {iid: None for _, iid in sorted(finished, key=lambda p: (p[0], _index_of(p[1])))}
+        e._sessions = dict(sorted(e._sessions.items()))
+        return e
+
+    # --- indexes -------------------------------------------------------------------------------
+
+    def _index(self, it: Intent) -> None:
+        if it.status == ACTIVE:
+            for c in it.modifies:
+                assert c not in self._mod, f"two active intents modify {c}"
+                self._mod[c] = it.intent_id
+            for c in it.depends:
+                self._dep.setdefault(c, {})[it.intent_id] = None
+        else:
+            for c in it.modifies:
+                self._lmod.setdefault(c, {})[it.intent_id] = None
+            for c in it.depends:
+                self._ldep.setdefault(c, {})[it.intent_id] = None
+
+    def _unindex(self, it: Intent) -> None:
+        if it.status == ACTIVE:
+            for c in it.modifies:
+                if self._mod.get(c) == it.intent_id:
+                    del self._mod[c]
+            deps: list[tuple[dict[str, dict[str, None]], list[str]]] = [(self._dep, it.depends)]
+        elif it.status == LAPSED:
+            deps = [(self._lmod, it.modifies), (self._ldep, it.depends)]
+        else:
+            return
+        for idx, concepts in deps:
+            for c in concepts:
+                holders = idx.get(c)
+                if holders is not None:
+                    holders.pop(it.intent_id, None)
+                    if not holders:
+                        del idx[c]
+
+    def _set_status(self, it: Intent, status: str) -> None:
+        """The one place an intent changes status: checks the transition table, keeps the
+        indexes and counts in step."""
+        assert status in TRANSITIONS[it.status], f"{it.intent_id}: {it.status} -> {status} is not allowed"
+        self._unindex(it)
+        self._counts[it.status] -= 1
+        it.status = status
+        self._counts[status] += 1
+        if status in HOLDING:
+            self._index(it)
+        self._touch(NS_INTENTS, it.intent_id)
+
+    def _finish(self, it: Intent, status: str, index: int, now: int, ended_by: str = "") -> None:
+        self._set_status(it, status)
+        it.updated_index = index
+        it.finished_index, it.finished_ms = index, now
+        it.ended_by = ended_by
+        self._finished.pop(it.intent_id, None)
+        self._finished[it.intent_id] = None
+        self._finished_now.append(it.intent_id)
+        if status == COMPLETED:
+            for c in it.modifies:
+                entries = self._history.setdefault(c, [])
+                entries.append(
+                    {
+                        "intent_id": it.intent_id,
+                        "agent_id": it.agent_id,
+                        "tool": it.tool,
+                        "summary": it.body.summary,
+                        "finished_ms": now,
+                    }
+                )
+                del entries[: -self.limits.history_per_concept]
+                self._touch(NS_HISTORY, c)
+
+    def _compact(self) -> None:
+        # Intents finished by one command share a finished_index: order them by id, the order
+        # from_records rebuilds, or replicas that restarted would compact different intents.
+        now = sorted((i for i in set(self._finished_now) if i in self._finished), key=_index_of)
+        self._finished_now = []
+        for iid in now:
+            del self._finished[iid]
+            self._finished[iid] = None
+        while len(self._finished) > self.limits.finished_intents_max:
+            iid = next(iter(self._finished))
+            del self._finished[iid]
+            it = self._intents.pop(iid)
+            # A lapsed intent this old loses its chance to be resumed or told it was reverted.
+            self._unindex(it)
+            self._counts[it.status] -= 1
+            self._touch(NS_INTENTS, iid)
+
+    # --- conflicts -----------------------------------------------------------------------------
+
+    def _policy(self, concept: str) -> str:
+        return self._registry.policy(concept) if self._registry is not None else POLICY_STOP
+
+    def _conflict(self, concept: str, kind: str, holder: Intent) -> dict[str, Any]:
+        return {
+            "concept": concept,
+            "kind": kind,
+            "holder_agent_id": holder.agent_id,
+            "holder_summary": holder.body.summary,
+            "since": holder.created_ms,
+        }
+
+    def _holders(self, ids: dict[str, None] | None, exclude: str | None) -> list[str]:
+        """At most CONFLICTS_MAX holders, earliest first: the listing needs no more, and the
+        decision only needs to know there is one."""
+        if not ids:
+            return []
+        if len(ids) <= CONFLICTS_MAX + 1:
+            return sorted((i for i in ids if i != exclude), key=_index_of)[:CONFLICTS_MAX]
+        return heapq.nsmallest(CONFLICTS_MAX, (i for i in ids if i != exclude), key=_index_of)
+
+    def _check(
+        self, modify: list[str], depend: list[str], exclude: str | None
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Conflicts with active intents, split into blocking and relaxed (registry allows)."""
+        blocking: list[dict[str, Any]] = []
+        relaxed: list[dict[str, Any]] = []
+        for c in modify:
+            h = self._mod.get(c)
+            if h is not None and h != exclude:
+                blocking.append(self._conflict(c, MODIFY_MODIFY, self._intents[h]))
+            holders = self._holders(self._dep.get(c), exclude)
+            if holders:
+                out = blocking if self._policy(c) == POLICY_STOP else relaxed
+                out.extend(self._conflict(c, MODIFY_DEPENDED, self._intents[h]) for h in holders)
+        for c in depend:
+            h = self._mod.get(c)
+            if h is not None and h != exclude:
+                out = blocking if self._policy(c) == POLICY_STOP else relaxed
+                out.append(self._conflict(c, DEPEND_ON_MODIFIED, self._intents[h]))
+        return blocking[:CONFLICTS_MAX], relaxed[:CONFLICTS_MAX]
+
+    def _invalidated(self, modify: list[str], depend: list[str], exclude: str | None) -> dict[str, str]:
+        """Lapsed intents a grant of these claims invalidates: lapsed id -> concept."""
+        hit: dict[str, str] = {}
+        for c in modify:
+            for lid in self._lmod.get(c, {}):
+                hit.setdefault(lid, c)
+            if self._policy(c) == POLICY_STOP:
+                for lid in self._ldep.get(c, {}):
+                    hit.setdefault(lid, c)
+        for c in depend:
+            if self._policy(c) == POLICY_STOP:
+                for lid in self._lmod.get(c, {}):
+                    hit.setdefault(lid, c)
+        hit.pop(exclude or "", None)
+        return dict(sorted(hit.items(), key=lambda p: _index_of(p[0])))
+
+    # --- verdicts ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _verdict(action: str, it: Intent, conflicts: list[dict[str, Any]], context: str) -> dict[str, Any]:
+        return {
+            "action": action,
+            "intent_id": it.intent_id,
+            "fencing_token": it.fencing_token,
+            "claims": it.claims,
+            "conflicts": conflicts,
+            "context": context,
+        }
+
+    def _notice(self, s: Session) -> dict[str, Any] | None:
+        """The stop/revert verdict an agent has not been told yet, if any."""
+        it = self._intents.get(s.intent_id) if s.intent_id else None
+        if it is None or it.notified or it.status not in (STOPPED, REVERTED):
+            return None
+        action = REVERT if it.status == REVERTED else STOP
+        return self._verdict(action, it, it.conflicts, world.context_for_notice(it))
+
+    # --- handlers ------------------------------------------------------------------------------
+
+    def _init(self, cmd: Init, index: int, now: int) -> dict[str, Any]:
+        canon = canonical_remote(cmd.remote)
+        if self._cluster is not None and self._cluster["remote_canonical"] != canon:
+            raise CommandError(
+                "remote_already_set",
+                f"this cluster coordinates git remote {self._cluster['remote']!r}; cannot switch to {cmd.remote!r}",
+            )
+        if self._cluster is None:
+            self._cluster = {"remote": cmd.remote, "remote_canonical": canon, "init_index": index}
+        self._cluster["session_ttl_ms"] = cmd.session_ttl_ms
+        self._touch(NS_META, KEY_CLUSTER)
+        return {"ok": True, "remote": self._cluster["remote"], "session_ttl_ms": cmd.session_ttl_ms}
+
+    def _push_registry(self, cmd: PushRegistry, index: int, now: int) -> dict[str, Any]:
+        current = self._registry.version if self._registry is not None else 0
+        if cmd.expected_version is not None and cmd.expected_version != current:
+            raise CommandError(
+                "registry_version_conflict",
+                f"registry is at version {current}, push expected version {cmd.expected_version}",
+            )
+        new = Registry(cmd.concepts, current + 1)
+        old = self._registry.concepts if self._registry is not None else {}
+        changed = [c for c in new.concepts if old.get(c) != new.concepts[c]]
+        removed = [c for c in old if c not in new.concepts]
+        self._registry = new
+        for c in changed + removed:
+            self._touch(NS_CONCEPTS, c)
+        for c in removed:
+            if self._history.pop(c, None) is not None:
+                self._touch(NS_HISTORY, c)
+        self._touch(NS_REGISTRY, KEY_CURRENT)
+        return {"ok": True, "version": new.version, "concepts": len(new.concepts),
+                "changed": len(changed), "removed": len(removed)}
+
+    def _ttl(self) -> int:
+        assert self._cluster is not None
+        ttl: int = self._cluster["session_ttl_ms"]
+        return ttl
+
+    def _open_session(self, cmd: OpenSession, index: int, now: int) -> dict[str, Any]:
+        if self._cluster is None:
+            raise CommandError("not_initialised", "the cluster has no git remote yet: send 'init' first")
+        if canonical_remote(cmd.repo_remote) != self._cluster["remote_canonical"]:
+            raise CommandError(
+                "remote_mismatch",
+                f"this cluster coordinates git remote {self._cluster['remote']!r}, but agent "
+                f"{cmd.agent_id!r} runs in a repository whose remote is {cmd.repo_remote!r}",
+            )
+        s = self._sessions.get(cmd.agent_id)
+        deadline = now + self._ttl()
+        if s is None:
+            s = Session(cmd.agent_id, cmd.developer, cmd.tool, cmd.machine, cmd.repo_remote, cmd.base_commit,
+                        SESSION_OPEN, index, now, now, deadline)
+            self._sessions[cmd.agent_id] = s
+        else:
+            s.tool, s.machine, s.repo_remote, s.base_commit = cmd.tool, cmd.machine, cmd.repo_remote, cmd.base_commit
+            if s.status == SESSION_LAPSED:
+                s.status, s.lapsed_ms, s.opened_index, s.opened_ms = SESSION_OPEN, None, index, now
+            s.last_seen_ms, s.deadline_ms = now, max(s.deadline_ms, deadline)
+        self._touch(NS_SESSIONS, cmd.agent_id)
+        it = self._intents.get(s.intent_id) if s.intent_id else None
+        return {
+            "ok": True,
+            "session": s.to_json(),
+            "intent": it.summary_json() if it is not None else None,
+            "notice": self._notice(s),
+        }
+
+    def _close_session(self, cmd: CloseSession, index: int, now: int) -> dict[str, Any]:
+        s = self._sessions.get(cmd.agent_id)
+        if s is None:
+            raise CommandError("no_session", f"agent {cmd.agent_id!r} has no session")
+        it = self._intents.get(s.intent_id) if s.intent_id else None
+        abandoned = None
+        if it is not None and it.status in HOLDING:
+            self._finish(it, ABANDONED, index, now, "session closed")
+            abandoned = it.intent_id
+        del self._sessions[cmd.agent_id]
+        self._touch(NS_SESSIONS, cmd.agent_id)
+        return {"ok": True, "abandoned": abandoned}
+
+    def _heartbeat(self, cmd: Heartbeat, index: int, now: int) -> dict[str, Any]:
+        refreshed = 0
+        lapsed: list[str] = []
+        unknown: list[str] = []
+        notices: dict[str, Any] = {}
+        for a in cmd.agent_ids:
+            s = self._sessions.get(a)
+            if s is None:
+                unknown.append(a)
+                continue
+            if s.status == SESSION_LAPSED:
+                lapsed.append(a)
+                continue
+            s.last_seen_ms = now
+            s.deadline_ms = max(s.deadline_ms, now + self._ttl())
+            self._touch(NS_SESSIONS, a)
+            refreshed += 1
+            n = self._notice(s)
+            if n is not None:
+                notices[a] = n
+        return {"ok": True, "refreshed": refreshed, "lapsed": lapsed, "unknown": unknown, "notices": notices}
+
+    def _leader_elected(self, cmd: LeaderElected, index: int, now: int) -> dict[str, Any]:
+        # Heartbeats sent while there was no leader never reached the log: give every session
+        # one full TTL from the new leader's clock before anything can expire.
+        extended = 0
+        if self._cluster is not None:
+            for a, s in self._sessions.items():
+                if s.status == SESSION_OPEN and s.deadline_ms < now + self._ttl():
+                    s.deadline_ms = now + self._ttl()
+                    self._touch(NS_SESSIONS, a)
+                    extended += 1
+        return {"ok": True, "extended": extended}
+
+    def _expire(self, cmd: Expire, index: int, now: int) -> dict[str, Any]:
+        lapsed: list[str] = []
+        intents: list[str] = []
+        forgotten: list[str] = []
+        # Sessions number in the thousands at most; a sweep once a second is cheap.
+        for a in sorted(self._sessions):
+            s = self._sessions[a]
+            it = self._intents.get(s.intent_id) if s.intent_id else None
+            if s.status == SESSION_OPEN and s.deadline_ms < now:
+                s.status, s.lapsed_ms = SESSION_LAPSED, now
+                self._touch(NS_SESSIONS, a)
+                lapsed.append(a)
+                if it is not None and it.status == ACTIVE:
+                    self._finish(it, LAPSED, index, now, "session lapsed")
+                    intents.append(it.intent_id)
+            elif s.status == SESSION_LAPSED and (s.lapsed_ms or 0) + self.limits.session_retain_ms < now:
+                if it is not None and it.status == LAPSED:
+                    self._finish(it, ABANDONED, index, now, "session lapsed and was forgotten")
+                del self._sessions[a]
+                self._touch(NS_SESSIONS, a)
+                forgotten.append(a)
+        return {"ok": True, "lapsed": lapsed, "intents_lapsed": intents, "forgotten": forgotten}
+
+    def _revoke(self, cmd: Revoke, index: int, now: int) -> dict[str, Any]:
+        it = self._intents.get(cmd.intent_id)
+        if it is None:
+            raise CommandError("unknown_intent", f"no intent {cmd.intent_id!r}")
+        if it.status not in HOLDING:
+            raise CommandError("not_active", f"intent {cmd.intent_id!r} is already {it.status}")
+        status = REVERTED if cmd.revert else STOPPED
+        why = f"revoked by {cmd.by}" + (f": {cmd.reason}" if cmd.reason else "")
+        self._finish(it, status, index, now, why)
+        it.conflicts = []
+        it.notified = False
+        return {"ok": True, "intent_id": it.intent_id, "agent_id": it.agent_id, "status": status}
+
+    def _submit(self, cmd: SubmitIntent, index: int, now: int) -> dict[str, Any]:
+        s = self._sessions.get(cmd.agent_id)
+        if s is None:
+            raise CommandError("no_session", f"agent {cmd.agent_id!r} has no session: send 'open_session' first")
+        if s.status != SESSION_OPEN:
+            raise CommandError("session_lapsed", f"the session of agent {cmd.agent_id!r} lapsed: open a new one")
+        cur = self._intents.get(s.intent_id) if s.intent_id else None
+        if cmd.intent_id is not None and (cur is None or cur.intent_id != cmd.intent_id):
+            have = cur.intent_id if cur is not None else None
+            raise CommandError(
+                "intent_mismatch",
+                f"agent {cmd.agent_id!r} names intent {cmd.intent_id!r}; its current intent is {have!r}",
+            )
+        notice = self._notice(s)
+        if notice is not None and cur is not None:
+            # The agent learns of the stop/revert it missed; this command is not applied.
+            cur.notified = True
+            self._touch(NS_INTENTS, cur.intent_id)
+            return notice
+        if cmd.trigger in ("complete", "abandon"):
+            return self._end(cmd, cur, index, now)
+        return self._plan(cmd, s, cur, index, now)
+
+    def _end(self, cmd: SubmitIntent, cur: Intent | None, index: int, now: int) -> dict[str, Any]:
+        status = COMPLETED if cmd.trigger == "complete" else ABANDONED
+        if cur is not None and cur.status == status:
+            return self._verdict(CONTINUE, cur, [], world.context_for_end(cur))  # a retry: same answer
+        if cur is None or cur.status not in HOLDING:
+            have = f"its last intent {cur.intent_id} is {cur.status}" if cur is not None else "it has none"
+            raise CommandError(
+                "no_active_intent", f"agent {cmd.agent_id!r} has no active intent to {cmd.trigger}: {have}"
+            )
+        if cmd.intent is not None and cmd.intent.summary != cur.body.summary:
+            cur.body = cmd.intent  # the final word on what was done, for the history
+        self._finish(cur, status, index, now, f"{cmd.trigger} by agent")
+        cur.conflicts = []
+        return self._verdict(CONTINUE, cur, [], world.context_for_end(cur))
+
+    def _plan(self, cmd: SubmitIntent, s: Session, cur: Intent | None, index: int, now: int) -> dict[str, Any]:
+        assert cmd.intent is not None
+        claims = match_intent(self._registry, cmd.intent)  # may refuse: before any change
+        modify = [c["concept"] for c in claims["modify"]]
+        depend = [c["concept"] for c in claims["depend"]]
+        holding = cur if cur is not None and cur.status in HOLDING else None
+        exclude = holding.intent_id if holding is not None else None
+        blocking, relaxed = self._check(modify, depend, exclude)
+        same = holding is not None and cmd.trigger == "replan"
+        if holding is not None and not same:
+            self._finish(holding, ABANDONED, index, now, f"superseded by i-{index}")
+        if same:
+            assert holding is not None
+            it = holding
+            assert ACTIVE in TRANSITIONS[it.status]
+            self._unindex(it)  # the old plan's claims; the new ones are indexed once granted
+            if it.status == LAPSED:
+                self._finished.pop(it.intent_id, None)
+                it.finished_index = it.finished_ms = None
+            self._counts[it.status] -= 1
+            self._counts[ACTIVE] += 1
+            it.status = ACTIVE
+            it.body, it.tool = cmd.intent, cmd.tool
+        else:
+            it = Intent(f"i-{index}", cmd.agent_id, cmd.tool, cmd.intent, ACTIVE, cmd.trigger, index, now, index)
+            self._intents[it.intent_id] = it
+            self._counts[ACTIVE] += 1
+            s.intent_id = it.intent_id
+            self._touch(NS_SESSIONS, s.agent_id)
+        it.trigger, it.updated_index = cmd.trigger, index
+        it.claims, it.registry_version = claims, claims["registry_version"]
+        self._touch(NS_INTENTS, it.intent_id)
+        if blocking:
+            it.conflicts = (blocking + relaxed)[:CONFLICTS_MAX]
+            self._finish(it, STOPPED, index, now, "stopped by conflict")
+            return self._verdict(STOP, it, it.conflicts, world.context_for_stop(it, blocking))
+        it.fencing_token, it.granted_ms = index, now
+        it.conflicts = relaxed
+        it.notified = True
+        self._index(it)
+        for lid, concept in self._invalidated(modify, depend, it.intent_id).items():
+            lapsed = self._intents[lid]
+            self._finish(lapsed, REVERTED, index, now, f"claimed by {it.intent_id} while its session had lapsed")
+            if concept in lapsed.modifies:
+                kind = MODIFY_MODIFY if concept in modify else MODIFY_DEPENDED
+            else:
+                kind = DEPEND_ON_MODIFIED
+            lapsed.conflicts = [self._conflict(concept, kind, it)]
+            lapsed.notified = False
+        return self._verdict(CONTINUE, it, relaxed, world.context_for_continue(it, relaxed))
+
+    _HANDLERS: dict[type, Callable[[Engine, Any, int, int], dict[str, Any]]] = {
+        Init: _init,
+        PushRegistry: _push_registry,
+        OpenSession: _open_session,
+        CloseSession: _close_session,
+        Heartbeat: _heartbeat,
+        SubmitIntent: _submit,
+        Revoke: _revoke,
+        LeaderElected: _leader_elected,
+        Expire: _expire,
+    }
+
+    # --- queries (read-only) ---------------------------------------------------------------------
+
+    def cluster_settings(self) -> dict[str, Any] | None:
+        """``{"remote", "remote_canonical", "session_ttl_ms", "init_index"}`` once ``init`` ran."""
+        return dict(self._cluster) if self._cluster is not None else None
+
+    @property
+    def registry(self) -> Registry | None:
+        return self._registry
+
+    def get_intent(self, intent_id: str) -> dict[str, Any] | None:
+        it = self._intents.get(intent_id)
+        return it.to_json() if it is not None else None
+
+    def get_session(self, agent_id: str) -> dict[str, Any] | None:
+        s = self._sessions.get(agent_id)
+        return s.to_json() if s is not None else None
+
+    def world_slice(self, ref: str) -> dict[str, Any]:
+        """The world as one agent needs it: ``ref`` is an intent id or an agent id (its latest
+        intent). Raises CommandError(unknown_intent) when there is no such intent."""
+        it = self._intents.get(ref)
+        if it is None:
+            s = self._sessions.get(ref)
+            it = self._intents.get(s.intent_id) if s is not None and s.intent_id else None
+        if it is None:
+            raise CommandError("unknown_intent", f"no intent for {ref!r}")
+        return world.build_slice(self._registry, it, self._active_on, self._history.get)
+
+    def _active_on(self, concept: str) -> list[tuple[Intent, str]]:
+        out: list[tuple[Intent, str]] = []
+        h = self._mod.get(concept)
+        if h is not None:
+            out.append((self._intents[h], "modify"))
+        out.extend((self._intents[i], "depend") for i in self._holders(self._dep.get(concept), None))
+        return out
+
+    def list_intents(self, status: str | None = None, limit: int = 100, after: str | None = None) -> dict[str, Any]:
+        """Intents in id (Raft) order, optionally of one status; ``after`` is the cursor."""
+        limit = max(1, min(limit, LIST_LIMIT_MAX))
+        try:
+            start = _index_of(after) if after else 0
+        except ValueError:
+            raise CommandError("bad_field", f"cursor 'after' must be an intent id like 'i-42', got {after!r}") from None
+        ids = sorted((i for i in self._intents if _index_of(i) > start), key=_index_of)
+        out: list[dict[str, Any]] = []
+        for iid in ids:
+            it = self._intents[iid]
+            if status is None or it.status == status:
+                out.append(it.summary_json())
+                if len(out) == limit:
+                    break
+        nxt = out[-1]["intent_id"] if len(out) == limit else None
+        return {"intents": out, "next": nxt}
+
+    def list_concepts(self, prefix: str = "", limit: int = 100, after: str | None = None) -> dict[str, Any]:
+        """Concept ids with titles, in id order, optionally under a dotted prefix."""
+        if self._registry is None:
+            return {"version": 0, "concepts": [], "next": None}
+        limit = max(1, min(limit, LIST_LIMIT_MAX))
+        ids = self._registry.ids
+        lo = 0
+        if after is not None or prefix:
+            lo = bisect.bisect_right(ids, after) if after is not None else bisect.bisect_left(ids, prefix)
+            lo = max(lo, bisect.bisect_left(ids, prefix))
+        out: list[dict[str, Any]] = []
+        for cid in ids[lo:]:
+            if not cid.startswith(prefix):
+                break
+            c = self._registry.concepts[cid]
+            out.append({"id": cid, "title": c.title, "dependents": c.dependents})
+            if len(out) == limit:
+                break
+        return {"version": self._registry.version, "concepts": out,
+                "next": out[-1]["id"] if len(out) == limit else None}
+
+    def get_concept(self, concept_id: str) -> dict[str, Any] | None:
+        """A concept's details, who is on it now, what depends on it, and its recent history."""
+        if self._registry is None or concept_id not in self._registry.concepts:
+            return None
+        out = self._registry.concepts[concept_id].to_json()
+        out["dependents_of"] = self._registry.dependents_of.get(concept_id, [])
+        out["active"] = [{**it.summary_json(), "kind": kind} for it, kind in self._active_on(concept_id)]
+        out["recent"] = list(self._history.get(concept_id, []))
+        return out
+
+    def list_sessions(self, status: str | None = None, limit: int = 100, after: str | None = None) -> dict[str, Any]:
+        limit = max(1, min(limit, LIST_LIMIT_MAX))
+        out: list[dict[str, Any]] = []
+        for a in sorted(self._sessions):
+            if after is not None and a <= after:
+                continue
+            s = self._sessions[a]
+            if status is None or s.status == status:
+                out.append(s.to_json())
+                if len(out) == limit:
+                    break
+        return {"sessions": out, "next": out[-1]["agent_id"] if len(out) == limit else None}
+
+    def stats(self) -> dict[str, Any]:
+        """Counts for metrics."""
+        open_sessions = sum(1 for s in self._sessions.values() if s.status == SESSION_OPEN)
+        return {
+            "active_intents": self._counts[ACTIVE],
+            "intents_by_status": dict(self._counts),
+            "open_sessions": open_sessions,
+            "sessions": len(self._sessions),
+            "concepts": len(self._registry.concepts) if self._registry is not None else 0,
+            "registry_version": self._registry.version if self._registry is not None else 0,
+            "last_index": self._last_index,
+            "clock_ms": self._clock_ms,
+        }
+
+    def _index_view(self) -> dict[str, Any]:
+        """The in-memory indexes in a comparable form (tests check rebuilds against it)."""
+        return {
+            "mod": dict(sorted(self._mod.items())),
+            "dep": {c: sorted(v) for c, v in sorted(self._dep.items())},
+            "lmod": {c: sorted(v) for c, v in sorted(self._lmod.items())},
+            "ldep": {c: sorted(v) for c, v in sorted(self._ldep.items())},
+            "finished": list(self._finished),
+            "counts": dict(self._counts),
+        }

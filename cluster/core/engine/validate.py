@@ -1,0 +1,42 @@
+"""Field checks shared by commands and records: each raises CommandError naming the field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tetherlab.cluster.core.errors import CommandError
+
+
+def check_str(value: Any, field: str, max_chars: int, *, empty_ok: bool = False) -> str:
+    if not isinstance(value, str):
+        raise CommandError("bad_field", f"field {field!r} must be a string, got {type(value).__name__}")
+    if not empty_ok and not value.strip():
+        raise CommandError("bad_field", f"field {field!r} must not be empty")
+    if len(value) > max_chars:
+        raise CommandError("too_large", f"field {field!r} is longer than {max_chars} characters")
+    if "\x00" in value:
+        raise CommandError("bad_field", f"field {field!r} must not contain NUL")
+    return value
+
+
+def check_int(value: Any, field: str, *, minimum: int = 0) -> int:
+    # bool is an int in Python; a JSON true is not a number here.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise CommandError("bad_field", f"field {field!r} must be an integer, got {type(value).__name__}")
+    if value < minimum:
+        raise CommandError("bad_field", f"field {field!r} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_bool(value: Any, field: str) -> bool:
+    if not isinstance(value, bool):
+        raise CommandError("bad_field", f"field {field!r} must be true or false, got {type(value).__name__}")
+    return value
+
+
+def check_str_list(value: Any, field: str, max_items: int, max_chars: int) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple):
+        raise CommandError("bad_field", f"field {field!r} must be a list of strings, got {type(value).__name__}")
+    if len(value) > max_items:
+        raise CommandError("too_large", f"field {field!r} has more than {max_items} entries")
+    return tuple(check_str(v, f"{field}[{i}]", max_chars) for i, v in enumerate(value))

@@ -1,0 +1,146 @@
+"""One master node process: the wiring of a Raft replica and its front doors.
+
+``tetherlab master --config FILE.toml`` runs :func:`run_node`. A :class:`MasterNode` is:
+
+- a :class:`~tetherlab.cluster.node.raftreplica.RaftReplica` (pysyncobj over the LMDB journal
+  and store; pysyncobj ticks on its own thread, results come back through the event loop);
+- the :class:`~tetherlab.cluster.node.service.Service` (what each protocol request does), behind
+  the SSH endpoint; the leader's duties; the HTTP endpoint; the local control socket;
+- metrics, and the clock (:class:`~tetherlab.cluster.node.clock.SystemClock`).
+
+Everything here only connects parts; each part is tested on its own (the service and the
+duties over an in-memory replica and a fake clock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from tetherlab.cluster import __version__
+from tetherlab.cluster.core.config import NodeConfig
+from tetherlab.cluster.node.clock import SystemClock
+from tetherlab.cluster.node.control import ControlServer
+from tetherlab.cluster.node.duties import LeaderDuties
+from tetherlab.cluster.node.http import HttpApi
+from tetherlab.cluster.node.metrics import NodeCollector, NodeMetrics
+from tetherlab.cluster.node.raftreplica import RaftReplica
+from tetherlab.cluster.node.service import Service, ServiceSettings
+from tetherlab.cluster.node.ssh import SshEndpoint
+from tetherlab.cluster.replica import pysyncobj_patches
+from tetherlab.cluster.replica.lmdbstore import LmdbStore
+
+log = logging.getLogger("tetherlab.node")
+
+
+def backup_header(store: LmdbStore) -> dict[str, Any]:
+    """What a backup says about itself: indexes, registry version, when."""
+    stats = store.engine_view(lambda e: e.stats())
+    return {"kind": "backup", "created_unix": int(time.time()), "registry_version": stats.get("registry_version", 0),
+            "active_intents": stats.get("active_intents", 0)}
+
+
+class MasterNode:
+    def __init__(self, cfg: NodeConfig, secret: bytes) -> None:
+        self.cfg = cfg
+        self.started_at = time.time()
+        self.loop = asyncio.get_running_loop()
+        self.version = __version__
+        self.clock = SystemClock()
+        self.metrics = NodeMetrics()
+        self.replica = RaftReplica(cfg, secret, self.metrics)
+        self.store = self.replica.store
+        self.metrics.attach(NodeCollector(self.replica.status, self._lmdb_sizes, self._coordination_stats))
+        self._leader_seen: str | None = None
+        self.ssh = SshEndpoint(cfg.node.ssh, cfg.ssh_host_key, cfg.id, self.version, self.store, self.metrics)
+        self.service = Service(
+            self.replica, self.clock,
+            ServiceSettings(node_id=cfg.id, version=self.version, remote=cfg.cluster.remote,
+                            session_ttl_s=cfg.cluster.session_ttl_s, healthy_window_s=cfg.raft.election_timeout_min_s),
+            self.metrics, self.ssh)
+        self.ssh.service = self.service
+        self.duties = LeaderDuties(self.replica, self.clock, cfg.cluster, self.metrics,
+                                   on_lost_leadership=self.replica.fail_pending)
+        self.http = HttpApi(cfg.node.http, cfg.id, self.replica, self.metrics, self.status, self._before_scrape)
+        self.control = ControlServer(cfg.data_dir / "control.sock", self.replica, self.status, self._backup,
+                                     self.replica.compact, self.clock.now_ms)
+        self._duties: asyncio.Task[None] | None = None
+
+    def _lmdb_sizes(self) -> dict[str, dict[str, int]]:
+        return {"log": self.replica.raft.tl_log_sizes(), "state": self.store.size_info()}
+
+    def _coordination_stats(self) -> dict[str, int]:
+        stats: dict[str, int] = self.store.engine_view(lambda e: e.stats())
+        return stats
+
+    def _before_scrape(self) -> None:
+        self.status()  # notes leader changes between scrapes too
+        self.metrics.shims_failing_closed.set(self.service.failing_closed())
+
+    def status(self) -> dict[str, Any]:
+        st = dict(self.replica.status())
+        leader = st.get("leader")
+        if leader is not None and leader != self._leader_seen:
+            if self._leader_seen is not None:
+                self.metrics.leader_changes.inc()
+            self._leader_seen = leader
+        st.update(
+            {
+                "version": self.version,
+                "raft": str(self.cfg.node.raft),
+                "ssh": str(self.cfg.node.ssh),
+                "http": str(self.cfg.node.http),
+                "uptime_s": round(time.time() - self.started_at, 1),
+                "store": {"applied_index": self.store.applied_index, "revision": self.store.revision},
+            }
+        )
+        st.pop("at_monotonic", None)
+        return st
+
+    async def _backup(self, path: Path) -> dict[str, Any]:
+        hdr = {**backup_header(self.store), "node": self.cfg.id,
+               "raft_commit_index": self.replica.commit_index(),
+               "members": [n.to_json() for n in self.cfg.all_nodes()]}
+        header: dict[str, Any] = await self.loop.run_in_executor(None, self.store.write_snapshot, path, hdr)
+        return header
+
+    async def start(self) -> None:
+        await self.http.start()
+        await self.control.start()
+        await self.ssh.start()
+        self._duties = self.loop.create_task(self.duties.run())
+
+    async def stop(self) -> None:
+        if self._duties is not None:
+            self._duties.cancel()
+        await self.ssh.stop()
+        self.control.close()
+        await self.http.stop()
+        await self.replica.stop()
+
+
+async def _serve(cfg: NodeConfig, secret: bytes, ready_file: Path | None) -> None:
+    node = MasterNode(cfg, secret)
+    await node.start()
+    log.info("node %s serving: raft %s, http %s (data %s)", cfg.id, cfg.node.raft, cfg.node.http, cfg.data_dir)
+    if ready_file is not None:
+        ready_file.write_text(json.dumps({"pid": os.getpid(), "id": cfg.id}))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("node %s stopping", cfg.id)
+    await node.stop()
+
+
+def run_node(cfg: NodeConfig, secret: bytes, ready_file: Path | None = None) -> int:
+    pysyncobj_patches.install()
+    asyncio.run(_serve(cfg, secret, ready_file))
+    return 0

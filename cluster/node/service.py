@@ -1,0 +1,462 @@
+"""What a node does with each protocol request: authorisation, leader routing, and the
+translation to replicated commands (key registry in the state machine's KV, coordination in
+the engine). Transport-free: the SSH endpoint hands requests in and writes replies out.
+
+Routing rule: only a quorum-backed leader answers anything but ``ping`` and ``status``; a
+follower answers ``redirect`` to the leader's SSH address, and a node that knows no
+quorum-backed leader answers ``unavailable``. Writes are acknowledged only once committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from tetherlab.cluster import protocol as p
+from tetherlab.cluster.core import statemachine as sm
+from tetherlab.cluster.core.apply import Outcome
+from tetherlab.cluster.core.engine import commands as ec
+from tetherlab.cluster.core.engine.model import IntentBody
+from tetherlab.cluster.core.errors import CommandError
+from tetherlab.cluster.node.clock import Clock
+from tetherlab.cluster.node.errors import Indeterminate, Refused, Unavailable
+from tetherlab.cluster.node.keys import KEYS_NS, KeyError_, RegisteredKey, make_registered
+from tetherlab.cluster.node.metrics import NodeMetrics
+from tetherlab.cluster.node.replica import MEMBERS_NS, Replica, encode_command, encode_engine
+
+log = logging.getLogger("tetherlab.service")
+
+RETRY_NO_LEADER_MS = 500
+HEARTBEAT_BATCH_WINDOW_S = 0.02  # heartbeats arriving within this window share one log entry
+FAILED_CLOSED_WINDOW_S = 300.0  # tetherlab_shims_failing_closed counts reports this recent
+FAILED_CLOSED_MAX = 10_000
+RETRY_TIMEOUT_MS = 1000
+KEYS_LIST_MAX = 10_000
+
+
+@dataclass
+class Identity:
+    """Who sent a request: the developer and role of the SSH key that authenticated."""
+
+    developer: str
+    role: str
+    key_id: str
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+@dataclass(eq=False)
+class Peer:
+    """One client connection (an SSH channel): the sessions opened on it, for notifications."""
+
+    agent_ids: set[str] = field(default_factory=set)
+
+
+class Connections(Protocol):
+    """The clients connected to this node (the SSH endpoint, or a test's fake)."""
+
+    def push(self, agent_id: str, msg: p.Message) -> int:
+        """Send a notification to every connection holding ``agent_id``; how many got it."""
+        ...
+
+    def drop_key(self, key_id: str, reason: str) -> None:
+        """Close every connection authenticated with ``key_id``."""
+        ...
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    node_id: str
+    version: str
+    remote: str = ""  # the git remote from the node config ("" = set by the first session)
+    session_ttl_s: int = 30
+    healthy_window_s: float = 1.0  # a member that answered the leader this recently is healthy
+
+
+class Service:
+    def __init__(self, replica: Replica, clock: Clock, settings: ServiceSettings, metrics: NodeMetrics,
+                 connections: Connections) -> None:
+        self.replica = replica
+        self.clock = clock
+        self.settings = settings
+        self.metrics = metrics
+        self.connections = connections
+        self._hb_pending: dict[str, None] = {}
+        self._hb_waiters: list[asyncio.Future[dict[str, Any]]] = []
+        self._hb_task: asyncio.Task[None] | None = None
+        self.failed_closed: dict[str, float] = {}  # agent id -> when it reported (monotonic)
+        replica.add_apply_listener(self._on_applied)
+
+    def _on_applied(self, out: Outcome) -> None:
+        """A revoked key's connections end on every node, as each node applies the revoke."""
+        for ns, key, rec in out.kv_writes:
+            if ns == KEYS_NS and rec is None:
+                self.connections.drop_key(key, "the SSH key was revoked")
+
+    # --- engine plumbing --------------------------------------------------------------------
+
+    async def engine(self, cmd: ec.Command) -> dict[str, Any]:
+        """Commit one engine command stamped with this leader's clock; refusals raise Refused."""
+        res = await self.replica.propose(encode_engine(cmd, self.clock.now_ms()))
+        err = res.get("error")
+        if err is not None:
+            raise Refused(err.get("code", "refused"), err.get("message", "refused"))
+        return res
+
+    def _own(self, who: Identity, agent_id: str) -> None:
+        """Agent ids are <developer>/<uuid>; a developer acts only for their own agents."""
+        developer, _ = p.split_agent_id(agent_id)
+        if developer != who.developer:
+            raise Refused("forbidden", f"agent {agent_id!r} belongs to {developer!r}; you are {who.developer!r}")
+
+    async def _ensure_initialised(self, remote: str) -> None:
+        """The first session sets the cluster's git remote when init did not."""
+        if self.replica.store.engine_view(lambda e: e.cluster_settings()) is not None:
+            return
+        await self.engine(ec.Init(remote=self.settings.remote or remote,
+                                  session_ttl_ms=self.settings.session_ttl_s * 1000))
+
+    async def handle(self, who: Identity, req: p.Request, channel: Peer | None = None) -> p.Message:
+        try:
+            if isinstance(req, p.Ping):
+                return p.Result(id=req.id, payload={"pong": True, "node": self.settings.node_id})
+            if isinstance(req, p.Status):
+                return p.Result(id=req.id, payload=self._public_status())
+            if req.admin and not who.is_admin:
+                raise Refused("forbidden", f"{req.type} needs an admin key; {who.developer}'s key is a developer key")
+            routed = self._route(req)
+            if routed is not None:
+                return routed
+            handler = getattr(self, f"_h_{req.type}", None)
+            if handler is None:
+                raise Refused("not_implemented", f"{req.type} is not served by this node version")
+            payload: dict[str, Any] = await handler(who, req, channel)
+            return p.Result(id=req.id, payload=payload)
+        except Refused as e:
+            return p.Error(id=req.id, code=e.code, message=e.message)
+        except Unavailable as e:
+            reason = "no_leader" if e.reason in ("no_leader", "not_leader") else "no_quorum"
+            return p.Unavailable(id=req.id, reason=reason, retry_after_ms=RETRY_NO_LEADER_MS,
+                                 message=f"the cluster cannot commit now ({e.reason})")
+        except Indeterminate as e:
+            return p.Unavailable(id=req.id, reason="timeout", retry_after_ms=RETRY_TIMEOUT_MS,
+                                 message=f"outcome unknown ({e.reason}); retrying is safe")
+        except TimeoutError:
+            return p.Unavailable(id=req.id, reason="timeout", retry_after_ms=RETRY_TIMEOUT_MS,
+                                 message="no quorum-backed answer in time")
+
+    def _public_status(self) -> dict[str, Any]:
+        st = self.replica.status()
+        return {
+            "node": self.settings.node_id,
+            "role": st.get("role"),
+            "term": st.get("term"),
+            "leader": st.get("leader"),
+            "quorum_backed": bool(st.get("quorum_backed")),
+            "version": self.settings.version,
+            "remote": (self.replica.store.engine_view(lambda e: e.cluster_settings()) or {}).get("remote"),
+        }
+
+    def _route(self, req: p.Request) -> p.Message | None:
+        st = self.replica.status()
+        if st.get("quorum_backed"):
+            return None
+        leader = st.get("leader")
+        if st.get("role") != "leader" and leader and leader != self.settings.node_id:
+            addr = self.replica.ssh_address_of(leader)
+            if addr is not None:
+                self.metrics.ssh_redirects.inc()
+                return p.Redirect(id=req.id, leader_id=leader, leader_address=addr)
+        reason = "no_quorum" if st.get("role") == "leader" else "no_leader"
+        return p.Unavailable(id=req.id, reason=reason, retry_after_ms=RETRY_NO_LEADER_MS,
+                             message="this node knows no quorum-backed leader")
+
+    # --- key registry (state machine KV, namespace "keys") -----------------------------------
+
+    async def _h_keys_add(self, who: Identity, req: p.KeysAdd, ch: Peer | None) -> dict[str, Any]:
+        try:
+            rk = make_registered(req.developer, req.role, req.public_key)
+        except KeyError_ as e:
+            raise Refused("bad_key", str(e)) from None
+        res = await self._propose_kv(
+            sm.Txn((sm.Compare(KEYS_NS, rk.id, 0),), (sm.Put(KEYS_NS, rk.id, rk.encode()),))
+        )
+        if not res.get("succeeded"):
+            existing = self.replica.store.get(KEYS_NS, rk.id)
+            owner = RegisteredKey.decode(existing.value).developer if existing else "?"
+            raise Refused("key_exists", f"key {rk.id} is already registered (to {owner})")
+        log.info("key %s added for %s (%s) by %s", rk.id, rk.developer, rk.role, who.developer)
+        return {"key": rk.to_json()}
+
+    async def _h_keys_list(self, who: Identity, req: p.KeysList, ch: Peer | None) -> dict[str, Any]:
+        await self.replica.read_barrier()
+        records = self.replica.store.scan(KEYS_NS, limit=KEYS_LIST_MAX)
+        keys = [RegisteredKey.decode(r.value).to_json() for _, r in records]
+        return {"keys": keys}
+
+    async def _h_keys_revoke(self, who: Identity, req: p.KeysRevoke, ch: Peer | None) -> dict[str, Any]:
+        await self.replica.read_barrier()
+        key_id = self._resolve_key_id(req.key_id)
+        rec = self.replica.store.get(KEYS_NS, key_id)
+        if rec is None:
+            raise Refused("unknown_key", f"no registered key {req.key_id!r}")
+        res = await self._propose_kv(
+            sm.Txn((sm.Compare(KEYS_NS, key_id, rec.mod_revision),), (sm.Delete(KEYS_NS, key_id),))
+        )
+        if not res.get("succeeded"):
+            raise Refused("conflict", f"key {key_id} changed while revoking it; try again")
+        log.info("key %s revoked by %s", key_id, who.developer)
+        return {"revoked": RegisteredKey.decode(rec.value).to_json()}
+
+    def _resolve_key_id(self, given: str) -> str:
+        """Accept the full fingerprint, or a unique prefix of it (with or without SHA256:)."""
+        if self.replica.store.get(KEYS_NS, given) is not None:
+            return given
+        want = given if given.startswith("SHA256:") else "SHA256:" + given
+        matches = [k for k, _ in self.replica.store.scan(KEYS_NS, limit=KEYS_LIST_MAX) if k.startswith(want)]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise Refused("ambiguous_key", f"{given!r} matches {len(matches)} keys; give more of the fingerprint")
+        raise Refused("unknown_key", f"no registered key {given!r}")
+
+    # --- sessions and intents (engine) -------------------------------------------------------
+
+    async def _h_open_session(self, who: Identity, req: p.OpenSession, ch: Peer | None) -> dict[str, Any]:
+        self._own(who, req.agent_id)
+        await self._ensure_initialised(req.repo_remote)
+        res = await self.engine(ec.OpenSession(agent_id=req.agent_id, developer=who.developer, tool=req.tool,
+                                               machine=req.machine, repo_remote=req.repo_remote,
+                                               base_commit=req.base_commit))
+        if ch is not None:
+            ch.agent_ids.add(req.agent_id)
+        log.info("session opened", extra={"agent_id": req.agent_id})
+        return res
+
+    async def _h_heartbeat(self, who: Identity, req: p.Heartbeat, ch: Peer | None) -> dict[str, Any]:
+        for a in req.agent_ids:
+            self._own(who, a)
+        res = await self._batched_heartbeat(req.agent_ids)
+        mine = set(req.agent_ids)
+        st = self.replica.status()
+        return {
+            "ok": True,
+            "lapsed": [a for a in res.get("lapsed", []) if a in mine],
+            "unknown": [a for a in res.get("unknown", []) if a in mine],
+            "notices": {a: n for a, n in res.get("notices", {}).items() if a in mine},
+            "leader": self.settings.node_id,
+            "term": st.get("term"),
+        }
+
+    async def _batched_heartbeat(self, agent_ids: tuple[str, ...]) -> dict[str, Any]:
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        for a in agent_ids:
+            self._hb_pending[a] = None
+        self._hb_waiters.append(fut)
+        if self._hb_task is None or self._hb_task.done():
+            self._hb_task = asyncio.get_running_loop().create_task(self._flush_heartbeats())
+        return await fut
+
+    async def _flush_heartbeats(self) -> None:
+        while self._hb_waiters:
+            await self.clock.sleep(HEARTBEAT_BATCH_WINDOW_S)
+            ids, self._hb_pending = list(self._hb_pending), {}
+            waiters, self._hb_waiters = self._hb_waiters, []
+            merged: dict[str, Any] = {"lapsed": [], "unknown": [], "notices": {}}
+            error: BaseException | None = None
+            step = ec.AGENT_IDS_PER_HEARTBEAT_MAX
+            try:
+                for i in range(0, len(ids), step):
+                    res = await self.engine(ec.Heartbeat(agent_ids=tuple(ids[i : i + step])))
+                    merged["lapsed"] += res.get("lapsed", [])
+                    merged["unknown"] += res.get("unknown", [])
+                    merged["notices"].update(res.get("notices", {}))
+            except BaseException as e:  # handed to every waiter of this batch
+                error = e
+            for w in waiters:
+                if not w.done():
+                    if error is not None:
+                        w.set_exception(error)
+                    else:
+                        w.set_result(merged)
+
+    async def _h_submit_intent(self, who: Identity, req: p.SubmitIntent, ch: Peer | None) -> dict[str, Any]:
+        self._own(who, req.agent_id)
+        t0 = self.clock.monotonic()
+        try:
+            body = IntentBody(
+                summary=req.intent.summary, steps=req.intent.steps, files=req.intent.files or (),
+                modify=req.intent.concepts.modify if req.intent.concepts else (),
+                depend=req.intent.concepts.depend if req.intent.concepts else (),
+            )
+            cmd = ec.SubmitIntent(agent_id=req.agent_id, tool=req.tool, intent=body, trigger=req.trigger)
+        except CommandError as e:
+            raise Refused(e.code, e.message) from None
+        verdict = await self.engine(cmd)
+        self._count_verdict(verdict, self.clock.monotonic() - t0)
+        if ch is not None:
+            ch.agent_ids.add(req.agent_id)
+        log.info("verdict %s for %s", verdict.get("action"), verdict.get("intent_id"),
+                 extra={"agent_id": req.agent_id, "intent_id": verdict.get("intent_id")})
+        return verdict
+
+    def _count_verdict(self, verdict: dict[str, Any], seconds: float) -> None:
+        m = self.metrics
+        action = verdict.get("action")
+        if action in ("continue", "stop", "revert"):
+            m.verdicts.labels(action).inc()
+            m.verdict_seconds.observe(seconds)
+        for c in verdict.get("conflicts", []):
+            m.conflicts.labels(c.get("kind", "unknown")).inc()
+
+    async def _end(self, who: Identity, agent_id: str, intent_id: str, trigger: str) -> dict[str, Any]:
+        self._own(who, agent_id)
+        tool = self.replica.store.engine_view(lambda e: (e.get_session(agent_id) or {}).get("tool")) or "unknown"
+        res = await self.engine(ec.SubmitIntent(agent_id=agent_id, tool=tool, intent=None, trigger=trigger,
+                                                intent_id=intent_id))
+        self._count_verdict(res, 0.0)
+        return res
+
+    async def _h_complete(self, who: Identity, req: p.Complete, ch: Peer | None) -> dict[str, Any]:
+        return await self._end(who, req.agent_id, req.intent_id, "complete")
+
+    async def _h_abandon(self, who: Identity, req: p.Abandon, ch: Peer | None) -> dict[str, Any]:
+        return await self._end(who, req.agent_id, req.intent_id, "abandon")
+
+    async def _h_world_slice(self, who: Identity, req: p.WorldSlice, ch: Peer | None) -> dict[str, Any]:
+        self._own(who, req.agent_id)
+        await self.replica.read_barrier()
+        try:
+            world: dict[str, Any] = self.replica.store.engine_view(lambda e: e.world_slice(req.agent_id))
+        except CommandError as e:
+            raise Refused(e.code, e.message) from None
+        return world
+
+    # --- registry and intents (admin) --------------------------------------------------------
+
+    async def _h_concepts_push(self, who: Identity, req: p.ConceptsPush, ch: Peer | None) -> dict[str, Any]:
+        try:
+            cmd = ec.decode_command({"type": "push_registry", "toml": req.toml})
+        except CommandError as e:
+            raise Refused(e.code, e.message) from None
+        res = await self.engine(cmd)
+        log.info("concept registry version %s pushed by %s", res.get("version"), who.developer)
+        return res
+
+    async def _h_concepts_list(self, who: Identity, req: p.ConceptsList, ch: Peer | None) -> dict[str, Any]:
+        await self.replica.read_barrier()
+        out: dict[str, Any] = self.replica.store.engine_view(lambda e: e.list_concepts(limit=1000))
+        return out
+
+    async def _h_concepts_show(self, who: Identity, req: p.ConceptsShow, ch: Peer | None) -> dict[str, Any]:
+        await self.replica.read_barrier()
+        c = self.replica.store.engine_view(lambda e: e.get_concept(req.concept_id))
+        if c is None:
+            raise Refused("not_found", f"no concept {req.concept_id!r} in the registry")
+        return {"concept": c}
+
+    async def _h_intents_list(self, who: Identity, req: p.IntentsList, ch: Peer | None) -> dict[str, Any]:
+        await self.replica.read_barrier()
+        status = None if req.all else "active"
+        out: dict[str, Any] = self.replica.store.engine_view(
+            lambda e: e.list_intents(status=status, limit=req.limit, after=req.cursor))
+        return out
+
+    async def _h_intents_revoke(self, who: Identity, req: p.IntentsRevoke, ch: Peer | None) -> dict[str, Any]:
+        res = await self.engine(ec.Revoke(intent_id=req.intent_id, by=who.developer, revert=req.revert))
+        agent_id = res.get("agent_id")
+        if agent_id:
+            # Tell the agent's shim now if it is connected here; otherwise its next heartbeat
+            # carries the notice.
+            self.connections.push(agent_id, p.Revoked(agent_id=agent_id, reason=f"revoked by {who.developer}",
+                                                      intent_id=req.intent_id, revert=req.revert))
+        log.info("intent %s revoked (revert=%s) by %s", req.intent_id, req.revert, who.developer)
+        return res
+
+    # --- membership (admin) -----------------------------------------------------------------
+
+    def _healthy_members(self) -> int:
+        """Members that answered this leader within an election timeout, itself included."""
+        st = self.replica.status()
+        window = self.settings.healthy_window_s
+        return 1 + sum(1 for p_ in (st.get("peers") or {}).values()
+                       if p_.get("last_response_age_s") is not None and p_["last_response_age_s"] < window)
+
+    async def _h_cluster_add(self, who: Identity, req: p.ClusterAdd, ch: Peer | None) -> dict[str, Any]:
+        members = self.replica.members()
+        if req.node_id in members:
+            raise Refused("member_exists", f"node {req.node_id!r} is already a member")
+        used = {a for m in members.values() for a in m.values()}
+        for addr in (req.raft, req.ssh, req.http):
+            if addr in used:
+                raise Refused("address_in_use", f"address {addr} is already used by a member")
+        size = len(members) + 1
+        healthy = self._healthy_members()
+        if healthy < size // 2 + 1:
+            raise Refused("would_lose_quorum", f"only {healthy} of {len(members)} members answer; a {size}-node "
+                                               f"cluster needs {size // 2 + 1}: heal the cluster first")
+        record = json.dumps({"raft": req.raft, "ssh": req.ssh, "http": req.http})
+        res = await self._propose_kv(sm.Txn((sm.Compare(MEMBERS_NS, req.node_id, 0),),
+                                                     (sm.Put(MEMBERS_NS, req.node_id, record),)))
+        if not res.get("succeeded"):
+            raise Refused("member_exists", f"node {req.node_id!r} is being added already")
+        try:
+            await self.replica.change_membership(True, req.raft)
+        except Exception:
+            await self._propose_kv(sm.Delete(MEMBERS_NS, req.node_id))  # undo the record
+            raise
+        log.info("node %s (%s) added to the cluster by %s", req.node_id, req.raft, who.developer)
+        return {"added": req.node_id, "members": sorted(self.replica.members())}
+
+    async def _h_cluster_remove(self, who: Identity, req: p.ClusterRemove, ch: Peer | None) -> dict[str, Any]:
+        members = self.replica.members()
+        if req.node_id not in members:
+            raise Refused("not_found", f"node {req.node_id!r} is not a member; members: {sorted(members)}")
+        if len(members) <= 1:
+            raise Refused("would_lose_quorum", "cannot remove the last member")
+        if req.node_id == self.settings.node_id:
+            # Raft cannot remove its own leader: hand leadership over, and let the client retry.
+            self.replica.transfer_leadership()
+            raise Refused("leader_moving", f"{req.node_id} is the leader: leadership is being handed over; "
+                                           "retry the removal in a moment")
+        size = len(members) - 1
+        st = self.replica.status()
+        target = (st.get("peers") or {}).get(req.node_id) or {}
+        target_healthy = target.get("last_response_age_s") is not None and \
+            target["last_response_age_s"] < self.settings.healthy_window_s
+        healthy_after = self._healthy_members() - (1 if target_healthy else 0)
+        if healthy_after < size // 2 + 1:
+            raise Refused("would_lose_quorum", f"after removing {req.node_id} only {healthy_after} of {size} members "
+                                               f"would answer; {size // 2 + 1} are needed")
+        await self.replica.change_membership(False, members[req.node_id]["raft"])
+        await self._propose_kv(sm.Delete(MEMBERS_NS, req.node_id))
+        log.info("node %s removed from the cluster by %s", req.node_id, who.developer)
+        return {"removed": req.node_id, "members": sorted(self.replica.members())}
+
+    # --- shim reports -------------------------------------------------------------------------
+
+    async def _h_shim_report(self, who: Identity, req: p.ShimReport, ch: Peer | None) -> dict[str, Any]:
+        self._own(who, req.agent_id)
+        now = self.clock.monotonic()
+        self.failed_closed[req.agent_id] = now
+        # Bounded: keep the window's reports, and at most FAILED_CLOSED_MAX of them.
+        for a, t in list(self.failed_closed.items()):
+            if now - t > FAILED_CLOSED_WINDOW_S:
+                del self.failed_closed[a]
+        while len(self.failed_closed) > FAILED_CLOSED_MAX:
+            del self.failed_closed[next(iter(self.failed_closed))]
+        log.warning("shim reports it failed closed at %d ms: %s", req.at_unix_ms, req.detail,
+                    extra={"agent_id": req.agent_id})
+        return {"ok": True}
+
+    def failing_closed(self) -> int:
+        now = self.clock.monotonic()
+        return sum(1 for t in list(self.failed_closed.values()) if now - t <= FAILED_CLOSED_WINDOW_S)
+
+    async def _propose_kv(self, cmd: sm.Command) -> dict[str, Any]:
+        return await self.replica.propose(encode_command(cmd))

@@ -1,0 +1,273 @@
+"""LMDB as the store of the replicated state machine, and snapshots as LMDB copies.
+
+Each applied command is written in one LMDB transaction together with the Raft index it came
+from, so replaying the log after a restart skips what is already applied (idempotent apply).
+
+The state environment is written without fsync per transaction: the Raft log is the durable
+record (it is fsynced before anything is applied) and a restart replays from it. The state is
+fsynced once a second, and always before a snapshot, so the log can be compacted safely.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+from tetherlab.cluster.core import statemachine as sm
+from tetherlab.cluster.core.apply import apply as core_apply
+from tetherlab.cluster.core.engine.engine import Engine
+from tetherlab.cluster.replica.journal import fsync_dir
+from tetherlab.cluster.replica.store import OnApply, read_snapshot_header, write_header
+
+log = logging.getLogger("tetherlab.store")
+
+_REC = struct.Struct(">QQQ")  # create_revision, mod_revision, version
+SNAPSHOT_MAGIC = b"TLSNAP01"  # the body is an LMDB data file
+_COPY_CHUNK_BYTES = 1 << 20
+
+META_APPLIED = b"applied_index"
+META_REVISION = b"revision"
+
+
+def _kv_key(ns: str, key: str) -> bytes:
+    return ns.encode() + b"\x00" + key.encode()
+
+
+def _enc(rec: sm.Record) -> bytes:
+    return _REC.pack(rec.create_revision, rec.mod_revision, rec.version) + rec.value.encode()
+
+
+def _dec(raw: bytes) -> sm.Record:
+    c, m, v = _REC.unpack_from(raw)
+    return sm.Record(bytes(raw[_REC.size :]).decode(), c, m, v)
+
+
+class LmdbStore:
+    """The state in LMDB (see ``replica.store.Store``)."""
+
+    def __init__(self, path: str | Path, map_size_bytes: int = 1 << 30) -> None:
+        self.dir = Path(path)
+        self.map_size_bytes = map_size_bytes
+        self._lock = threading.RLock()  # env swaps (snapshot install) exclude readers
+        self.env: lmdb.Environment
+        self._open()
+        self.on_apply: OnApply | None = None
+        self._wtxn: lmdb.Transaction | None = None
+
+    def _open(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.env = lmdb.open(
+            str(self.dir), map_size=self.map_size_bytes, max_dbs=4, sync=False, metasync=False, readahead=False
+        )
+        self._meta = self.env.open_db(b"meta")
+        self._kv = self.env.open_db(b"kv")
+        self._engine_db = self.env.open_db(b"engine")
+        with self.env.begin() as txn:
+            self.engine = Engine.from_records(self._engine_records(txn))
+
+    def _engine_records(self, txn: lmdb.Transaction) -> Iterator[tuple[str, str, bytes]]:
+        for k, v in txn.cursor(self._engine_db):
+            ns, _, key = bytes(k).partition(b"\x00")
+            yield ns.decode(), key.decode(), bytes(v)
+
+    def engine_view(self, fn: Callable[[Engine], Any]) -> Any:
+        """Run a read-only query on the engine, excluded from concurrent applies."""
+        with self._lock:
+            return fn(self.engine)
+
+    def close(self) -> None:
+        with self._lock:
+            self.env.sync(True)
+            self.env.close()
+
+    def sync(self) -> None:
+        with self._lock:
+            self.env.sync(True)
+
+    def sync_unlocked(self) -> None:
+        """fsync without excluding applies (LMDB allows it); may fail while the env is swapped."""
+        self.env.sync(True)
+
+    # --- apply ------------------------------------------------------------------------------
+
+    def _meta_int(self, txn: lmdb.Transaction, key: bytes) -> int:
+        raw = txn.get(key, db=self._meta)
+        return int(raw) if raw else 0
+
+    @property
+    def applied_index(self) -> int:
+        with self._lock, self.env.begin() as txn:
+            return self._meta_int(txn, META_APPLIED)
+
+    @property
+    def revision(self) -> int:
+        with self._lock, self.env.begin() as txn:
+            return self._meta_int(txn, META_REVISION)
+
+    def applied_index_now(self) -> int:  # StateView, inside apply's transaction
+        assert self._wtxn is not None
+        return self._meta_int(self._wtxn, META_APPLIED)
+
+    def revision_now(self) -> int:
+        assert self._wtxn is not None
+        return self._meta_int(self._wtxn, META_REVISION)
+
+    def read(self, ns: str, key: str) -> sm.Record | None:
+        assert self._wtxn is not None
+        raw = self._wtxn.get(_kv_key(ns, key), db=self._kv)
+        return _dec(raw) if raw is not None else None
+
+    def apply(self, index: int, payload: bytes) -> dict[str, Any]:
+        """Apply the command at Raft ``index``; a replayed index changes nothing."""
+        with self._lock, self.env.begin(write=True) as txn:
+            self._wtxn = txn
+            try:
+                out = core_apply(index, payload, self)
+            finally:
+                self._wtxn = None
+            if out.replayed:
+                return out.result
+            for ns, key, rec in out.kv_writes:
+                if rec is None:
+                    txn.delete(_kv_key(ns, key), db=self._kv)
+                else:
+                    txn.put(_kv_key(ns, key), _enc(rec), db=self._kv)
+            for ns, key, value in out.engine_writes:
+                k = _kv_key(ns, key)
+                if value is None:
+                    txn.delete(k, db=self._engine_db)
+                else:
+                    txn.put(k, value, db=self._engine_db)
+            txn.put(META_APPLIED, str(index).encode(), db=self._meta)
+            txn.put(META_REVISION, str(out.revision).encode(), db=self._meta)
+            if out.reset_engine:
+                self.engine = Engine.from_records(self._engine_records(txn))
+        if self.on_apply is not None:
+            self.on_apply(out)
+        return out.result
+
+    # --- reads ------------------------------------------------------------------------------
+
+    def get(self, ns: str, key: str) -> sm.Record | None:
+        with self._lock, self.env.begin() as txn:
+            raw = txn.get(_kv_key(ns, key), db=self._kv)
+            return _dec(raw) if raw is not None else None
+
+    def scan(self, ns: str, after: str = "", limit: int = 100) -> list[tuple[str, sm.Record]]:
+        """Records of ``ns`` with keys after ``after``, in key order, at most ``limit``."""
+        prefix = ns.encode() + b"\x00"
+        out: list[tuple[str, sm.Record]] = []
+        with self._lock, self.env.begin() as txn:
+            cur = txn.cursor(self._kv)
+            start = prefix + after.encode()
+            if not cur.set_range(start):
+                return out
+            for k, v in cur:
+                if not k.startswith(prefix):
+                    break
+                key = bytes(k[len(prefix) :]).decode()
+                if key == after and after:
+                    continue
+                out.append((key, _dec(v)))
+                if len(out) >= limit:
+                    break
+        return out
+
+    def iter_all(self) -> Iterator[tuple[str, str, sm.Record]]:
+        with self._lock, self.env.begin() as txn:
+            for k, v in txn.cursor(self._kv):
+                ns, _, key = bytes(k).partition(b"\x00")
+                yield ns.decode(), key.decode(), _dec(v)
+
+    def dump(self) -> dict[str, Any]:
+        """The whole replicated state as plain data (to compare replicas)."""
+        with self._lock, self.env.begin() as txn:
+            records: dict[str, dict[str, Any]] = {}
+            for k, v in txn.cursor(self._kv):
+                ns, _, key = bytes(k).partition(b"\x00")
+                records.setdefault(ns.decode(), {})[key.decode()] = _dec(v).to_json()
+            engine: dict[str, dict[str, Any]] = {}
+            for ns, key, raw in self._engine_records(txn):
+                engine.setdefault(ns, {})[key] = json.loads(raw)
+            return {
+                "applied_index": self._meta_int(txn, META_APPLIED),
+                "revision": self._meta_int(txn, META_REVISION),
+                "records": records,
+                "engine": engine,
+            }
+
+    def size_info(self) -> dict[str, int]:
+        info = self.env.info()
+        stat = self.env.stat()
+        data_file = self.dir / "data.mdb"
+        return {
+            "file_size_bytes": data_file.stat().st_size if data_file.exists() else 0,
+            "used_bytes": (info["last_pgno"] + 1) * stat["psize"],
+            "map_size_bytes": info["map_size"],
+        }
+
+    # --- snapshots --------------------------------------------------------------------------
+
+    def write_snapshot(self, path: Path, header: dict[str, Any]) -> dict[str, Any]:
+        """Write a consistent copy of the state to ``path`` (fsynced), with ``header``."""
+        tmp_dir = path.with_name(path.name + ".copy")
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        tmp_dir.mkdir(parents=True)
+        with self._lock:
+            self.env.sync(True)
+            with self.env.begin() as txn:
+                header = {
+                    **header,
+                    "applied_index": self._meta_int(txn, META_APPLIED),
+                    "revision": self._meta_int(txn, META_REVISION),
+                }
+            self.env.copy(str(tmp_dir), compact=True)
+        try:
+            with open(path, "wb") as out, open(tmp_dir / "data.mdb", "rb") as src:
+                write_header(out, SNAPSHOT_MAGIC, header)
+                shutil.copyfileobj(src, out, _COPY_CHUNK_BYTES)
+                out.flush()
+                os.fsync(out.fileno())
+        finally:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        return header
+
+    @staticmethod
+    def read_snapshot_header(path: Path) -> tuple[dict[str, Any], int]:
+        header, offset, _ = read_snapshot_header(path, SNAPSHOT_MAGIC)
+        return header, offset
+
+    def install_snapshot(self, path: Path, force: bool = False) -> bool:
+        """Replace the live state with the snapshot's if the snapshot is newer (or ``force``).
+
+        Returns True when the state was replaced."""
+        header, offset = self.read_snapshot_header(path)
+        if not force and header["applied_index"] <= self.applied_index:
+            return False
+        new_dir = self.dir.with_name(self.dir.name + ".new")
+        old_dir = self.dir.with_name(self.dir.name + ".old")
+        shutil.rmtree(new_dir, ignore_errors=True)
+        new_dir.mkdir(parents=True)
+        with open(path, "rb") as src, open(new_dir / "data.mdb", "wb") as dst:
+            src.seek(offset)
+            shutil.copyfileobj(src, dst, _COPY_CHUNK_BYTES)
+            dst.flush()
+            os.fsync(dst.fileno())
+        with self._lock:
+            self.env.close()
+            shutil.rmtree(old_dir, ignore_errors=True)
+            os.replace(self.dir, old_dir)
+            os.replace(new_dir, self.dir)
+            fsync_dir(self.dir.parent)
+            shutil.rmtree(old_dir, ignore_errors=True)
+            self._open()
+        return True

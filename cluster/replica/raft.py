@@ -1,0 +1,363 @@
+"""The pysyncobj adapter: durable journal and transport, LMDB snapshots, safe settings.
+
+What this closes in pysyncobj as shipped (see docs/design.md):
+
+- the log, term, vote and commit index live in LMDB (:class:`LmdbJournal`), and the one
+  egress point, :meth:`DurableTransport.send`, fsyncs every pending promise before a message
+  leaves the node (group commit);
+- the changes to pysyncobj itself are in ``pysyncobj_patches`` (installed explicitly first);
+- Raft traffic is always encrypted and authenticated with the cluster secret, so a stranger's
+  pickled payload is dropped before it is unpickled;
+- a proposal without a leader fails at once (``commandsWaitLeader=False``), a leader that
+  hears from no majority steps down after ``leader_fallback_timeout_s``, and nodes reconnect
+  every ``connection_retry_s``;
+- snapshots are consistent LMDB copies of the state, sent to followers that fell behind.
+
+Everything in this class runs on pysyncobj's tick thread unless a method says otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pysyncobj.pickle as pysyncobj_pickle
+from pysyncobj import SyncObj, SyncObjConf, replicated
+from pysyncobj.config import FAIL_REASON
+from pysyncobj.node import TCPNode
+from pysyncobj.pipe_notifier import PipeNotifier
+from pysyncobj.transport import TCPTransport
+
+from tetherlab.cluster.core.config import NodeConfig
+from tetherlab.cluster.replica import pysyncobj_patches
+from tetherlab.cluster.replica.journal import LmdbJournal, fsync_dir
+from tetherlab.cluster.replica.lmdbstore import LmdbStore
+from tetherlab.cluster.replica.store import entry_from_json, entry_to_json
+
+log = logging.getLogger("tetherlab.raft")
+
+ROLE_NAMES = {0: "follower", 1: "candidate", 2: "leader"}
+_STATUS_REFRESH_S = 0.05  # the status snapshot other threads read is at most this old
+_STATE_SYNC_INTERVAL_S = 1.0  # bound on state writes a machine crash can lose (replayed from the log)
+
+class DurableTransport(TCPTransport):
+    """pysyncobj's TCP transport with one rule added: nothing leaves before it is durable.
+
+    It also times append-entries round trips per peer (first unanswered send to the answer)."""
+
+    def send(self, node: Any, message: Any) -> bool:
+        so = self._syncObj
+        journal: LmdbJournal | None = getattr(so, "_tl_journal", None)
+        if journal is not None:
+            journal.flush()
+        if isinstance(message, dict) and message.get("type") == "append_entries":
+            so._tl_rtt_pending.setdefault(node, time.monotonic())
+        return bool(super().send(node, message))
+
+    def _onMessageReceived(self, node: Any, message: Any) -> None:
+        if isinstance(message, dict) and message.get("type") == "next_node_idx":
+            t0 = self._syncObj._tl_rtt_pending.pop(node, None)
+            on_rtt = self._syncObj._tl_on_rtt
+            if t0 is not None and on_rtt is not None:
+                on_rtt(self._syncObj._tl_addr_to_id.get(node.address, node.address), time.monotonic() - t0)
+        super()._onMessageReceived(node, message)
+
+
+REGULAR_COMMAND = 0  # pysyncobj's _COMMAND_TYPE.REGULAR: a call of a replicated method
+
+
+def payload_of(command: bytes) -> bytes | None:
+    """The state-machine payload a log entry carries (the argument of ``RaftNode._tl_apply``),
+    or None for pysyncobj's own entries (no-ops, membership and version changes)."""
+    if not command or command[0] != REGULAR_COMMAND:
+        return None
+    call = pysyncobj_pickle.loads(command[1:])
+    if isinstance(call, tuple) and len(call) >= 2 and call[1] and isinstance(call[1][0], bytes):
+        return bytes(call[1][0])
+    return None
+
+
+class FailReason:
+    """pysyncobj's failure codes sorted by what they tell a client."""
+
+    NOT_APPLIED = {FAIL_REASON.QUEUE_FULL, FAIL_REASON.MISSING_LEADER, FAIL_REASON.NOT_LEADER,
+                   FAIL_REASON.REQUEST_DENIED, FAIL_REASON.DISCARDED}
+    NAMES = {
+        FAIL_REASON.QUEUE_FULL: "queue_full",
+        FAIL_REASON.MISSING_LEADER: "no_leader",
+        FAIL_REASON.DISCARDED: "discarded",
+        FAIL_REASON.NOT_LEADER: "not_leader",
+        FAIL_REASON.LEADER_CHANGED: "leader_changed",
+        FAIL_REASON.REQUEST_DENIED: "denied",
+        FAIL_REASON.UNKNOWN_OUTCOME: "unknown_outcome",
+    }
+
+
+Callback = Callable[[Any, int], None]
+
+
+class RaftNode(SyncObj):
+    """One Raft member whose state machine is a :class:`LmdbStore`.
+
+    Properties are deliberately avoided: SyncObj's constructor calls ``getattr`` on every
+    attribute name to find replicated methods, before our fields exist.
+    """
+
+    def __init__(
+        self,
+        cfg: NodeConfig,
+        secret: bytes,
+        store: LmdbStore,
+        on_fsync: Callable[[float], None] | None = None,
+        on_state_changed: Callable[[str, str], None] | None = None,
+        on_rtt: Callable[[str, float], None] | None = None,
+        on_apply_seconds: Callable[[float], None] | None = None,
+    ) -> None:
+        missing = {"journal_factory", "frame_bound", "socket_timeouts"} - set(pysyncobj_patches.installed())
+        if missing:
+            raise RuntimeError(f"pysyncobj_patches.install() must run before a RaftNode starts "
+                               f"(missing {sorted(missing)})")
+        self._tl_cfg = cfg
+        self._tl_store = store
+        self._tl_on_state_changed = on_state_changed
+        self._tl_on_rtt = on_rtt
+        self._tl_on_apply_seconds = on_apply_seconds
+        self._tl_rtt_pending: dict[Any, float] = {}
+        self._tl_addr_to_id = {str(n.raft): n.id for n in cfg.all_nodes()}
+        raft_dir = cfg.data_dir / "raft"
+        self._tl_journal = LmdbJournal(raft_dir, cfg.raft.log_map_size_bytes, on_fsync=on_fsync)
+        self._tl_snapshot_file = cfg.data_dir / "snapshot.tls"
+        self._tl_notifier: PipeNotifier | None = None
+        self._tl_last_sent: tuple[int | None, int] = (None, -1)
+        self._tl_syncer: threading.Thread | None = None
+        self._tl_stopping = threading.Event()
+        self._tl_status: dict[str, Any] = {}
+        self._tl_status_at = 0.0
+        self._tl_leader_changes = 0
+        self._tl_last_leader: str | None = None
+        self._tl_snapshots_taken = 0
+        self._tl_snapshots_installed = 0
+        self._tl_ready = threading.Event()
+        key = pysyncobj_patches.register_journal(f"{pysyncobj_patches.JOURNAL_KEY_PREFIX}{raft_dir}", self._tl_journal)
+        t = cfg.raft
+        conf = SyncObjConf(
+            password=secret.decode(),
+            autoTick=True,
+            commandsWaitLeader=False,
+            raftMinTimeout=t.election_timeout_min_s,
+            raftMaxTimeout=t.election_timeout_max_s,
+            appendEntriesPeriod=t.heartbeat_interval_s,
+            leaderFallbackTimeout=t.leader_fallback_timeout_s,
+            connectionTimeout=t.connection_timeout_s,
+            connectionRetryTime=t.connection_retry_s,
+            logCompactionMinEntries=t.compaction_min_entries,
+            logCompactionMinTime=t.compaction_min_time_s,
+            journalFile=key,
+            fullDumpFile=str(self._tl_snapshot_file),
+            serializer=self._tl_serialize,
+            deserializer=self._tl_deserialize,
+            dynamicMembershipChange=True,
+            onStateChanged=self._tl_state_changed,
+            # Bounded queue of proposals waiting for the tick thread.
+            commandsQueueSize=20000,
+            # Dead peers are noticed by TCP within about 3 s even when packets are silently dropped.
+            tcp_keepalive=(1, 1, 3),
+            # Listen on the configured address only (pysyncobj would bind 0.0.0.0).
+            bindAddress=str(cfg.node.raft),
+            bindRetryTime=0.2,
+            maxBindRetries=25,
+        )
+        super().__init__(str(cfg.node.raft), [str(p.raft) for p in cfg.peers], conf,
+                         transportClass=DurableTransport)
+        self.addOnTickCallback(self._tl_on_tick)
+
+    # --- tick thread ------------------------------------------------------------------------
+
+    def _tl_on_tick(self) -> None:
+        if self._tl_notifier is None:
+            self._tl_notifier = PipeNotifier(self._poller)
+        # Send new entries as soon as they are in the log, not on the next heartbeat: the
+        # batch is whatever arrived in this tick, and it shares one fsync.
+        # A new commit index goes out at once too, so followers apply (and answer reads) without
+        # waiting for the next heartbeat.
+        sent = (self._tl_journal._last, self.raftCommitIndex)
+        if self._isLeader() and sent != self._tl_last_sent:
+            self._tl_last_sent = sent
+            self._SyncObj__sendAppendEntries()  # type: ignore[attr-defined]
+        now = time.monotonic()
+        if self._tl_syncer is None:
+            # The state's periodic fsync runs beside the Raft thread, never inside it.
+            self._tl_syncer = threading.Thread(target=self._tl_sync_state, name="state-sync", daemon=True)
+            self._tl_syncer.start()
+        if now - self._tl_status_at >= _STATUS_REFRESH_S:
+            self._tl_status_at = now
+            self._tl_status = self._tl_compute_status(now)
+            self._tl_ready.set()
+
+    def _tl_compute_status(self, now: float) -> dict[str, Any]:
+        state = self._SyncObj__raftState  # type: ignore[attr-defined]
+        role = ROLE_NAMES.get(state, "unknown")
+        deadline = self._SyncObj__raftElectionDeadline  # type: ignore[attr-defined]
+        leader = self._getLeader()
+        # pysyncobj keeps a dead leader's name until it can start an election (which it never
+        # does while it reaches nobody): a follower only vouches for a leader it still hears.
+        if role == "follower" and deadline <= now:
+            leader = None
+        leader_addr = leader.address if leader is not None else None
+        leader_id = self._tl_addr_to_id.get(leader_addr) if leader_addr else None
+        if leader_id != self._tl_last_leader and leader_id is not None:
+            self._tl_leader_changes += 1
+        self._tl_last_leader = leader_id
+        peers: dict[str, dict[str, Any]] = {}
+        last_resp: dict[Any, float] = dict(self._SyncObj__lastResponseTime)  # type: ignore[attr-defined]
+        match: dict[Any, int] = dict(self._SyncObj__raftMatchIndex)  # type: ignore[attr-defined]
+        acks = 1
+        quorum_window_s = self._tl_cfg.raft.election_timeout_min_s
+        for node in self.otherNodes:
+            pid = self._tl_addr_to_id.get(node.address, node.address)
+            resp = last_resp.get(node)
+            fresh = role == "leader" and resp is not None and now - resp < quorum_window_s
+            acks += 1 if fresh else 0
+            peers[pid] = {
+                "address": node.address,
+                "connected": self.isNodeConnected(node),
+                "match_index": match.get(node) if role == "leader" else None,
+                "last_response_age_s": round(now - resp, 3) if (role == "leader" and resp) else None,
+            }
+        members = len(self.otherNodes) + 1
+        quorum_backed = role == "leader" and acks * 2 > members
+        # A follower is in touch with a leader while its election timer keeps being reset.
+        following = role == "follower" and leader_id is not None and deadline > now
+        return {
+            "id": self._tl_cfg.id,
+            "role": role,
+            "term": self.raftCurrentTerm,
+            "leader": leader_id,
+            "leader_raft": leader_addr,
+            "commit_index": self.raftCommitIndex,
+            "applied_index": self.raftLastApplied,
+            "log": self._tl_journal.stats(),
+            "peers": peers,
+            # A leader is quorum-backed while a majority answered it within an election timeout:
+            # no other leader can have been elected in that window.
+            "quorum_backed": quorum_backed,
+            "quorum_ok": quorum_backed or following,
+            "has_quorum_connections": self.hasQuorum,
+            "leader_changes": self._tl_leader_changes,
+            "snapshots_taken": self._tl_snapshots_taken,
+            "snapshots_installed": self._tl_snapshots_installed,
+            "fsyncs": self._tl_journal.fsyncs,
+            "at_monotonic": now,
+        }
+
+    def _tl_state_changed(self, old: int, new: int) -> None:
+        log.info("raft role %s -> %s (term %d)", ROLE_NAMES.get(old), ROLE_NAMES.get(new), self.raftCurrentTerm)
+        if self._tl_on_state_changed is not None:
+            self._tl_on_state_changed(ROLE_NAMES.get(old, "?"), ROLE_NAMES.get(new, "?"))
+
+    @replicated
+    def _tl_apply(self, payload: bytes) -> Any:
+        # The entry being applied is at raftLastApplied + 1 (pysyncobj bumps it afterwards).
+        index = self.raftLastApplied + 1
+        try:
+            t0 = time.perf_counter()
+            res = self._tl_store.apply(index, payload)
+            if self._tl_on_apply_seconds is not None:
+                self._tl_on_apply_seconds(time.perf_counter() - t0)
+            return res
+        except Exception:
+            # A store that cannot apply (disk full, corruption) must not let this node carry on
+            # with a state that differs from its peers': stop, and let the supervisor restart it.
+            log.critical("cannot apply raft entry %d; stopping the node", index, exc_info=True)
+            os._exit(70)
+
+    def _tl_serialize(self, filename: str, data: Any) -> None:
+        last, prev, cluster = data
+        header = {
+            "last": entry_to_json(last),
+            "prev": entry_to_json(prev),
+            "cluster": sorted(n.address for n in cluster),
+            "node": self._tl_cfg.id,
+        }
+        self._tl_store.write_snapshot(Path(filename), header)
+        self._tl_snapshots_taken += 1
+        log.info("snapshot taken at raft index %d", last[1])
+
+    def _tl_deserialize(self, filename: str) -> tuple[Any, Any, Any]:
+        path = Path(filename)
+        # pysyncobj writes a received snapshot without fsync: make it durable before we rely on it.
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        fsync_dir(path.parent)
+        header, _ = LmdbStore.read_snapshot_header(path)
+        if self._tl_store.install_snapshot(path):
+            self._tl_snapshots_installed += 1
+            log.info("installed snapshot up to raft index %d", header["last"][1])
+        cluster = {TCPNode(a) for a in header["cluster"]}
+        return entry_from_json(header["last"]), entry_from_json(header["prev"]), cluster
+
+    def _tl_sync_state(self) -> None:
+        while not self._tl_stopping.wait(_STATE_SYNC_INTERVAL_S):
+            try:
+                self._tl_store.sync_unlocked()
+            except Exception:  # the env may be mid-swap (snapshot install): next round
+                log.debug("state sync skipped", exc_info=True)
+
+    # --- any thread -------------------------------------------------------------------------
+
+    def tl_submit(self, payload: bytes, callback: Callback) -> None:
+        """Queue a command; ``callback(result, fail_code)`` runs on the tick thread."""
+        self._tl_apply(payload, callback=callback)
+        self.tl_wake()
+
+    def tl_wake(self) -> None:
+        """Wake the tick thread so queued work goes out now, not at the next poll timeout."""
+        notifier = self._tl_notifier
+        if notifier is not None:
+            try:
+                notifier.notify()
+            except BlockingIOError:
+                pass  # the pipe is full: the tick thread is already awake
+
+    def tl_status(self) -> dict[str, Any]:
+        return self._tl_status
+
+    def tl_name_member(self, raft_addr: str, node_id: str) -> None:
+        """Know the member at ``raft_addr`` as ``node_id`` (members added online)."""
+        self._tl_addr_to_id[raft_addr] = node_id
+
+    def tl_member_id(self, raft_addr: str) -> str:
+        """The id of the member at ``raft_addr`` (the address itself when unknown)."""
+        return self._tl_addr_to_id.get(raft_addr, raft_addr)
+
+    def tl_log_sizes(self) -> dict[str, int]:
+        """The LMDB log environment's file size, used bytes and map size."""
+        env = self._tl_journal.env
+        info, stat = env.info(), env.stat()
+        data_file = self._tl_journal.path / "data.mdb"
+        return {
+            "file_size_bytes": data_file.stat().st_size if data_file.exists() else 0,
+            "used_bytes": (info["last_pgno"] + 1) * stat["psize"],
+            "map_size_bytes": info["map_size"],
+        }
+
+    def tl_wait_ready(self, timeout_s: float) -> bool:
+        return self._tl_ready.wait(timeout_s)
+
+    def tl_destroy(self, timeout_s: float) -> bool:
+        """Stop the tick thread (it flushes and closes the journal); False if it did not stop."""
+        self._tl_stopping.set()
+        self.destroy()
+        thread: threading.Thread | None = self._SyncObj__thread  # type: ignore[attr-defined]
+        if thread is not None:
+            thread.join(timeout_s)
+            return not thread.is_alive()
+        return True
+
+    def tl_compact(self) -> None:
+        self.forceLogCompaction()

@@ -1,0 +1,343 @@
+"""The node's service over the in-memory replica and a fake clock: what used to need three
+processes, real SSH and real time (authorisation, routing, batching, membership, revocation)
+runs here in milliseconds."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from tetherlab.cluster import protocol as p
+from tetherlab.cluster.core import statemachine as sm
+from tetherlab.cluster.core.config import ClusterSettings
+from tetherlab.cluster.node.clock import FakeClock
+from tetherlab.cluster.node.duties import EXPIRE_INTERVAL_S, LeaderDuties
+from tetherlab.cluster.node.errors import Indeterminate, Unavailable
+from tetherlab.cluster.node.fake import FakeReplica
+from tetherlab.cluster.node.keys import KEYS_NS, make_registered
+from tetherlab.cluster.node.metrics import NodeMetrics
+from tetherlab.cluster.node.replica import encode_command
+from tetherlab.cluster.node.service import Identity, Peer, Service, ServiceSettings
+
+REGISTRY = """
+[[concept]]
+id = "auth.session-store-contract"
+title = "Session store contract"
+paths = ["src/auth/session_store.py"]
+aliases = ["session store"]
+
+[[concept]]
+id = "api.routes"
+title = "Route handlers"
+paths = ["src/api/routes/"]
+aliases = ["route handlers"]
+depends_on = ["auth.session-store-contract"]
+"""
+PUBKEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl dana@example"
+ADMIN = Identity("admin", "admin", "SHA256:admin")
+ALICE = Identity("alice", "developer", "SHA256:alice")
+BOB = Identity("bob", "developer", "SHA256:bob")
+
+
+class FakeConnections:
+    def __init__(self) -> None:
+        self.pushed: list[tuple[str, p.Message]] = []
+        self.dropped: list[str] = []
+
+    def push(self, agent_id: str, msg: p.Message) -> int:
+        self.pushed.append((agent_id, msg))
+        return 1
+
+    def drop_key(self, key_id: str, reason: str) -> None:
+        self.dropped.append(key_id)
+
+
+class Rig:
+    def __init__(self, members: int = 3) -> None:
+        self.replica = FakeReplica("n1", {f"n{i}": {"raft": f"10.0.0.{i}:7100", "ssh": f"10.0.0.{i}:7200"}
+                                          for i in range(1, members + 1)})
+        for i in range(2, members + 1):
+            self.replica.set_peer(f"n{i}", 0.1)
+        self.clock = FakeClock()
+        self.conns = FakeConnections()
+        self.service = Service(self.replica, self.clock, ServiceSettings("n1", "test", remote="git@x:acme/shop.git",
+                                                                         healthy_window_s=1.0),
+                               NodeMetrics(), self.conns)
+        self._ids = 0
+
+    async def call(self, who: Identity, cls: type[p.Request], peer: Peer | None = None, **fields: Any) -> p.Message:
+        self._ids += 1
+        return await self.service.handle(who, cls(id=self._ids, **fields), peer)
+
+    async def ok(self, who: Identity, cls: type[p.Request], **fields: Any) -> dict[str, Any]:
+        reply = await self.call(who, cls, **fields)
+        assert isinstance(reply, p.Result), reply
+        return reply.payload
+
+    async def session(self, who: Identity) -> str:
+        agent = f"{who.developer}/{uuid.uuid4()}"
+        await self.ok(who, p.OpenSession, agent_id=agent, tool="claude-code", machine="laptop",
+                      repo_remote="git@x:acme/shop.git", base_commit="abcdef1")
+        return agent
+
+
+def run(body: Callable[[Rig], Awaitable[None]], members: int = 3) -> None:
+    asyncio.run(body(Rig(members)))
+
+
+def test_ping_and_status_are_answered_by_any_node() -> None:
+    async def body(r: Rig) -> None:
+        r.replica.set_role("follower", leader=None)
+        assert isinstance(await r.call(ALICE, p.Ping), p.Result)
+        status = await r.ok(ALICE, p.Status)
+        assert status["role"] == "follower" and status["quorum_backed"] is False
+    run(body)
+
+
+def test_a_developer_acts_only_for_their_own_agents() -> None:
+    async def body(r: Rig) -> None:
+        reply = await r.call(BOB, p.OpenSession, agent_id=f"alice/{uuid.uuid4()}", tool="t", machine="m",
+                             repo_remote="git@x:acme/shop.git", base_commit="abcdef1")
+        assert isinstance(reply, p.Error) and reply.code == "forbidden" and "alice" in reply.message
+        agent = await r.session(ALICE)
+        reply = await r.call(BOB, p.Heartbeat, agent_ids=(agent,))
+        assert isinstance(reply, p.Error) and reply.code == "forbidden"
+    run(body)
+
+
+def test_admin_requests_need_an_admin_key() -> None:
+    async def body(r: Rig) -> None:
+        for cls, fields in [(p.KeysList, {}), (p.ConceptsPush, {"toml": REGISTRY}),
+                            (p.IntentsRevoke, {"intent_id": "i-1"}), (p.ClusterRemove, {"node_id": "n2"})]:
+            reply = await r.call(ALICE, cls, **fields)
+            assert isinstance(reply, p.Error) and reply.code == "forbidden", (cls, reply)
+            assert "admin key" in reply.message
+        assert r.replica.log == []  # nothing reached the log
+    run(body)
+
+
+def test_a_follower_redirects_to_the_leaders_ssh_address() -> None:
+    async def body(r: Rig) -> None:
+        r.replica.set_role("follower", leader="n2")
+        reply = await r.call(ALICE, p.Heartbeat, agent_ids=(f"alice/{uuid.uuid4()}",))
+        assert isinstance(reply, p.Redirect) and reply.leader_id == "n2" and reply.leader_address == "10.0.0.2:7200"
+    run(body)
+
+
+def test_without_a_quorum_backed_leader_every_request_is_unavailable() -> None:
+    async def body(r: Rig) -> None:
+        r.replica.set_role("follower", leader=None)
+        reply = await r.call(ALICE, p.WorldSlice, agent_id=f"alice/{uuid.uuid4()}")
+        assert isinstance(reply, p.Unavailable) and reply.reason == "no_leader"
+        r.replica.set_role("leader", quorum_backed=False)  # a leader cut off from its majority
+        reply = await r.call(ALICE, p.WorldSlice, agent_id=f"alice/{uuid.uuid4()}")
+        assert isinstance(reply, p.Unavailable) and reply.reason == "no_quorum"
+        assert r.replica.log == []
+    run(body)
+
+
+def test_a_proposal_that_fails_or_times_out_becomes_unavailable_never_a_verdict() -> None:
+    async def body(r: Rig) -> None:
+        agent = await r.session(ALICE)
+        intent = p.Intent(summary="Rework the session store", steps=("x",))
+        r.replica.fail_next(Unavailable("not_leader"))
+        reply = await r.call(ALICE, p.SubmitIntent, agent_id=agent, tool="t", intent=intent, trigger="initial")
+        assert isinstance(reply, p.Unavailable) and reply.reason == "no_leader"
+        r.replica.fail_next(Indeterminate("timeout"))
+        reply = await r.call(ALICE, p.SubmitIntent, agent_id=agent, tool="t", intent=intent, trigger="initial")
+        assert isinstance(reply, p.Unavailable) and reply.reason == "timeout" and "retrying is safe" in reply.message
+    run(body)
+
+
+def test_verdicts_through_the_service_continue_then_stop_naming_the_holder() -> None:
+    async def body(r: Rig) -> None:
+        await r.ok(ADMIN, p.ConceptsPush, toml=REGISTRY)
+        alice, bob = await r.session(ALICE), await r.session(BOB)
+        v1 = await r.ok(ALICE, p.SubmitIntent, agent_id=alice, tool="t", trigger="initial",
+                        intent=p.Intent(summary="Deprecate the session store", steps=("replace it",)))
+        assert v1["action"] == "continue" and v1["fencing_token"] > 0
+        v2 = await r.ok(BOB, p.SubmitIntent, agent_id=bob, tool="t", trigger="initial",
+                        intent=p.Intent(summary="Add route handlers on top of the session store", steps=("x",)))
+        assert v2["action"] == "stop"
+        assert any(c["holder_agent_id"] == alice for c in v2["conflicts"])
+    run(body)
+
+
+def test_concurrent_heartbeats_share_one_log_entry() -> None:
+    async def body(r: Rig) -> None:
+        agents = [await r.session(ALICE) for _ in range(20)]
+        before = len(r.replica.commands("heartbeat"))
+        replies = await asyncio.gather(*(r.ok(ALICE, p.Heartbeat, agent_ids=(a,)) for a in agents))
+        assert all(rep["lapsed"] == [] and rep["unknown"] == [] for rep in replies)
+        assert len(r.replica.commands("heartbeat")) - before == 1
+    run(body)
+
+
+def test_a_heartbeat_for_a_forgotten_session_says_unknown() -> None:
+    async def body(r: Rig) -> None:
+        ghost = f"alice/{uuid.uuid4()}"
+        rep = await r.ok(ALICE, p.Heartbeat, agent_ids=(ghost,))
+        assert rep["unknown"] == [ghost]
+    run(body)
+
+
+def test_revoking_a_key_closes_its_connections() -> None:
+    async def body(r: Rig) -> None:
+        added = await r.ok(ADMIN, p.KeysAdd, developer="dana", public_key=PUBKEY)
+        key_id = added["key"]["id"]
+        await r.ok(ADMIN, p.KeysRevoke, key_id=key_id[:20])  # a unique prefix is enough
+        assert r.conns.dropped == [key_id]
+        reply = await r.call(ADMIN, p.KeysRevoke, key_id=key_id)
+        assert isinstance(reply, p.Error) and reply.code == "unknown_key"
+    run(body)
+
+
+def test_revoking_an_intent_notifies_the_agents_connection() -> None:
+    async def body(r: Rig) -> None:
+        await r.ok(ADMIN, p.ConceptsPush, toml=REGISTRY)
+        alice = await r.session(ALICE)
+        v = await r.ok(ALICE, p.SubmitIntent, agent_id=alice, tool="t", trigger="initial",
+                       intent=p.Intent(summary="Deprecate the session store", steps=("x",)))
+        await r.ok(ADMIN, p.IntentsRevoke, intent_id=v["intent_id"], revert=True)
+        (agent, msg), = r.conns.pushed
+        assert agent == alice and isinstance(msg, p.Revoked) and msg.revert and msg.intent_id == v["intent_id"]
+    run(body)
+
+
+def test_membership_changes_that_would_lose_quorum_are_refused() -> None:
+    async def body(r: Rig) -> None:
+        r.replica.set_peer("n2", None)  # n2 and n3 stopped answering: 1 healthy of 3
+        r.replica.set_peer("n3", None)
+        reply = await r.call(ADMIN, p.ClusterAdd, node_id="n4", raft="10.0.0.4:7100", ssh="10.0.0.4:7200",
+                             http="10.0.0.4:7300")
+        assert isinstance(reply, p.Error) and reply.code == "would_lose_quorum"
+        r.replica.set_peer("n2", 0.1)  # 2 healthy of 3: removing a healthy member leaves 1 of 2
+        reply = await r.call(ADMIN, p.ClusterRemove, node_id="n2")
+        assert isinstance(reply, p.Error) and reply.code == "would_lose_quorum"
+        assert r.replica.membership_changes == []
+        # removing the dead one keeps 2 of 2
+        assert (await r.ok(ADMIN, p.ClusterRemove, node_id="n3"))["removed"] == "n3"
+        assert r.replica.membership_changes == [(False, "10.0.0.3:7100")]
+    run(body)
+
+
+def test_removing_the_leader_hands_leadership_over_first() -> None:
+    async def body(r: Rig) -> None:
+        reply = await r.call(ADMIN, p.ClusterRemove, node_id="n1")
+        assert isinstance(reply, p.Error) and reply.code == "leader_moving"
+        assert r.replica.transfers == 1 and r.replica.membership_changes == []
+    run(body)
+
+
+def test_adding_a_member_records_its_addresses_then_changes_membership() -> None:
+    async def body(r: Rig) -> None:
+        out = await r.ok(ADMIN, p.ClusterAdd, node_id="n4", raft="10.0.0.4:7100", ssh="10.0.0.4:7200",
+                         http="10.0.0.4:7300")
+        assert out["members"] == ["n1", "n2", "n3", "n4"]
+        assert r.replica.membership_changes == [(True, "10.0.0.4:7100")]
+        assert r.replica.store.get("members", "n4") is not None
+    run(body)
+
+
+def test_failed_closed_reports_count_for_five_minutes_of_clock() -> None:
+    async def body(r: Rig) -> None:
+        agent = f"alice/{uuid.uuid4()}"
+        await r.ok(ALICE, p.ShimReport, agent_id=agent, event="failed_closed", at_unix_ms=1, detail="cut off")
+        assert r.service.failing_closed() == 1
+        r.clock.advance(301)
+        assert r.service.failing_closed() == 0
+    run(body)
+
+
+# --- leader duties ----------------------------------------------------------------------------
+
+
+def _duties(r: Rig, admin_key: str = PUBKEY) -> tuple[LeaderDuties, list[str]]:
+    lost: list[str] = []
+    d = LeaderDuties(r.replica, r.clock, ClusterSettings("git@x:acme/shop.git", (admin_key,), "admin", 30),
+                     NodeMetrics(), on_lost_leadership=lost.append)
+    return d, lost
+
+
+def test_leader_duties_bootstrap_once_then_extend_sessions_once_per_term() -> None:
+    async def body(r: Rig) -> None:
+        d, _ = _duties(r)
+        await d.step()
+        key = make_registered("admin", "admin", PUBKEY)
+        assert r.replica.store.get(KEYS_NS, key.id) is not None
+        assert r.replica.store.get("meta", "bootstrapped") is not None
+        assert len(r.replica.commands("leader_elected")) == 1
+        await d.step()
+        await d.step()
+        assert len(r.replica.commands("leader_elected")) == 1
+        assert len(r.replica.commands("txn")) == 1  # bootstrap ran once
+        r.replica.set_role("leader", term=2)
+        await d.step()
+        assert len(r.replica.commands("leader_elected")) == 2
+    run(body)
+
+
+def test_a_revoked_bootstrap_admin_key_is_never_re_added() -> None:
+    async def body(r: Rig) -> None:
+        d, _ = _duties(r)
+        await d.step()
+        key = make_registered("admin", "admin", PUBKEY)
+        await r.replica.propose(encode_command(sm.Delete(KEYS_NS, key.id)))
+        d2, _ = _duties(r)  # a new leader (or a restart) runs its duties from scratch
+        await d2.step()
+        assert r.replica.store.get(KEYS_NS, key.id) is None
+    run(body)
+
+
+def test_expiry_sweeps_run_every_interval_of_the_injected_clock() -> None:
+    async def body(r: Rig) -> None:
+        d, _ = _duties(r)
+        await d.step()
+        await d.step()
+        assert r.replica.commands("expire") == []
+        r.clock.advance(EXPIRE_INTERVAL_S)
+        await d.step()
+        assert len(r.replica.commands("expire")) == 1
+    run(body)
+
+
+def test_sessions_lapse_on_the_leaders_clock_only_after_the_ttl() -> None:
+    async def body(r: Rig) -> None:
+        d, _ = _duties(r)
+        await d.step()
+        agent = await r.session(ALICE)
+        for _ in range(3):
+            r.clock.advance(10.0)
+            await d.step()
+        assert r.replica.store.engine_view(lambda e: e.get_session(agent))["status"] == "open"
+        r.clock.advance(10.0)
+        await d.step()
+        assert r.replica.store.engine_view(lambda e: e.get_session(agent))["status"] == "lapsed"
+    run(body)
+
+
+def test_losing_quorum_backing_fails_pending_proposals_and_restarts_the_term() -> None:
+    async def body(r: Rig) -> None:
+        d, lost = _duties(r)
+        await d.step()
+        r.replica.set_role("leader", quorum_backed=False)
+        await d.step()
+        assert lost and "lost its quorum-backed leadership" in lost[0]
+        r.replica.set_role("leader")
+        await d.step()
+        assert len(r.replica.commands("leader_elected")) == 2
+    run(body)
+
+
+@pytest.mark.parametrize("seconds", [0.0, 0.5])
+def test_the_fake_clock_only_moves_when_told(seconds: float) -> None:
+    c = FakeClock()
+    t0, ms0 = c.monotonic(), c.now_ms()
+    asyncio.run(c.sleep(seconds))
+    assert c.monotonic() - t0 == seconds and c.now_ms() - ms0 == int(seconds * 1000)
+    with pytest.raises(ValueError):
+        c.advance(-1)
