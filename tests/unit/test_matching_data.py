@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from tetherlab.cluster.engine.model import IntentBody
-from tetherlab.cluster.engine.registry import parse_toml
+from tetherlab.cluster.core.engine.model import IntentBody
+from tetherlab.cluster.core.engine.registry import parse_toml
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "matching"
 CODEBASES = sorted(p for p in DATA.iterdir() if p.is_dir())
