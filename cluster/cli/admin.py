@@ -30,7 +30,8 @@ def add_parsers(sub: Any, cluster_args: Any) -> None:
     s = ks.add_parser("add", help="register a public key for a developer")
     s.add_argument("developer")
     s.add_argument("pubkey", help="a .pub file, an authorized_keys line, or - for standard input")
-    s.add_argument("--role", choices=["developer", "admin"], default="developer")
+    s.add_argument("--role", choices=["developer", "admin", "verifier"], default="developer",
+                   help="developer (agents), admin (administration), verifier (a git server: verifies commits only)")
     cluster_args(s)
     s = ks.add_parser("list", help="list registered keys")
     cluster_args(s)

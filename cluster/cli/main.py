@@ -383,9 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--key", help="private key to use instead of the cluster file's admin_key")
         sp.add_argument("--json", action="store_true", help="print JSON")
 
-    from tetherlab.cluster.cli import admin
+    from tetherlab.cluster.cli import admin, git
 
     admin.add_parsers(sub, cluster_args)
+    git.add_parsers(sub)
 
     s = sub.add_parser("demo", help="the seed walkthrough: three scripted agents through real tether processes")
     s.add_argument("--dir", default=DEFAULT_DIR,

@@ -118,6 +118,9 @@ class ClusterSettings:
     # Agent sessions lapse after this long without a heartbeat. Shims stop their agent after
     # fail_closed_s without a confirmed heartbeat, which must stay below this minus a margin.
     session_ttl_s: int = 30
+    # Push-time verification of commits that carry no Tetherlab claim: "accept" (and report) or
+    # "refuse" (every commit must come from an agent under tether).
+    uncoordinated_commits: str = "accept"
 
 
 @dataclass(frozen=True)
@@ -197,6 +200,10 @@ def parse_node_config(data: dict[str, Any], path: Path) -> NodeConfig:
     ttl = cl.get("session_ttl_s", 30)
     if not isinstance(ttl, int) or isinstance(ttl, bool) or not 10 <= ttl <= 3600:
         raise ConfigError(f"{where}: [cluster].session_ttl_s must be a whole number of seconds in 10..3600")
+    uncoordinated = cl.get("uncoordinated_commits", "accept")
+    if uncoordinated not in ("accept", "refuse"):
+        raise ConfigError(f"{where}: [cluster].uncoordinated_commits must be \"accept\" or \"refuse\", "
+                          f"got {uncoordinated!r}")
 
     def _abs(p: str) -> Path:
         return Path(p) if Path(p).is_absolute() else base / p
@@ -209,7 +216,7 @@ def parse_node_config(data: dict[str, Any], path: Path) -> NodeConfig:
         raft=tuning,
         path=path,
         ssh_host_key=_abs(host_key) if host_key else None,
-        cluster=ClusterSettings(remote, tuple(admin_keys), admin_dev, ttl),
+        cluster=ClusterSettings(remote, tuple(admin_keys), admin_dev, ttl, uncoordinated),
     )
 
 
@@ -285,7 +292,9 @@ def render_node_config(cfg: NodeConfig) -> str:
             "[cluster]",
             {"remote": cfg.cluster.remote, "bootstrap_admin_keys": list(cfg.cluster.bootstrap_admin_keys),
              "bootstrap_admin_developer": cfg.cluster.bootstrap_admin_developer,
-             "session_ttl_s": cfg.cluster.session_ttl_s},
+             "session_ttl_s": cfg.cluster.session_ttl_s,
+             **({"uncoordinated_commits": cfg.cluster.uncoordinated_commits}
+                if cfg.cluster.uncoordinated_commits != "accept" else {})},
         ),
     ]
     for peer in cfg.peers:

@@ -67,9 +67,13 @@ class LeaderDuties:
         await self._bootstrap_once()
         meta: dict[str, Any] = self.replica.store.engine_view(lambda e: e.cluster_settings() or {})
         ttl_ms = self.settings.session_ttl_s * 1000
-        if (not meta and self.settings.remote) or (meta and meta.get("session_ttl_ms") != ttl_ms):
-            # First remote from the config, or the configured session TTL changed.
-            await self._engine(ec.Init(remote=meta.get("remote") or self.settings.remote, session_ttl_ms=ttl_ms))
+        policy = self.settings.uncoordinated_commits
+        changed = meta and (meta.get("session_ttl_ms") != ttl_ms
+                            or meta.get("uncoordinated_commits", "accept") != policy)
+        if (not meta and self.settings.remote) or changed:
+            # First remote from the config, or the configured session TTL or commit policy changed.
+            await self._engine(ec.Init(remote=meta.get("remote") or self.settings.remote, session_ttl_ms=ttl_ms,
+                                       uncoordinated_commits=policy))
         if self.elected_term != st.get("term"):
             await self._engine(ec.LeaderElected(now_ms=self.clock.now_ms()))
             self.elected_term = st.get("term")

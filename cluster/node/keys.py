@@ -12,7 +12,7 @@ import asyncssh
 
 KEYS_NS = "keys"
 DEVELOPER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # the shim protocol's developer names
-ROLES = ("developer", "admin")
+ROLES = ("developer", "admin", "verifier")  # verifier: a git server's key, push verification only
 _KEY_TYPES = re.compile(r"^(ssh-(ed25519|rsa|dss)|ecdsa-sha2-nistp\d+|sk-\S+@openssh\.com)$")
 
 

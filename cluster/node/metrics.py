@@ -73,6 +73,10 @@ class NodeMetrics:
             buckets=_FAST_BUCKETS_S, registry=r,
         )
         self.sessions_expired = Counter("tetherlab_sessions_expired", "Agent sessions expired.", registry=r)
+        self.push_commits_verified = Counter(
+            "tetherlab_push_commits_verified", "Commits judged by push-time verification, by result "
+            "(accepted, refused, uncoordinated: accepted without a claim).", ["result"], registry=r,
+        )
         self.shims_failing_closed = Gauge(
             "tetherlab_shims_failing_closed",
             "Shims that reported on reconnect they had failed closed, over the last 5 minutes.", registry=r,

@@ -128,7 +128,9 @@ class Service:
             if isinstance(req, p.Status):
                 return p.Result(id=req.id, payload=self._public_status())
             if req.admin and not who.is_admin:
-                raise Refused("forbidden", f"{req.type} needs an admin key; {who.developer}'s key is a developer key")
+                raise Refused("forbidden", f"{req.type} needs an admin key; {who.developer}'s key is a {who.role} key")
+            if who.role == "verifier" and not isinstance(req, p.VerifyCommits):
+                raise Refused("forbidden", f"{who.developer}'s key is a verifier key: it may only verify commits")
             routed = self._route(req)
             if routed is not None:
                 return routed
@@ -437,6 +439,23 @@ class Service:
         await self._propose_kv(sm.Delete(MEMBERS_NS, req.node_id))
         log.info("node %s removed from the cluster by %s", req.node_id, who.developer)
         return {"removed": req.node_id, "members": sorted(self.replica.members())}
+
+    # --- push-time fencing ------------------------------------------------------------------------
+
+    async def _h_verify_commits(self, who: Identity, req: p.VerifyCommits, ch: Peer | None) -> dict[str, Any]:
+        await self.replica.read_barrier()  # judged on every grant acknowledged before the push
+        commits = [c.to_json() for c in req.commits]
+        try:
+            out: dict[str, Any] = self.replica.store.engine_view(lambda e: e.verify_commits(commits))
+        except CommandError as e:
+            raise Refused(e.code, e.message) from None
+        for r in out["results"]:
+            result = "refused" if not r["ok"] else "uncoordinated" if r["uncoordinated"] else "accepted"
+            self.metrics.push_commits_verified.labels(result).inc()
+        refused = sum(not r["ok"] for r in out["results"])
+        if refused:
+            log.info("push verification by %s refused %d of %d commit(s)", who.developer, refused, len(commits))
+        return out
 
     # --- shim reports -------------------------------------------------------------------------
 

@@ -89,6 +89,8 @@ from tetherlab.cluster.protocol.framing import (
     ProtocolViolation,
 )
 from tetherlab.cluster.protocol.messages import (
+    KEY_ROLES,
+    MAX_COMMIT_PATHS,
     MESSAGE_TYPES,
     SHIM_EVENTS,
     TRIGGERS,
@@ -96,6 +98,7 @@ from tetherlab.cluster.protocol.messages import (
     Abandon,
     ClusterAdd,
     ClusterRemove,
+    CommitClaim,
     Complete,
     Concepts,
     ConceptsList,
@@ -130,6 +133,7 @@ from tetherlab.cluster.protocol.messages import (
     Unavailable,
     UnavailableReason,
     VerdictChanged,
+    VerifyCommits,
     WorldSlice,
     decode,
     encode,
@@ -144,6 +148,8 @@ from tetherlab.cluster.protocol.states import (
 
 __all__ = [
     "DEFAULT_LIST_LIMIT",
+    "KEY_ROLES",
+    "MAX_COMMIT_PATHS",
     "MAX_FRAME_BYTES",
     "MAX_ID_CHARS",
     "MAX_INT_ID",
@@ -170,6 +176,7 @@ __all__ = [
     "ClientConnection",
     "ClusterAdd",
     "ClusterRemove",
+    "CommitClaim",
     "Complete",
     "Concepts",
     "ConceptsList",
@@ -215,6 +222,7 @@ __all__ = [
     "Unavailable",
     "UnavailableReason",
     "VerdictChanged",
+    "VerifyCommits",
     "WorldSlice",
     "decode",
     "encode",

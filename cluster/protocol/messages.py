@@ -176,7 +176,8 @@ class WorldSlice(Request):
     agent_id: str = field(metadata=spec(AGENT))
 
 
-KeyRole: TypeAlias = Literal["admin", "developer"]
+KeyRole: TypeAlias = Literal["admin", "developer", "verifier"]
+KEY_ROLES: Final[tuple[str, ...]] = ("admin", "developer", "verifier")  # verifier: push verification only
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -185,7 +186,7 @@ class KeysAdd(Request):
     admin: ClassVar[bool] = True
     developer: str = field(metadata=spec(DEVELOPER))
     public_key: str = field(metadata=spec(Str(MAX_PUBLIC_KEY_CHARS)))  # an authorized_keys line or .pub content
-    role: KeyRole = field(default="developer", metadata=spec(Str(16, choices=("admin", "developer"))))
+    role: KeyRole = field(default="developer", metadata=spec(Str(16, choices=KEY_ROLES)))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -364,13 +365,38 @@ class Revoked(Notification):
     revert: bool = field(default=False, metadata=spec(Bool()))
 
 
+MAX_COMMIT_PATHS: Final = 1024  # paths of one commit in one request; a client splits a bigger commit
+TRAILER_INTENT = Str(32, pattern=re.compile(r"i-[0-9]{1,19}"), pattern_name="an intent id like i-42")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CommitClaim(Record):
+    """One commit to verify: the paths it changes and the claim its trailers name (all three, or
+    none for a commit made without tether)."""
+
+    commit: str = field(metadata=spec(Str(64, pattern=COMMIT_RE, pattern_name="a lowercase hex commit id")))
+    paths: tuple[str, ...] = field(metadata=spec(ListOf(Str(MAX_PATH_CHARS), max_items=MAX_COMMIT_PATHS)))
+    agent: str | None = field(default=None, metadata=spec(Optional(AGENT)))
+    intent: str | None = field(default=None, metadata=spec(Optional(TRAILER_INTENT)))
+    fence: int | None = field(default=None, metadata=spec(Optional(Int(1, 2**53 - 1))))
+
+
+@dataclass(frozen=True, kw_only=True)
+class VerifyCommits(Request):
+    """Push-time fencing: may these commits land? Answered from linearizable state, for admin,
+    developer and verifier keys (a verifier key may send nothing else)."""
+
+    type: ClassVar[str] = "verify_commits"
+    commits: tuple[CommitClaim, ...] = field(metadata=spec(ListOf(Nested(CommitClaim), min_items=1)))
+
+
 MESSAGE_TYPES: Final[dict[str, type[Message]]] = {
     cls.type: cls
     for cls in (
         Hello, Ping, Status, OpenSession, Heartbeat, SubmitIntent, Complete, Abandon, WorldSlice,
         KeysAdd, KeysList, KeysRevoke, ConceptsPush, ConceptsList, ConceptsShow, IntentsList,
-        IntentsRevoke, ClusterAdd, ClusterRemove, ShimReport, HelloOk, Result, Redirect, Unavailable, Error,
-        VerdictChanged, Revoked,
+        IntentsRevoke, ClusterAdd, ClusterRemove, ShimReport, VerifyCommits, HelloOk, Result, Redirect,
+        Unavailable, Error, VerdictChanged, Revoked,
     )
 }  # fmt: skip
 

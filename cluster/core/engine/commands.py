@@ -49,17 +49,31 @@ class _Command:
         return out
 
 
+UNCOORDINATED_POLICIES = ("accept", "refuse")
+
+
 @dataclass(frozen=True)
 class Init(_Command):
-    """Set the one git remote this cluster coordinates, and the session TTL."""
+    """Set the one git remote this cluster coordinates, the session TTL, and whether push-time
+    verification accepts commits that carry no claim (``uncoordinated_commits``)."""
 
     TYPE: ClassVar[str] = "init"
     remote: str
     session_ttl_ms: int = SESSION_TTL_MS_DEFAULT
+    uncoordinated_commits: str = "accept"
 
     def __post_init__(self) -> None:
         check_str(self.remote, "remote", REMOTE_MAX_CHARS)
         check_int(self.session_ttl_ms, "session_ttl_ms", minimum=SESSION_TTL_MS_MIN)
+        if self.uncoordinated_commits not in UNCOORDINATED_POLICIES:
+            raise CommandError("bad_field", f"field 'uncoordinated_commits' must be one of "
+                                            f"{list(UNCOORDINATED_POLICIES)}, got {self.uncoordinated_commits!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        out = super().to_json()
+        if self.uncoordinated_commits == "accept":
+            del out["uncoordinated_commits"]  # the default: entries stay readable by older nodes
+        return out
 
 
 @dataclass(frozen=True)

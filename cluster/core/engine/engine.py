@@ -11,7 +11,9 @@ State is a set of records, namespaced as the adapter stores them:
 - ``registry/current`` and ``concepts/<id>``: the concept registry, one record per concept;
 - ``sessions/<agent_id>``: one per agent;
 - ``intents/<intent_id>``: active intents and a bounded history of finished ones;
-- ``history/<concept_id>``: the last few completed intents that modified the concept.
+- ``history/<concept_id>``: the last few completed intents that modified the concept;
+- ``grants/<concept_id>``: the latest modify grant on the concept (intent, agent, fencing token):
+  what push-time verification checks a commit's token against (``verify_commits``).
 
 Indexes (concept -> modifying intent, concept -> depending intents, and the same for lapsed
 intents) live only in memory and are rebuilt by ``from_records``; they make a verdict's cost
@@ -72,7 +74,12 @@ NS_CONCEPTS = "concepts"
 NS_SESSIONS = "sessions"
 NS_INTENTS = "intents"
 NS_HISTORY = "history"
-NAMESPACES = (NS_META, NS_REGISTRY, NS_CONCEPTS, NS_SESSIONS, NS_INTENTS, NS_HISTORY)
+NS_GRANTS = "grants"
+NAMESPACES = (NS_META, NS_REGISTRY, NS_CONCEPTS, NS_SESSIONS, NS_INTENTS, NS_HISTORY, NS_GRANTS)
+UNCOORDINATED_ACCEPT = "accept"
+UNCOORDINATED_REFUSE = "refuse"
+VERIFY_COMMITS_MAX = 256  # commits judged in one query
+VERIFY_PATHS_MAX = 4096  # paths of one commit judged in one query (a client splits bigger ones)
 KEY_CLUSTER = "cluster"
 KEY_CLOCK = "clock"
 KEY_CURRENT = "current"
@@ -123,6 +130,7 @@ class Engine:
         self._sessions: dict[str, Session] = {}
         self._intents: dict[str, Intent] = {}
         self._history: dict[str, list[dict[str, Any]]] = {}
+        self._grants: dict[str, dict[str, Any]] = {}  # concept -> the latest modify grant on it
         # Finished (and lapsed) intents, oldest first: compaction pops from the front.
         self._finished: dict[str, None] = {}
         self._mod: dict[str, str] = {}
@@ -177,6 +185,8 @@ class Engine:
             obj = s.to_json() if s is not None else None
         elif ns == NS_HISTORY:
             obj = self._history.get(key)
+        elif ns == NS_GRANTS:
+            obj = self._grants.get(key)
         elif ns == NS_CONCEPTS:
             c = self._registry.concepts.get(key) if self._registry is not None else None
             obj = c.to_json() if c is not None else None
@@ -199,6 +209,7 @@ class Engine:
         keys.extend((NS_SESSIONS, a) for a in self._sessions)
         keys.extend((NS_INTENTS, i) for i in self._intents)
         keys.extend((NS_HISTORY, c) for c in self._history)
+        keys.extend((NS_GRANTS, c) for c in self._grants)
         return sorted(keys)
 
     def dump_records(self) -> list[tuple[str, str, bytes]]:
@@ -232,6 +243,8 @@ class Engine:
                 e._intents[key] = Intent.from_json(obj)
             elif ns == NS_HISTORY:
                 e._history[key] = obj
+            elif ns == NS_GRANTS:
+                e._grants[key] = obj
             else:
                 raise ValueError(f"unknown record {ns}/{key}")
         if version is not None:
@@ -424,8 +437,11 @@ class Engine:
         if self._cluster is None:
             self._cluster = {"remote": cmd.remote, "remote_canonical": canon, "init_index": index}
         self._cluster["session_ttl_ms"] = cmd.session_ttl_ms
+        if cmd.uncoordinated_commits != UNCOORDINATED_ACCEPT or "uncoordinated_commits" in self._cluster:
+            self._cluster["uncoordinated_commits"] = cmd.uncoordinated_commits
         self._touch(NS_META, KEY_CLUSTER)
-        return {"ok": True, "remote": self._cluster["remote"], "session_ttl_ms": cmd.session_ttl_ms}
+        return {"ok": True, "remote": self._cluster["remote"], "session_ttl_ms": cmd.session_ttl_ms,
+                "uncoordinated_commits": cmd.uncoordinated_commits}
 
     def _push_registry(self, cmd: PushRegistry, index: int, now: int) -> dict[str, Any]:
         current = self._registry.version if self._registry is not None else 0
@@ -444,6 +460,8 @@ class Engine:
         for c in removed:
             if self._history.pop(c, None) is not None:
                 self._touch(NS_HISTORY, c)
+            if self._grants.pop(c, None) is not None:
+                self._touch(NS_GRANTS, c)
         self._touch(NS_REGISTRY, KEY_CURRENT)
         return {"ok": True, "version": new.version, "concepts": len(new.concepts),
                 "changed": len(changed), "removed": len(removed)}
@@ -643,6 +661,10 @@ class Engine:
         it.conflicts = relaxed
         it.notified = True
         self._index(it)
+        for c in modify:
+            self._grants[c] = {"intent_id": it.intent_id, "agent_id": it.agent_id, "fencing_token": index,
+                               "granted_ms": now}
+            self._touch(NS_GRANTS, c)
         for lid, concept in self._invalidated(modify, depend, it.intent_id).items():
             lapsed = self._intents[lid]
             self._finish(lapsed, REVERTED, index, now, f"claimed by {it.intent_id} while its session had lapsed")
@@ -671,6 +693,85 @@ class Engine:
     def cluster_settings(self) -> dict[str, Any] | None:
         """``{"remote", "remote_canonical", "session_ttl_ms", "init_index"}`` once ``init`` ran."""
         return dict(self._cluster) if self._cluster is not None else None
+
+    def verify_commits(self, commits: list[dict[str, Any]]) -> dict[str, Any]:
+        """Push-time fencing: may each commit land? Read-only; ``commits`` are
+        ``{"commit", "paths", "agent"?, "intent"?, "fence"?}`` (the trailers its author's shim
+        wrote). The rules, in docs/git-fencing.md:
+
+        - a touched concept (by the commit's paths and the registry's globs) that an active intent
+          other than the commit's own modifies refuses the commit, naming the holder;
+        - with trailers, the named intent must have been granted a modify on every touched
+          concept, not been revoked, and no later modify grant on a touched concept may exist
+          (the claim was lost and given to someone else);
+        - without trailers, a commit that touches no held concept is uncoordinated: accepted or
+          refused by the cluster's ``uncoordinated_commits`` setting.
+        """
+        if len(commits) > VERIFY_COMMITS_MAX:
+            raise CommandError("too_large", f"at most {VERIFY_COMMITS_MAX} commits per verification")
+        policy = (self._cluster or {}).get("uncoordinated_commits", UNCOORDINATED_ACCEPT)
+        out = [self._verify_one(c, policy) for c in commits]
+        return {"results": out, "registry_version": self._registry.version if self._registry else 0,
+                "uncoordinated_commits": policy}
+
+    def _verify_one(self, c: dict[str, Any], policy: str) -> dict[str, Any]:
+        paths = c.get("paths") or []
+        if len(paths) > VERIFY_PATHS_MAX:
+            raise CommandError("too_large", f"commit {c.get('commit')}: at most {VERIFY_PATHS_MAX} paths per query")
+        touched: dict[str, str] = {}  # concept -> the first path that touches it
+        if self._registry is not None:
+            for path in paths:
+                for cid, _glob in self._registry.globs.match(path):
+                    touched.setdefault(cid, path)
+        reasons: list[dict[str, Any]] = []
+        intent_id, fence, agent = c.get("intent"), c.get("fence"), c.get("agent")
+        trailers = [x is not None for x in (agent, intent_id, fence)]
+        if any(trailers) and not all(trailers):
+            reasons.append({"code": "bad_trailers", "message": "the commit carries some Tetherlab trailers but not "
+                            "all three (Tetherlab-Agent, Tetherlab-Intent, Tetherlab-Fence)"})
+        claimed = self._intents.get(intent_id) if all(trailers) else None
+        if all(trailers):
+            if claimed is None:
+                pass  # compacted away long ago: only the tokens below can still be checked
+            elif claimed.agent_id != agent:
+                reasons.append({"code": "trailer_mismatch", "message": f"intent {intent_id} belongs to "
+                                f"{claimed.agent_id}, not to {agent}"})
+            elif claimed.fencing_token is None or not claimed.created_index <= fence <= claimed.fencing_token:
+                # A replan regrants with a new token: commits made under an earlier grant of the
+                # same intent carry an older one, between its creation and its latest grant.
+                reasons.append({"code": "not_granted", "message": f"intent {intent_id} was never granted with "
+                                f"fencing token {fence}"})
+            elif claimed.status in (STOPPED, REVERTED):
+                reasons.append({"code": "claim_revoked", "message": f"intent {intent_id} is {claimed.status} "
+                                f"({claimed.ended_by})"})
+        for cid, path in touched.items():
+            holder_id = self._mod.get(cid)
+            grant = self._grants.get(cid)
+            if holder_id is not None and holder_id != intent_id:
+                h = self._intents[holder_id]
+                reasons.append({"code": "held_by_other", "concept": cid, "path": path,
+                                "holder_agent_id": h.agent_id, "holder_intent_id": h.intent_id,
+                                "holder_summary": h.body.summary,
+                                "message": f"{path} belongs to {cid}, which {h.agent_id} ({h.intent_id}) is "
+                                           f"modifying: {h.body.summary}"})
+            elif all(trailers) and grant is not None and grant["fencing_token"] > fence \
+                    and grant["intent_id"] != intent_id:
+                reasons.append({"code": "claim_superseded", "concept": cid, "path": path,
+                                "holder_agent_id": grant["agent_id"], "holder_intent_id": grant["intent_id"],
+                                "message": f"{cid} was granted to {grant['agent_id']} ({grant['intent_id']}, "
+                                           f"fencing token {grant['fencing_token']}) after this commit's token "
+                                           f"{fence}"})
+            elif claimed is not None and claimed.fencing_token == fence and cid not in claimed.modifies:
+                reasons.append({"code": "not_claimed", "concept": cid, "path": path,
+                                "message": f"{path} belongs to {cid}, which intent {intent_id} did not claim to "
+                                           f"modify"})
+        uncoordinated = not any(trailers)
+        ok = not reasons and (not uncoordinated or policy == UNCOORDINATED_ACCEPT)
+        if not reasons and uncoordinated and policy != UNCOORDINATED_ACCEPT:
+            reasons.append({"code": "uncoordinated", "message": "the commit carries no Tetherlab trailers and this "
+                            "cluster refuses uncoordinated commits"})
+        return {"commit": c.get("commit"), "ok": ok, "uncoordinated": uncoordinated,
+                "concepts": sorted(touched), "reasons": reasons}
 
     @property
     def registry(self) -> Registry | None:
