@@ -119,7 +119,8 @@ def setup(c: LocalCluster, tmp: Path) -> tuple[World, Dev, Dev]:
 
     async def go() -> None:
         for d in (alice, bob):
-            await w.admin(p.KeysAdd, developer=d.name, public_key=(d.key.parent / (d.key.name + ".pub")).read_text().strip())
+            pub = (d.key.parent / (d.key.name + ".pub")).read_text().strip()
+            await w.admin(p.KeysAdd, developer=d.name, public_key=pub)
         await w.admin(p.KeysAdd, developer="git-server", role="verifier",
                       public_key=(w.verifier.parent / "git-server.pub").read_text().strip())
         await w.admin(p.ConceptsPush, toml=REGISTRY)
