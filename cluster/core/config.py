@@ -123,6 +123,18 @@ class ClusterSettings:
     uncoordinated_commits: str = "accept"
 
 
+HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """``[http]``: who may read ``/ui/``, ``/v1/`` and ``/metrics`` from a non-loopback address
+    besides holders of tokens an admin issued (docs/world-view.md): the SHA-256 of read tokens
+    known from the start (the deploy bundle's Prometheus token)."""
+
+    read_token_sha256: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     node: NodeAddresses
@@ -133,6 +145,7 @@ class NodeConfig:
     path: Path | None = None
     ssh_host_key: Path | None = None
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
 
     @property
     def id(self) -> str:
@@ -205,6 +218,17 @@ def parse_node_config(data: dict[str, Any], path: Path) -> NodeConfig:
         raise ConfigError(f"{where}: [cluster].uncoordinated_commits must be \"accept\" or \"refuse\", "
                           f"got {uncoordinated!r}")
 
+    http = data.get("http", {})
+    if not isinstance(http, dict):
+        raise ConfigError(f"{where}: [http] must be a table")
+    unknown = sorted(set(http) - {"read_token_sha256"})
+    if unknown:
+        raise ConfigError(f"{where}: [http] does not take {unknown}")
+    hashes = http.get("read_token_sha256", [])
+    if not isinstance(hashes, list) or not all(isinstance(h, str) and HEX64_RE.match(h) for h in hashes):
+        raise ConfigError(f"{where}: [http].read_token_sha256 must be a list of SHA-256 hex digests "
+                          "(64 lowercase hex characters each)")
+
     def _abs(p: str) -> Path:
         return Path(p) if Path(p).is_absolute() else base / p
 
@@ -217,6 +241,7 @@ def parse_node_config(data: dict[str, Any], path: Path) -> NodeConfig:
         path=path,
         ssh_host_key=_abs(host_key) if host_key else None,
         cluster=ClusterSettings(remote, tuple(admin_keys), admin_dev, ttl, uncoordinated),
+        http=HttpSettings(tuple(hashes)),
     )
 
 
@@ -297,6 +322,8 @@ def render_node_config(cfg: NodeConfig) -> str:
                 if cfg.cluster.uncoordinated_commits != "accept" else {})},
         ),
     ]
+    if cfg.http.read_token_sha256:
+        parts.append(_toml_table("[http]", {"read_token_sha256": list(cfg.http.read_token_sha256)}))
     for peer in cfg.peers:
         parts.append(_toml_table("[[peer]]", peer.to_json()))
     defaults = RaftTuning()

@@ -6,7 +6,11 @@
 - ``/metrics``: Prometheus exposition;
 - ``/v1/status``, ``/v1/concepts``, ``/v1/intents``, ``/v1/agents``: this node's applied state,
   paginated and bounded; ``?consistent=true`` reads after a read barrier. A bad parameter gets a
-  400 naming it.
+  400 naming it;
+- ``/ui/``: the live world view (``ui.WorldView``).
+
+``/ui/``, ``/v1/`` and ``/metrics`` follow one access rule (``access.AccessRule``): open on
+loopback, a read token from anywhere else.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tetherlab.cluster.core.config import Address
 from tetherlab.cluster.core.engine.model import STATUSES
+from tetherlab.cluster.node.access import AccessRule
 from tetherlab.cluster.node.errors import Indeterminate, Unavailable
 from tetherlab.cluster.node.metrics import NodeMetrics
 from tetherlab.cluster.node.replica import Replica
+from tetherlab.cluster.node.ui import WorldView
 
 READYZ_TIMEOUT_S = 2.0
 API_LIMIT_DEFAULT = 100
@@ -33,7 +39,10 @@ AFTER_MAX_CHARS = 512
 
 class HttpApi:
     def __init__(self, address: Address, node_id: str, replica: Replica, metrics: NodeMetrics,
-                 status: Callable[[], dict[str, Any]], before_scrape: Callable[[], None]) -> None:
+                 status: Callable[[], dict[str, Any]], before_scrape: Callable[[], None],
+                 access: AccessRule | None = None, world: WorldView | None = None) -> None:
+        self.access = access
+        self.world = world
         self.address = address
         self.node_id = node_id
         self.replica = replica
@@ -43,7 +52,10 @@ class HttpApi:
         self._runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=REQUEST_BODY_MAX_BYTES)
+        middlewares = [self.access.middleware()] if self.access is not None else []
+        app = web.Application(client_max_size=REQUEST_BODY_MAX_BYTES, middlewares=middlewares)
+        if self.world is not None:
+            self.world.add_routes(app)
         app.router.add_get("/livez", self._h_livez)
         app.router.add_get("/readyz", self._h_readyz)
         app.router.add_get("/health", self._h_health)
@@ -61,11 +73,17 @@ class HttpApi:
         await site.start()
 
     async def stop(self) -> None:
+        if self.world is not None:
+            await self.world.stop()
         if self._runner is not None:
             await self._runner.cleanup()
 
     async def _h_livez(self, request: web.Request) -> web.Response:
-        return web.json_response({"live": True, "node": self.node_id})
+        # Open to anyone (load balancers, the world view of the other nodes): role, term and
+        # indexes, nothing about who works on what.
+        st = self.status()  # the node's status: its version too
+        fields = ("role", "term", "leader", "quorum_backed", "commit_index", "applied_index", "version")
+        return web.json_response({"live": True, "node": self.node_id, **{k: st.get(k) for k in fields}})
 
     async def _h_status(self, request: web.Request) -> web.Response:
         return web.json_response(self.status())

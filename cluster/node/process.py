@@ -24,15 +24,18 @@ from pathlib import Path
 from typing import Any
 
 from tetherlab.cluster import __version__
-from tetherlab.cluster.core.config import NodeConfig
+from tetherlab.cluster.core.config import Address, NodeAddresses, NodeConfig
+from tetherlab.cluster.node.access import AccessRule
 from tetherlab.cluster.node.clock import SystemClock
 from tetherlab.cluster.node.control import ControlServer
 from tetherlab.cluster.node.duties import LeaderDuties
 from tetherlab.cluster.node.http import HttpApi
 from tetherlab.cluster.node.metrics import NodeCollector, NodeMetrics
 from tetherlab.cluster.node.raftreplica import RaftReplica
+from tetherlab.cluster.node.replica import MEMBERS_NS
 from tetherlab.cluster.node.service import Service, ServiceSettings
 from tetherlab.cluster.node.ssh import SshEndpoint
+from tetherlab.cluster.node.ui import WorldView
 from tetherlab.cluster.replica import pysyncobj_patches
 from tetherlab.cluster.replica.lmdbstore import LmdbStore
 
@@ -67,10 +70,29 @@ class MasterNode:
         self.ssh.service = self.service
         self.duties = LeaderDuties(self.replica, self.clock, cfg.cluster, self.metrics,
                                    on_lost_leadership=self.replica.fail_pending)
-        self.http = HttpApi(cfg.node.http, cfg.id, self.replica, self.metrics, self.status, self._before_scrape)
+        self.access = AccessRule(self.store, cfg.http.read_token_sha256)
+        self.replica.add_apply_listener(self.access.on_applied)
+        self.world = WorldView(cfg.id, self.replica, self.status, self._members_addresses)
+        self.http = HttpApi(cfg.node.http, cfg.id, self.replica, self.metrics, self.status, self._before_scrape,
+                            self.access, self.world)
         self.control = ControlServer(cfg.data_dir / "control.sock", self.replica, self.status, self._backup,
                                      self.replica.compact, self.clock.now_ms)
         self._duties: asyncio.Task[None] | None = None
+
+    def _members_addresses(self) -> list[NodeAddresses]:
+        """Every member's addresses, those added online included (for the world view's health)."""
+        by_id = {n.id: n for n in self.cfg.all_nodes()}
+        out = []
+        for nid in self.replica.members():
+            if nid in by_id:
+                out.append(by_id[nid])
+            else:
+                rec = self.store.get(MEMBERS_NS, nid)
+                if rec is not None:
+                    m = json.loads(rec.value)
+                    out.append(NodeAddresses(nid, Address.parse(m["raft"], "raft"), Address.parse(m["ssh"], "ssh"),
+                                             Address.parse(m["http"], "http")))
+        return out
 
     def _lmdb_sizes(self) -> dict[str, dict[str, int]]:
         return {"log": self.replica.raft.tl_log_sizes(), "state": self.store.size_info()}

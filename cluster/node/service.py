@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -21,6 +23,7 @@ from tetherlab.cluster.core.apply import Outcome
 from tetherlab.cluster.core.engine import commands as ec
 from tetherlab.cluster.core.engine.model import IntentBody
 from tetherlab.cluster.core.errors import CommandError
+from tetherlab.cluster.node.access import TOKENS_MAX, TOKENS_NS, token_hash
 from tetherlab.cluster.node.clock import Clock
 from tetherlab.cluster.node.errors import Indeterminate, Refused, Unavailable
 from tetherlab.cluster.node.keys import KEYS_NS, KeyError_, RegisteredKey, make_registered
@@ -90,6 +93,7 @@ class Service:
         self._hb_waiters: list[asyncio.Future[dict[str, Any]]] = []
         self._hb_task: asyncio.Task[None] | None = None
         self.failed_closed: dict[str, float] = {}  # agent id -> when it reported (monotonic)
+        self.new_secret: Callable[[], str] = lambda: secrets.token_urlsafe(32)  # tests substitute their own
         replica.add_apply_listener(self._on_applied)
 
     def _on_applied(self, out: Outcome) -> None:
@@ -456,6 +460,40 @@ class Service:
         if refused:
             log.info("push verification by %s refused %d of %d commit(s)", who.developer, refused, len(commits))
         return out
+
+    # --- read tokens for the HTTP view ------------------------------------------------------------
+
+    async def _h_ui_token_issue(self, who: Identity, req: p.UiTokenIssue, ch: Peer | None) -> dict[str, Any]:
+        token = "tlr_" + self.new_secret()
+        record = json.dumps({"sha256": token_hash(token), "created_by": who.developer,
+                             "created_ms": self.clock.now_ms()}, sort_keys=True)
+        res = await self._propose_kv(sm.Txn((sm.Compare(TOKENS_NS, req.name, 0),),
+                                            (sm.Put(TOKENS_NS, req.name, record),)))
+        if not res.get("succeeded"):
+            raise Refused("token_exists", f"a read token named {req.name!r} exists: revoke it first, or name "
+                                          "the new one differently")
+        log.info("read token %s issued by %s", req.name, who.developer)
+        return {"name": req.name, "token": token}
+
+    async def _h_ui_token_revoke(self, who: Identity, req: p.UiTokenRevoke, ch: Peer | None) -> dict[str, Any]:
+        await self.replica.read_barrier()
+        rec = self.replica.store.get(TOKENS_NS, req.name)
+        if rec is None:
+            raise Refused("not_found", f"no read token named {req.name!r}")
+        res = await self._propose_kv(sm.Txn((sm.Compare(TOKENS_NS, req.name, rec.mod_revision),),
+                                            (sm.Delete(TOKENS_NS, req.name),)))
+        if not res.get("succeeded"):
+            raise Refused("conflict", f"read token {req.name!r} changed while revoking it; try again")
+        log.info("read token %s revoked by %s", req.name, who.developer)
+        return {"revoked": req.name}
+
+    async def _h_ui_tokens_list(self, who: Identity, req: p.UiTokensList, ch: Peer | None) -> dict[str, Any]:
+        await self.replica.read_barrier()
+        out = []
+        for name, rec in self.replica.store.scan(TOKENS_NS, limit=TOKENS_MAX):
+            meta = json.loads(rec.value)
+            out.append({"name": name, "created_by": meta.get("created_by"), "created_ms": meta.get("created_ms")})
+        return {"tokens": out}
 
     # --- shim reports -------------------------------------------------------------------------
 

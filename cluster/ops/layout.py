@@ -4,12 +4,14 @@
   cluster secret, an admin key, ``cluster.toml`` for the admin CLI, ``shim.toml`` for shims);
 - :func:`init_hosts`: one bundle per host for a deployed cluster (``--hosts h1,h2,h3 --out DIR``):
   ``DIR/<host>/`` (``node.toml``, ``cluster.secret`` (0600), ``ssh_host_ed25519_key``), ``DIR/shim.toml``
-  for developers' machines, ``DIR/admin/`` for the operator and ``DIR/prometheus.yml``. A bundle
+  for developers' machines, ``DIR/admin/`` for the operator, ``DIR/prometheus.yml`` and the read
+  token it scrapes with, ``DIR/prometheus.token`` (0600). A bundle
   is copied to ``/etc/tetherlab`` and run by the systemd unit in deploy/systemd/.
 """
 
 from __future__ import annotations
 
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,11 +21,13 @@ from tetherlab.cluster.core.config import (
     ClusterFile,
     ClusterSettings,
     ConfigError,
+    HttpSettings,
     NodeAddresses,
     NodeConfig,
     render_cluster_file,
     render_node_config,
 )
+from tetherlab.cluster.node.access import token_hash
 from tetherlab.cluster.node.keys import KeyError_, make_registered
 from tetherlab.cluster.ops.config import (
     load_cluster_file,
@@ -130,6 +134,8 @@ def init_hosts(hosts: list[str], out: Path, data_dir: str = DEFAULT_DATA_DIR, ra
     admin_dir = out / "admin"
     admin_line, admin_private = admin_key_line(admin_dir, admin_key, admin_name)
     secret = new_secret()
+    # Prometheus scrapes /metrics from another host: a read token the nodes know from the start.
+    prom_token = "tlr_" + secrets.token_urlsafe(32)
     addrs = [NodeAddresses(f"n{i + 1}", Address(h, raft_port), Address(h, ssh_port), Address(h, http_port))
              for i, h in enumerate(hosts)]
     host_keys: dict[str, str] = {}
@@ -141,17 +147,23 @@ def init_hosts(hosts: list[str], out: Path, data_dir: str = DEFAULT_DATA_DIR, ra
         # Paths relative to the config file: the bundle is copied to /etc/tetherlab as a whole.
         cfg = NodeConfig(node=a, peers=tuple(p for p in addrs if p.id != a.id), data_dir=Path(data_dir),
                          secret_file=Path("cluster.secret"), ssh_host_key=Path("ssh_host_ed25519_key"),
-                         cluster=ClusterSettings(remote, (admin_line,), admin_name))
+                         cluster=ClusterSettings(remote, (admin_line,), admin_name),
+                         http=HttpSettings((token_hash(prom_token),)))
         write_text_atomic(bundle / "node.toml", render_node_config(cfg))
     write_client_files(admin_dir, addrs, host_keys, admin_private, admin_name)
+    write_private(out / "prometheus.token", prom_token.encode() + b"\n")
     shutil.copy(admin_dir / "shim.toml", out / "shim.toml")
     static = "".join(f'      - targets: ["{a.http}"]\n        labels:\n          node: {a.id}\n' for a in addrs)
     write_text_atomic(out / "prometheus.yml", (
         "# Scrape configuration for this cluster (see deploy/prometheus/ for alert rules and docs/metrics.md).\n"
         "global:\n  scrape_interval: 15s\n  evaluation_interval: 15s\nrule_files:\n  - alerts.yml\n"
-        f"scrape_configs:\n  - job_name: tetherlab\n    static_configs:\n{static}"))
+        "scrape_configs:\n  - job_name: tetherlab\n"
+        "    # /metrics needs a read token off loopback (docs/world-view.md); this one is known to every node.\n"
+        "    authorization:\n      type: Bearer\n      credentials_file: prometheus.token\n"
+        f"    static_configs:\n{static}"))
     return {"out": str(out), "bundles": {h: str(out / h) for h in hosts}, "shim": str(out / "shim.toml"),
-            "admin": str(admin_dir / "cluster.toml"), "nodes": [a.to_json() for a in addrs]}
+            "admin": str(admin_dir / "cluster.toml"), "nodes": [a.to_json() for a in addrs],
+            "prometheus_token": str(out / "prometheus.token")}
 
 
 # --- nodes added or removed online (local clusters) --------------------------------------------

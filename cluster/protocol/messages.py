@@ -185,7 +185,8 @@ class KeysAdd(Request):
     type: ClassVar[str] = "keys_add"
     admin: ClassVar[bool] = True
     developer: str = field(metadata=spec(DEVELOPER))
-    public_key: str = field(metadata=spec(Str(MAX_PUBLIC_KEY_CHARS)))  # an authorized_keys line or .pub content
+    # an authorized_keys line or .pub content (a trailing newline is fine: the node parses the line)
+    public_key: str = field(metadata=spec(Str(MAX_PUBLIC_KEY_CHARS, multiline=True)))
     role: KeyRole = field(default="developer", metadata=spec(Str(16, choices=KEY_ROLES)))
 
 
@@ -390,12 +391,39 @@ class VerifyCommits(Request):
     commits: tuple[CommitClaim, ...] = field(metadata=spec(ListOf(Nested(CommitClaim), min_items=1)))
 
 
+TOKEN_NAME = Str(64, pattern=re.compile(r"[a-z0-9][a-z0-9._-]{0,63}"), pattern_name="a token name ([a-z0-9._-], 1-64)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class UiTokenIssue(Request):
+    """A new read token for the HTTP view (/ui/, /v1/, /metrics from a non-loopback address);
+    the token is in the reply once, the cluster keeps only its hash."""
+
+    type: ClassVar[str] = "ui_token_issue"
+    admin: ClassVar[bool] = True
+    name: str = field(metadata=spec(TOKEN_NAME))
+
+
+@dataclass(frozen=True, kw_only=True)
+class UiTokenRevoke(Request):
+    type: ClassVar[str] = "ui_token_revoke"
+    admin: ClassVar[bool] = True
+    name: str = field(metadata=spec(TOKEN_NAME))
+
+
+@dataclass(frozen=True, kw_only=True)
+class UiTokensList(Request):
+    type: ClassVar[str] = "ui_tokens_list"
+    admin: ClassVar[bool] = True
+
+
 MESSAGE_TYPES: Final[dict[str, type[Message]]] = {
     cls.type: cls
     for cls in (
         Hello, Ping, Status, OpenSession, Heartbeat, SubmitIntent, Complete, Abandon, WorldSlice,
         KeysAdd, KeysList, KeysRevoke, ConceptsPush, ConceptsList, ConceptsShow, IntentsList,
-        IntentsRevoke, ClusterAdd, ClusterRemove, ShimReport, VerifyCommits, HelloOk, Result, Redirect,
+        IntentsRevoke, ClusterAdd, ClusterRemove, ShimReport, VerifyCommits, UiTokenIssue, UiTokenRevoke,
+        UiTokensList, HelloOk, Result, Redirect,
         Unavailable, Error, VerdictChanged, Revoked,
     )
 }  # fmt: skip

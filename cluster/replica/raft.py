@@ -240,6 +240,8 @@ class RaftNode(SyncObj):
             "leader": leader_id,
             "leader_raft": leader_addr,
             "commit_index": self.raftCommitIndex,
+            # The leader's commit index as this node last heard it: a follower is this far behind.
+            "leader_commit_index": self._SyncObj__leaderCommitIndex,  # type: ignore[attr-defined]
             "applied_index": self.raftLastApplied,
             "log": self._tl_journal.stats(),
             "peers": peers,

@@ -10,6 +10,9 @@ command -v nft >/dev/null 2>&1 || want+=(nftables)
 command -v ip >/dev/null 2>&1 || want+=(iproute2)
 command -v prometheus >/dev/null 2>&1 || want+=(prometheus)
 command -v promtool >/dev/null 2>&1 || want+=(prometheus)
+# The world view's browser tests drive Debian's Chromium through its ChromeDriver.
+command -v chromium >/dev/null 2>&1 || want+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || want+=(chromium-driver)
 
 if [ ${#want[@]} -eq 0 ]; then
   exit 0

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from tetherlab.cluster.core.engine import world
+from tetherlab.cluster.core.engine import view, world
 from tetherlab.cluster.core.engine.commands import (
     CloseSession,
     Command,
@@ -865,6 +865,32 @@ class Engine:
                 if len(out) == limit:
                     break
         return {"sessions": out, "next": out[-1]["agent_id"] if len(out) == limit else None}
+
+    def view_intents(self, since_index: int = 0, limit: int = LIST_LIMIT_MAX,
+                     active_only: bool = False) -> dict[str, Any]:
+        """Intents changed after Raft index ``since_index``, oldest change first, as the world view
+        shows them; ``through`` is the index the caller has seen up to (ask again from there)."""
+        limit = max(1, min(limit, 10 * LIST_LIMIT_MAX))
+        changed = [it for it in self._intents.values() if it.updated_index > since_index
+                   and (not active_only or it.status in HOLDING)]
+        changed.sort(key=lambda it: (it.updated_index, _index_of(it.intent_id)))
+        more = len(changed) > limit
+        page = changed[:limit]
+        through = page[-1].updated_index if more else max(since_index, self._last_index)
+        return {"intents": [view.intent_view(it) for it in page], "through": through, "more": more,
+                "clock_ms": self._clock_ms}
+
+    def view_recent_finished(self, limit: int) -> list[dict[str, Any]]:
+        """The most recently finished intents, oldest first (the view's recent verdicts)."""
+        ids = list(self._finished)[-max(0, min(limit, LIST_LIMIT_MAX)):] if limit > 0 else []
+        return [view.intent_view(self._intents[i]) for i in ids]
+
+    def view_sessions(self, agent_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """The sessions of these agents (the ones the view lists), keyed by agent id."""
+        return {a: self._sessions[a].to_json() for a in agent_ids if a in self._sessions}
+
+    def view_graph(self) -> dict[str, Any]:
+        return view.graph(self._registry)
 
     def stats(self) -> dict[str, Any]:
         """Counts for metrics."""
