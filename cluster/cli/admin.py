@@ -74,7 +74,13 @@ def add_parsers(sub: Any, cluster_args: Any) -> None:
     s = cls.add_parser("remove", help="remove a node (stop it afterwards)")
     s.add_argument("id")
     cluster_args(s)
-    for parser in (keys, con, it, cl):
+    co = sub.add_parser("conflicts", help="soft conflicts and drifts: where agents' in-flight code overlaps")
+    cos = co.add_subparsers(dest="action", metavar="ACTION", required=True)
+    s = cos.add_parser("list", help="soft conflicts now, then recent drifts and soft conflicts (--json: one JSON "
+                                    "array, each entry with state current or recent)")
+    s.add_argument("--limit", type=int, default=100, help="at most this many of each (1..1000)")
+    cluster_args(s)
+    for parser in (keys, con, it, cl, co):
         parser.set_defaults(func=run)
 
 
@@ -101,6 +107,8 @@ def _request(args: argparse.Namespace) -> tuple[type[p.Request], dict[str, Any]]
         if action == "remove":
             return p.ClusterRemove, {"node_id": args.id}
         return p.ClusterAdd, {"node_id": args.id, "raft": args.raft, "ssh": args.ssh, "http": args.http}
+    if group == "conflicts":
+        return p.ConflictsList, {"limit": args.limit}
     if action == "list":
         return p.IntentsList, {"all": args.all, "limit": args.limit}
     return p.IntentsRevoke, {"intent_id": args.id, "revert": args.revert}
@@ -150,7 +158,11 @@ def run(args: argparse.Namespace) -> int:
     if local and args.action in ("remove", "replace"):
         forget_local_node(path.parent, args.id if args.action == "remove" else args.old)
     if args.json:
-        print(json.dumps(payload))
+        if args.command == "conflicts":  # the command's contract: one JSON array
+            print(json.dumps([{"state": "current", **c} for c in payload["current"]] +
+                             [{"state": "recent", **e} for e in payload["recent"]]))
+        else:
+            print(json.dumps(payload))
     else:
         print(render(args.command, args.action, payload))
     return EXIT_OK
@@ -174,4 +186,16 @@ def render(group: str, action: str, payload: dict[str, Any]) -> str:
             for i in payload.get("intents", [])
         ]
         return "\n".join(rows) if rows else "(no intents)"
+    if group == "conflicts":
+        lines = ["soft conflicts now:"]
+        lines += [f"  {c['agent_id']} ({c['intent_id']}): {c['message']}" for c in payload["current"]] or ["  none"]
+        lines.append("recent drifts and soft conflicts (newest first):")
+        for e in payload["recent"]:
+            what = e.get("concept") or e.get("what") or ""
+            other = f" <-> {e['other_agent_id']}" if e.get("other_agent_id") else ""
+            where = f"{what} {e.get('path', '')}".strip()
+            lines.append(f"  {e['index']:>8} {e['kind']:<14} {e['agent_id']}{other} {where}".rstrip())
+        if not payload["recent"]:
+            lines.append("  none")
+        return "\n".join(lines)
     return json.dumps(payload, indent=2)

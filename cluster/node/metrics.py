@@ -73,6 +73,10 @@ class NodeMetrics:
             buckets=_FAST_BUCKETS_S, registry=r,
         )
         self.sessions_expired = Counter("tetherlab_sessions_expired", "Agent sessions expired.", registry=r)
+        self.drifts = Counter(
+            "tetherlab_drifts", "Agents' in-flight changes reaching concepts their plan did not claim, by outcome "
+            "(claimed: added to the intent; warned; stopped; reverted).", ["outcome"], registry=r,
+        )
         self.push_commits_verified = Counter(
             "tetherlab_push_commits_verified", "Commits judged by push-time verification, by result "
             "(accepted, refused, uncoordinated: accepted without a claim).", ["result"], registry=r,
@@ -139,6 +143,8 @@ class NodeCollector(Collector):
         coord = self._coordination()
         yield g("tetherlab_active_intents", "Active intents.", float(coord.get("active_intents", 0)))
         yield g("tetherlab_open_sessions", "Open agent sessions.", float(coord.get("open_sessions", 0)))
+        yield g("tetherlab_soft_conflicts", "Pairs of active intents whose in-flight changes overlap (a file, a "
+                "symbol, or a symbol another relies on).", float(coord.get("soft_conflicts", 0)))
 
 
 def _counter(name: str, doc: str, value: float) -> Metric:

@@ -255,6 +255,7 @@ class Service:
             "lapsed": [a for a in res.get("lapsed", []) if a in mine],
             "unknown": [a for a in res.get("unknown", []) if a in mine],
             "notices": {a: n for a, n in res.get("notices", {}).items() if a in mine},
+            "soft": {a: n for a, n in res.get("soft", {}).items() if a in mine},
             "leader": self.settings.node_id,
             "term": st.get("term"),
         }
@@ -273,7 +274,7 @@ class Service:
             await self.clock.sleep(HEARTBEAT_BATCH_WINDOW_S)
             ids, self._hb_pending = list(self._hb_pending), {}
             waiters, self._hb_waiters = self._hb_waiters, []
-            merged: dict[str, Any] = {"lapsed": [], "unknown": [], "notices": {}}
+            merged: dict[str, Any] = {"lapsed": [], "unknown": [], "notices": {}, "soft": {}}
             error: BaseException | None = None
             step = ec.AGENT_IDS_PER_HEARTBEAT_MAX
             try:
@@ -282,6 +283,7 @@ class Service:
                     merged["lapsed"] += res.get("lapsed", [])
                     merged["unknown"] += res.get("unknown", [])
                     merged["notices"].update(res.get("notices", {}))
+                    merged["soft"].update(res.get("soft", {}))
             except BaseException as e:  # handed to every waiter of this batch
                 error = e
             for w in waiters:
@@ -494,6 +496,32 @@ class Service:
             meta = json.loads(rec.value)
             out.append({"name": name, "created_by": meta.get("created_by"), "created_ms": meta.get("created_ms")})
         return {"tokens": out}
+
+    # --- in-flight changes: drift and soft conflicts -------------------------------------------
+
+    async def _h_report_changes(self, who: Identity, req: p.ReportChanges, ch: Peer | None) -> dict[str, Any]:
+        self._own(who, req.agent_id)
+        try:
+            cmd = ec.decode_command({"type": "report_changes", "agent_id": req.agent_id, "intent_id": req.intent_id,
+                                     "files": [f.to_json() for f in req.files], "truncated": req.truncated})
+        except CommandError as e:
+            raise Refused(e.code, e.message) from None
+        res = await self.engine(cmd)
+        drift = res.get("drift") or {}
+        m = self.metrics
+        if drift.get("claimed"):
+            m.drifts.labels("claimed").inc(len(drift["claimed"]))
+        if drift.get("warned"):
+            m.drifts.labels("warned").inc(len(drift["warned"]))
+        if drift.get("blocked"):
+            m.drifts.labels("reverted" if res.get("action") == "revert" else "stopped").inc()
+            m.verdicts.labels(res["action"]).inc()
+        return res
+
+    async def _h_conflicts_list(self, who: Identity, req: p.ConflictsList, ch: Peer | None) -> dict[str, Any]:
+        await self.replica.read_barrier()
+        out: dict[str, Any] = self.replica.store.engine_view(lambda e: e.list_conflicts(req.limit))
+        return out
 
     # --- shim reports -------------------------------------------------------------------------
 

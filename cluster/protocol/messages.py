@@ -391,6 +391,48 @@ class VerifyCommits(Request):
     commits: tuple[CommitClaim, ...] = field(metadata=spec(ListOf(Nested(CommitClaim), min_items=1)))
 
 
+@dataclass(frozen=True, kw_only=True)
+class SymbolReport(Record):
+    name: str = field(metadata=spec(Str(256)))
+    change: str = field(default="modified", metadata=spec(Str(16, choices=("added", "removed", "modified",
+                                                                          "renamed"))))
+    old_name: str | None = field(default=None, metadata=spec(Optional(Str(256))))
+
+
+@dataclass(frozen=True, kw_only=True)
+class FileReport(Record):
+    """One changed file: its path, what happened to it, the symbols the change touches and the
+    changed line ranges; never its contents."""
+
+    path: str = field(metadata=spec(Str(MAX_PATH_CHARS)))
+    change: str = field(default="modified", metadata=spec(Str(16, choices=("added", "modified", "deleted",
+                                                                          "renamed"))))
+    old_path: str | None = field(default=None, metadata=spec(Optional(Str(MAX_PATH_CHARS))))
+    symbols: tuple[SymbolReport, ...] = field(default=(), metadata=spec(ListOf(Nested(SymbolReport),
+                                                                                max_items=128)))
+    hunks: tuple[tuple[int, ...], ...] = field(default=(), metadata=spec(ListOf(
+        ListOf(Int(0, 2**31 - 1), min_items=2, max_items=2), max_items=64)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportChanges(Request):
+    """The agent's in-flight changes since its intent's base (soft conflicts and drift)."""
+
+    type: ClassVar[str] = "report_changes"
+    agent_id: str = field(metadata=spec(AGENT))
+    intent_id: str = field(metadata=spec(NAME))
+    files: tuple[FileReport, ...] = field(metadata=spec(ListOf(Nested(FileReport), max_items=512)))
+    truncated: bool = field(default=False, metadata=spec(Bool()))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConflictsList(Request):
+    """Soft conflicts now, and recent drifts and soft conflicts."""
+
+    type: ClassVar[str] = "conflicts_list"
+    limit: int = field(default=DEFAULT_LIST_LIMIT, metadata=spec(Int(1, MAX_LIST_LIMIT)))
+
+
 TOKEN_NAME = Str(64, pattern=re.compile(r"[a-z0-9][a-z0-9._-]{0,63}"), pattern_name="a token name ([a-z0-9._-], 1-64)")
 
 
@@ -423,7 +465,7 @@ MESSAGE_TYPES: Final[dict[str, type[Message]]] = {
         Hello, Ping, Status, OpenSession, Heartbeat, SubmitIntent, Complete, Abandon, WorldSlice,
         KeysAdd, KeysList, KeysRevoke, ConceptsPush, ConceptsList, ConceptsShow, IntentsList,
         IntentsRevoke, ClusterAdd, ClusterRemove, ShimReport, VerifyCommits, UiTokenIssue, UiTokenRevoke,
-        UiTokensList, HelloOk, Result, Redirect,
+        UiTokensList, ReportChanges, ConflictsList, HelloOk, Result, Redirect,
         Unavailable, Error, VerdictChanged, Revoked,
     )
 }  # fmt: skip

@@ -26,7 +26,8 @@ def registry(variant: int) -> list[dict[str, Any]]:
     ids = CONCEPTS if variant != 2 else CONCEPTS[:3]
     return [
         {"id": c, "aliases": [f"{WORD[c]} module"], "depends_on": deps.get(c, []),
-         "dependents": "continue" if c in relaxed else "stop"}
+         "dependents": "continue" if c in relaxed else "stop", "paths": [f"src/{WORD[c]}/"],
+         "symbols": [f"{WORD[c].title()}Api"], "drift": "warn" if c == "k.d" and variant == 1 else "stop"}
         for c in ids
     ]
 
@@ -47,7 +48,7 @@ class EngineMachine(RuleBasedStateMachine):
     def _check_result(self, cmd_trigger: str | None, result: dict[str, Any]) -> None:
         if "error" in result:
             assert self.d.last_writes == [], "a refused command must change nothing"
-        granted = cmd_trigger in ("initial", "replan") and result.get("action") == "continue"
+        granted = cmd_trigger in ("initial", "replan", "report") and result.get("action") == "continue"
         if granted and result["fencing_token"] == self.d.index:  # a new grant, not a replayed notice
             assert result["fencing_token"] > self.max_token
             self.max_token = result["fencing_token"]
@@ -93,6 +94,38 @@ class EngineMachine(RuleBasedStateMachine):
     @rule(**plan_args)
     def plan_once_more(self, **kw: Any) -> None:
         self._plan(**kw)
+
+    @rule(agent=st.sampled_from(AGENTS), touched=st.lists(st.sampled_from(CONCEPTS), max_size=3, unique=True),
+          shared=st.booleans(), symbol=st.booleans())
+    def report_changes(self, agent: str, touched: list[str], shared: bool, symbol: bool) -> None:
+        """In-flight changes: files of concepts (drift), a file every agent touches (soft)."""
+        s = self.d.engine.get_session(agent)
+        if s is None or not s.get("intent_id"):
+            return
+        files: list[dict[str, Any]] = [{"path": f"src/{WORD[c]}/x.py", "symbols": [
+            {"name": f"{WORD[c].title()}Api.run"}] if symbol else []} for c in touched]
+        if shared:
+            files.append({"path": "README.md", "symbols": []})
+        result = self.d.send({"type": "report_changes", "agent_id": agent, "intent_id": s["intent_id"],
+                              "files": files})
+        self._check_result("report", result)
+
+    @rule(agent=st.sampled_from(AGENTS))
+    def report_shared_file(self, agent: str) -> None:
+        """Every agent's changes touch one shared file: soft conflicts among the active ones."""
+        self.report_changes(agent, [], True, False)
+
+    @invariant()
+    def soft_conflicts_are_between_active_intents_and_symmetric(self) -> None:
+        if not hasattr(self, "d"):
+            return
+        active = {i["intent_id"]: i for i in self._active()}
+        for iid, it in active.items():
+            for c in it.get("soft", []):
+                assert c["other_intent_id"] in active, (iid, c)
+                other = active[c["other_intent_id"]]
+                assert any(x["other_intent_id"] == iid and x["kind"] == c["kind"] for x in other.get("soft", [])), \
+                    (iid, c, other.get("soft"))
 
     @rule(agent=st.sampled_from(AGENTS), trigger=st.sampled_from(["complete", "abandon"]))
     def end(self, agent: str, trigger: str) -> None:

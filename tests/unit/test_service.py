@@ -341,3 +341,29 @@ def test_the_fake_clock_only_moves_when_told(seconds: float) -> None:
     assert c.monotonic() - t0 == seconds and c.now_ms() - ms0 == int(seconds * 1000)
     with pytest.raises(ValueError):
         c.advance(-1)
+
+
+def test_in_flight_changes_go_through_the_service_for_the_agents_owner_only() -> None:
+    async def body(r: Rig) -> None:
+        await r.ok(ADMIN, p.ConceptsPush, toml=REGISTRY)
+        alice, bob = await r.session(ALICE), await r.session(BOB)
+        va = await r.ok(ALICE, p.SubmitIntent, agent_id=alice, tool="t", trigger="initial",
+                        intent=p.Intent(summary="Deprecate the session store", steps=("x",)))
+        vb = await r.ok(BOB, p.SubmitIntent, agent_id=bob, tool="t", trigger="initial",
+                        intent=p.Intent(summary="Tidy the build", steps=("x",)))
+        files = (p.FileReport(path="Makefile"),)
+        denied = await r.call(BOB, p.ReportChanges, agent_id=alice, intent_id=va["intent_id"], files=files)
+        assert isinstance(denied, p.Error) and denied.code == "forbidden"
+        await r.ok(ALICE, p.ReportChanges, agent_id=alice, intent_id=va["intent_id"], files=files)
+        out = await r.ok(BOB, p.ReportChanges, agent_id=bob, intent_id=vb["intent_id"], files=files)
+        assert out["action"] == "continue" and out["soft_conflicts"][0]["other_agent_id"] == alice
+        # Bob's changes reach the route handlers, which depend on what Alice modifies: stopped.
+        out = await r.ok(BOB, p.ReportChanges, agent_id=bob, intent_id=vb["intent_id"],
+                         files=(p.FileReport(path="src/api/routes/orders.py"),))
+        assert out["action"] == "stop" and out["conflicts"][0]["holder_agent_id"] == alice
+        listed = await r.ok(ALICE, p.ConflictsList)
+        assert {e["kind"] for e in listed["recent"]} >= {"soft_file", "drift_stop"}
+        bad = await r.call(ALICE, p.ReportChanges, agent_id=alice, intent_id=va["intent_id"],
+                           files=(p.FileReport(path="/etc/passwd"),))
+        assert isinstance(bad, p.Error) and bad.code == "bad_field" and "files[0].path" in bad.message
+    run(body)

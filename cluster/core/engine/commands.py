@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, ClassVar
 
+from tetherlab.cluster.core.engine.footprint import FileChange, decode_files
 from tetherlab.cluster.core.engine.model import (
     AGENT_ID_MAX_CHARS,
     AGENT_ID_RE,
@@ -231,11 +232,36 @@ class Expire(_Command):
         check_int(self.now_ms, "now_ms")
 
 
-Command = Init | PushRegistry | OpenSession | CloseSession | Heartbeat | SubmitIntent | Revoke | LeaderElected | Expire
+@dataclass(frozen=True)
+class ReportChanges(_Command):
+    """An agent's in-flight changes since its intent's base (paths, symbols, hunk ranges; never
+    contents): the engine keeps them as the intent's footprint and decides drift and soft
+    conflicts (core/engine/footprint.py)."""
+
+    TYPE: ClassVar[str] = "report_changes"
+    agent_id: str
+    intent_id: str
+    files: tuple[FileChange, ...]
+    truncated: bool = False  # the shim had more changed files than one report takes
+
+    def __post_init__(self) -> None:
+        _agent_id(self.agent_id, "agent_id")
+        check_str(self.intent_id, "intent_id", INTENT_ID_MAX_CHARS)
+        object.__setattr__(self, "files", decode_files(self.files))
+        check_bool(self.truncated, "truncated")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "agent_id": self.agent_id, "intent_id": self.intent_id,
+                "files": [f.to_json() for f in self.files], "truncated": self.truncated}
+
+
+Command = (Init | PushRegistry | OpenSession | CloseSession | Heartbeat | SubmitIntent | Revoke | LeaderElected
+           | Expire | ReportChanges)
 
 COMMAND_TYPES: dict[str, type[_Command]] = {
     c.TYPE: c
-    for c in (Init, PushRegistry, OpenSession, CloseSession, Heartbeat, SubmitIntent, Revoke, LeaderElected, Expire)
+    for c in (Init, PushRegistry, OpenSession, CloseSession, Heartbeat, SubmitIntent, Revoke, LeaderElected, Expire,
+              ReportChanges)
 }
 
 

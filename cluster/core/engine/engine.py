@@ -39,9 +39,18 @@ from tetherlab.cluster.core.engine.commands import (
     LeaderElected,
     OpenSession,
     PushRegistry,
+    ReportChanges,
     Revoke,
     SubmitIntent,
 )
+from tetherlab.cluster.core.engine.footprint import (
+    SOFT_DEPENDENCY,
+    SOFT_FILE,
+    SOFT_PER_INTENT_MAX,
+    SOFT_SYMBOL,
+    Footprint,
+)
+from tetherlab.cluster.core.engine.footprint import build as build_footprint
 from tetherlab.cluster.core.engine.matching import match_intent
 from tetherlab.cluster.core.engine.model import (
     ABANDONED,
@@ -65,7 +74,7 @@ from tetherlab.cluster.core.engine.model import (
     Session,
     canonical_remote,
 )
-from tetherlab.cluster.core.engine.registry import POLICY_STOP, Registry, concept_from_json
+from tetherlab.cluster.core.engine.registry import DRIFT_WARN, POLICY_STOP, Registry, concept_from_json
 from tetherlab.cluster.core.errors import CommandError
 
 NS_META = "meta"
@@ -82,6 +91,7 @@ VERIFY_COMMITS_MAX = 256  # commits judged in one query
 VERIFY_PATHS_MAX = 4096  # paths of one commit judged in one query (a client splits bigger ones)
 KEY_CLUSTER = "cluster"
 KEY_CLOCK = "clock"
+KEY_CONFLICTS = "conflicts"  # meta/conflicts: the recent drift and soft-conflict events
 KEY_CURRENT = "current"
 
 # Bounds (every replica must use the same values: they shape the records).
@@ -92,6 +102,7 @@ SESSION_RETAIN_MS = 24 * 3600 * 1000
 # Conflicts listed in one verdict; the decision itself always considers every holder.
 CONFLICTS_MAX = 20
 LIST_LIMIT_MAX = 1000
+CONFLICT_LOG_MAX = 200  # drift and soft-conflict events kept for `tetherlab conflicts list`
 
 Write = tuple[str, str, bytes | None]
 
@@ -131,6 +142,10 @@ class Engine:
         self._intents: dict[str, Intent] = {}
         self._history: dict[str, list[dict[str, Any]]] = {}
         self._grants: dict[str, dict[str, Any]] = {}  # concept -> the latest modify grant on it
+        # Footprints of active intents (core/engine/footprint.py): path and path::symbol -> intents.
+        self._foot_files: dict[str, dict[str, None]] = {}
+        self._foot_syms: dict[str, dict[str, None]] = {}
+        self._conflict_log: list[dict[str, Any]] = []  # recent drifts and soft conflicts, bounded
         # Finished (and lapsed) intents, oldest first: compaction pops from the front.
         self._finished: dict[str, None] = {}
         self._mod: dict[str, str] = {}
@@ -187,6 +202,8 @@ class Engine:
             obj = self._history.get(key)
         elif ns == NS_GRANTS:
             obj = self._grants.get(key)
+        elif ns == NS_META and key == KEY_CONFLICTS:
+            obj = {"events": self._conflict_log} if self._conflict_log else None
         elif ns == NS_CONCEPTS:
             c = self._registry.concepts.get(key) if self._registry is not None else None
             obj = c.to_json() if c is not None else None
@@ -210,6 +227,8 @@ class Engine:
         keys.extend((NS_INTENTS, i) for i in self._intents)
         keys.extend((NS_HISTORY, c) for c in self._history)
         keys.extend((NS_GRANTS, c) for c in self._grants)
+        if self._conflict_log:
+            keys.append((NS_META, KEY_CONFLICTS))
         return sorted(keys)
 
     def dump_records(self) -> list[tuple[str, str, bytes]]:
@@ -245,6 +264,8 @@ class Engine:
                 e._history[key] = obj
             elif ns == NS_GRANTS:
                 e._grants[key] = obj
+            elif ns == NS_META and key == KEY_CONFLICTS:
+                e._conflict_log = obj["events"]
             else:
                 raise ValueError(f"unknown record {ns}/{key}")
         if version is not None:
@@ -268,6 +289,11 @@ class Engine:
                 self._mod[c] = it.intent_id
             for c in it.depends:
                 self._dep.setdefault(c, {})[it.intent_id] = None
+            fp = Footprint.from_json(it.footprint)
+            for path in fp.files:
+                self._foot_files.setdefault(path, {})[it.intent_id] = None
+            for key in fp.symbol_keys():
+                self._foot_syms.setdefault(key, {})[it.intent_id] = None
         else:
             for c in it.modifies:
                 self._lmod.setdefault(c, {})[it.intent_id] = None
@@ -279,7 +305,9 @@ class Engine:
             for c in it.modifies:
                 if self._mod.get(c) == it.intent_id:
                     del self._mod[c]
-            deps: list[tuple[dict[str, dict[str, None]], list[str]]] = [(self._dep, it.depends)]
+            fp = Footprint.from_json(it.footprint)
+            deps: list[tuple[dict[str, dict[str, None]], list[str]]] = [
+                (self._dep, it.depends), (self._foot_files, list(fp.files)), (self._foot_syms, fp.symbol_keys())]
         elif it.status == LAPSED:
             deps = [(self._lmod, it.modifies), (self._ldep, it.depends)]
         else:
@@ -296,6 +324,8 @@ class Engine:
         """The one place an intent changes status: checks the transition table, keeps the
         indexes and counts in step."""
         assert status in TRANSITIONS[it.status], f"{it.intent_id}: {it.status} -> {status} is not allowed"
+        if it.status == ACTIVE and status != ACTIVE:
+            self._drop_soft_refs(it)
         self._unindex(it)
         self._counts[it.status] -= 1
         it.status = status
@@ -518,6 +548,7 @@ class Engine:
         lapsed: list[str] = []
         unknown: list[str] = []
         notices: dict[str, Any] = {}
+        soft: dict[str, Any] = {}
         for a in cmd.agent_ids:
             s = self._sessions.get(a)
             if s is None:
@@ -533,7 +564,15 @@ class Engine:
             n = self._notice(s)
             if n is not None:
                 notices[a] = n
-        return {"ok": True, "refreshed": refreshed, "lapsed": lapsed, "unknown": unknown, "notices": notices}
+            it = self._intents.get(s.intent_id) if s.intent_id else None
+            if it is not None and it.status == ACTIVE and it.soft_changed_index > it.soft_told_index:
+                # Someone else's changes now overlap this agent's: told once, on its next heartbeat.
+                soft[a] = {"intent_id": it.intent_id, "soft_conflicts": list(it.soft),
+                           "context": world.context_for_changes(it, [], [])}
+                it.soft_told_index = it.soft_changed_index
+                self._touch(NS_INTENTS, it.intent_id)
+        return {"ok": True, "refreshed": refreshed, "lapsed": lapsed, "unknown": unknown, "notices": notices,
+                "soft": soft}
 
     def _leader_elected(self, cmd: LeaderElected, index: int, now: int) -> dict[str, Any]:
         # Heartbeats sent while there was no leader never reached the log: give every session
@@ -665,6 +704,11 @@ class Engine:
             self._grants[c] = {"intent_id": it.intent_id, "agent_id": it.agent_id, "fencing_token": index,
                                "granted_ms": now}
             self._touch(NS_GRANTS, c)
+        self._revert_invalidated(it, modify, depend, index, now)
+        return self._verdict(CONTINUE, it, relaxed, world.context_for_continue(it, relaxed))
+
+    def _revert_invalidated(self, it: Intent, modify: list[str], depend: list[str], index: int, now: int) -> None:
+        """A grant takes concepts from intents whose sessions lapsed: they are reverted."""
         for lid, concept in self._invalidated(modify, depend, it.intent_id).items():
             lapsed = self._intents[lid]
             self._finish(lapsed, REVERTED, index, now, f"claimed by {it.intent_id} while its session had lapsed")
@@ -674,7 +718,176 @@ class Engine:
                 kind = DEPEND_ON_MODIFIED
             lapsed.conflicts = [self._conflict(concept, kind, it)]
             lapsed.notified = False
-        return self._verdict(CONTINUE, it, relaxed, world.context_for_continue(it, relaxed))
+
+    # --- footprints: drift and soft conflicts ----------------------------------------------------
+
+    def _report_changes(self, cmd: ReportChanges, index: int, now: int) -> dict[str, Any]:
+        s = self._sessions.get(cmd.agent_id)
+        if s is None:
+            raise CommandError("no_session", f"agent {cmd.agent_id!r} has no session: send 'open_session' first")
+        it = self._intents.get(s.intent_id) if s.intent_id else None
+        if it is None or it.intent_id != cmd.intent_id:
+            have = it.intent_id if it is not None else None
+            raise CommandError("intent_mismatch", f"agent {cmd.agent_id!r} reports changes for {cmd.intent_id!r}; "
+                                                  f"its current intent is {have!r}")
+        if it.status != ACTIVE:
+            notice = self._notice(s)
+            if notice is not None:
+                it.notified = True
+                self._touch(NS_INTENTS, it.intent_id)
+                return notice
+            raise CommandError("not_active", f"intent {it.intent_id} is {it.status}: its changes are not tracked")
+        fp = build_footprint(self._registry, cmd.files)
+        # Drift: concepts the code reaches that the intent did not claim to modify. A concept
+        # whose registry entry only warns, and that someone else holds, is not claimed.
+        unclaimed = [c for c in fp.concepts if c not in it.modifies]
+        warned: list[dict[str, Any]] = []
+        free: list[str] = []
+        for c in unclaimed:
+            if self._registry is not None and self._registry.concepts[c].drift == DRIFT_WARN:
+                deps = [d for d in self._registry.concepts[c].depends_on if d not in it.modifies]
+                block, _ = self._check([c], deps, it.intent_id)
+                if block:
+                    warned.extend({**b, "drift": c, "path": fp.concepts[c]} for b in block)
+                    continue
+            free.append(c)
+        claims: dict[str, list[dict[str, Any]]] = {k: list(it.claims.get(k, [])) for k in ("modify", "depend")}
+        blocking: list[dict[str, Any]] = []
+        relaxed: list[dict[str, Any]] = []
+        if free:
+            # A replan made by the master: the reached concepts join the claims, and the whole set is
+            # checked as any replan is (the registry may have changed since the last grant).
+            for c in free:
+                claims["modify"].append({"concept": c, "reasons": [{"kind": "drift", "detail": fp.concepts[c],
+                                                                    "source": "changes"}]})
+                claims["depend"] = [d for d in claims["depend"] if d["concept"] != c]
+                for dep in (self._registry.concepts[c].depends_on if self._registry is not None else ()):
+                    if dep not in {x["concept"] for x in claims["modify"] + claims["depend"]}:
+                        claims["depend"].append({"concept": dep, "reasons": [
+                            {"kind": "depends_on", "detail": f"{c} depends on {dep}", "source": c}]})
+            claims["modify"].sort(key=lambda x: x["concept"])
+            claims["depend"].sort(key=lambda x: x["concept"])
+            blocking, relaxed = self._check([x["concept"] for x in claims["modify"]],
+                                            [x["concept"] for x in claims["depend"]], it.intent_id)
+            for bl in blocking:
+                bl.setdefault("path", fp.concepts.get(bl["concept"], ""))
+        self._unindex(it)
+        it.footprint = fp.to_json()
+        it.updated_index = index
+        self._touch(NS_INTENTS, it.intent_id)
+        if blocking:
+            # Its changes there would have to be undone when the holder modifies a reached concept.
+            revert = any(b["kind"] == MODIFY_MODIFY and b["concept"] in free for b in blocking)
+            it.conflicts = blocking[:CONFLICTS_MAX]
+            self._index(it)
+            self._finish(it, REVERTED if revert else STOPPED, index, now,
+                         f"its changes reached {blocking[0]['concept']}, held by {blocking[0]['holder_agent_id']}")
+            self._log_conflicts([{"kind": "drift_revert" if revert else "drift_stop", "intent_id": it.intent_id,
+                                  "agent_id": it.agent_id, "concept": b["concept"], "path": b["path"],
+                                  "other_agent_id": b["holder_agent_id"]} for b in blocking[:3]], index, now)
+            action = REVERT if revert else STOP
+            return {**self._verdict(action, it, it.conflicts, world.context_for_drift(it, blocking, revert)),
+                    "drift": {"blocked": sorted({b["concept"] for b in blocking})}}
+        if free:
+            it.claims = {**it.claims, **claims}
+            it.fencing_token, it.granted_ms = index, now
+            it.conflicts = relaxed[:CONFLICTS_MAX]
+            for c in it.modifies:
+                self._grants[c] = {"intent_id": it.intent_id, "agent_id": it.agent_id, "fencing_token": index,
+                                   "granted_ms": now}
+                self._touch(NS_GRANTS, c)
+            self._log_conflicts([{"kind": "drift_claimed", "intent_id": it.intent_id, "agent_id": it.agent_id,
+                                  "concept": c, "path": fp.concepts[c]} for c in free], index, now)
+        if warned:
+            self._log_conflicts([{"kind": "drift_warned", "intent_id": it.intent_id, "agent_id": it.agent_id,
+                                  "concept": w["concept"], "path": w["path"], "other_agent_id": w["holder_agent_id"]}
+                                 for w in warned[:3]], index, now)
+        self._index(it)
+        if free:
+            self._revert_invalidated(it, it.modifies, it.depends, index, now)
+        self._refresh_soft(it, fp, index, now)
+        out = self._verdict(CONTINUE, it, (relaxed + warned)[:CONFLICTS_MAX],
+                            world.context_for_changes(it, free, warned))
+        out["drift"] = {"claimed": free, "warned": sorted({w["concept"] for w in warned})}
+        out["soft_conflicts"] = it.soft
+        it.soft_told_index = max(it.soft_told_index, it.soft_changed_index)
+        return out
+
+    def _refresh_soft(self, it: Intent, fp: Footprint, index: int, now: int) -> None:
+        """Recompute this intent's soft conflicts from its footprint, and the other side of each."""
+        found: dict[tuple[str, str, str], dict[str, Any]] = {}
+
+        def add(other_id: str, kind: str, what: str, extra: dict[str, Any]) -> None:
+            if other_id == it.intent_id or other_id not in self._intents:
+                return
+            found.setdefault((other_id, kind, what), {"kind": kind, **extra})
+
+        for path in fp.files:
+            for other in self._foot_files.get(path, {}):
+                add(other, SOFT_FILE, path, {"path": path})
+        for key in fp.symbol_keys():
+            path, _, sym = key.partition("::")
+            for other in self._foot_syms.get(key, {}):
+                add(other, SOFT_SYMBOL, key, {"path": path, "symbol": sym})
+        if self._registry is not None:
+            for path, f in fp.files.items():
+                for sym in f["symbols"]:
+                    for cid in f["concepts"]:
+                        for other in self._dep.get(cid, {}):
+                            add(other, SOFT_DEPENDENCY, f"{cid}:{sym}",
+                                {"path": path, "symbol": sym, "concept": cid})
+        mine: list[dict[str, Any]] = []
+        touched_others: dict[str, list[dict[str, Any]]] = {}
+        for (other_id, _kind, _what), c in sorted(found.items()):
+            o = self._intents[other_id]
+            mine.append({**c, "other_intent_id": other_id, "other_agent_id": o.agent_id,
+                         "other_summary": o.body.summary})
+            theirs = {**c, "other_intent_id": it.intent_id, "other_agent_id": it.agent_id,
+                      "other_summary": it.body.summary}
+            if c["kind"] == SOFT_DEPENDENCY:
+                theirs["kind"] = SOFT_DEPENDENCY
+                theirs["mirror"] = True  # the other side: someone changes what you rely on
+            touched_others.setdefault(other_id, []).append(theirs)
+        new_pairs = {(m["other_intent_id"], m["kind"], m.get("symbol", m["path"])) for m in mine} - \
+            {(m["other_intent_id"], m["kind"], m.get("symbol", m["path"])) for m in it.soft}
+        if mine != it.soft:
+            it.soft = mine[-SOFT_PER_INTENT_MAX:]
+            it.soft_changed_index = index
+        # The other side of every pair: replace what this intent contributed to their lists.
+        for oid in sorted(set(touched_others) | {x["other_intent_id"] for x in mine} |
+                          {s for s, o in self._intents.items() if o.status == ACTIVE and any(
+                              x["other_intent_id"] == it.intent_id for x in o.soft)}):
+            o = self._intents.get(oid)
+            if o is None or o.status != ACTIVE:
+                continue
+            kept = [x for x in o.soft if x["other_intent_id"] != it.intent_id]
+            updated = (kept + touched_others.get(oid, []))[-SOFT_PER_INTENT_MAX:]
+            if updated != o.soft:
+                o.soft = updated
+                o.soft_changed_index = index
+                self._touch(NS_INTENTS, oid)
+        if new_pairs:
+            self._log_conflicts([{"kind": f"soft_{k}", "intent_id": it.intent_id, "agent_id": it.agent_id,
+                                  "other_intent_id": oid, "other_agent_id": self._intents[oid].agent_id, "what": w}
+                                 for oid, k, w in sorted(new_pairs)][:5], index, now)
+
+    def _drop_soft_refs(self, it: Intent) -> None:
+        """An intent leaves ACTIVE: its soft conflicts end for the others too."""
+        for x in it.soft:
+            o = self._intents.get(x["other_intent_id"])
+            if o is None:
+                continue
+            kept = [y for y in o.soft if y["other_intent_id"] != it.intent_id]
+            if kept != o.soft:
+                o.soft = kept
+                o.soft_changed_index = it.updated_index
+                self._touch(NS_INTENTS, o.intent_id)
+
+    def _log_conflicts(self, events: list[dict[str, Any]], index: int, now: int) -> None:
+        for e in events:
+            self._conflict_log.append({"index": index, "at_ms": now, **e})
+        del self._conflict_log[: -CONFLICT_LOG_MAX]
+        self._touch(NS_META, KEY_CONFLICTS)
 
     _HANDLERS: dict[type, Callable[[Engine, Any, int, int], dict[str, Any]]] = {
         Init: _init,
@@ -686,6 +899,7 @@ class Engine:
         Revoke: _revoke,
         LeaderElected: _leader_elected,
         Expire: _expire,
+        ReportChanges: _report_changes,
     }
 
     # --- queries (read-only) ---------------------------------------------------------------------
@@ -866,6 +1080,25 @@ class Engine:
                     break
         return {"sessions": out, "next": out[-1]["agent_id"] if len(out) == limit else None}
 
+    def list_conflicts(self, limit: int = LIST_LIMIT_MAX) -> dict[str, Any]:
+        """Soft conflicts between active intents now (each pair once), and the recent drift and
+        soft-conflict events, newest first (``tetherlab conflicts list``)."""
+        current: list[dict[str, Any]] = []
+        seen: set[tuple[str, ...]] = set()
+        for it in sorted(self._intents.values(), key=lambda i: _index_of(i.intent_id)):
+            if it.status != ACTIVE:
+                continue
+            for c in it.soft:
+                pair = tuple(sorted((it.intent_id, c["other_intent_id"])))
+                key = (*pair, c["kind"], c.get("symbol") or c["path"])
+                if key in seen:
+                    continue
+                seen.add(key)
+                current.append({**c, "intent_id": it.intent_id, "agent_id": it.agent_id,
+                                "summary": it.body.summary, "message": world.describe_soft(c)})
+        recent = list(reversed(self._conflict_log))[: max(1, min(limit, LIST_LIMIT_MAX))]
+        return {"current": current[:limit], "recent": recent}
+
     def view_intents(self, since_index: int = 0, limit: int = LIST_LIMIT_MAX,
                      active_only: bool = False) -> dict[str, Any]:
         """Intents changed after Raft index ``since_index``, oldest change first, as the world view
@@ -895,10 +1128,12 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         """Counts for metrics."""
         open_sessions = sum(1 for s in self._sessions.values() if s.status == SESSION_OPEN)
+        soft = sum(len(it.soft) for it in self._intents.values() if it.status == ACTIVE) // 2
         return {
             "active_intents": self._counts[ACTIVE],
             "intents_by_status": dict(self._counts),
             "open_sessions": open_sessions,
+            "soft_conflicts": soft,  # pairs of active intents whose in-flight changes overlap
             "sessions": len(self._sessions),
             "concepts": len(self._registry.concepts) if self._registry is not None else 0,
             "registry_version": self._registry.version if self._registry is not None else 0,
@@ -915,4 +1150,6 @@ class Engine:
             "ldep": {c: sorted(v) for c, v in sorted(self._ldep.items())},
             "finished": list(self._finished),
             "counts": dict(self._counts),
+            "foot_files": {k: sorted(v) for k, v in sorted(self._foot_files.items())},
+            "foot_syms": {k: sorted(v) for k, v in sorted(self._foot_syms.items())},
         }

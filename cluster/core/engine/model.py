@@ -131,6 +131,13 @@ class Intent:
     # False while the agent still has to be told of a stop/revert it did not ask for.
     notified: bool = True
     ended_by: str = ""
+    # What the agent's in-flight code touches (core/engine/footprint.py), its soft conflicts,
+    # and the index up to which the agent was told of them (stored only once non-empty, so
+    # records of intents that never reported stay as they were).
+    footprint: dict[str, Any] = field(default_factory=dict)
+    soft: list[dict[str, Any]] = field(default_factory=list)
+    soft_changed_index: int = 0
+    soft_told_index: int = 0
 
     @property
     def modifies(self) -> list[str]:
@@ -160,6 +167,9 @@ class Intent:
             "conflicts": self.conflicts,
             "notified": self.notified,
             "ended_by": self.ended_by,
+            **({"footprint": self.footprint} if self.footprint else {}),
+            **({"soft": self.soft, "soft_changed_index": self.soft_changed_index,
+                "soft_told_index": self.soft_told_index} if self.soft or self.soft_changed_index else {}),
         }
 
     @classmethod
@@ -192,6 +202,10 @@ class Intent:
             conflicts=o["conflicts"],
             notified=o["notified"],
             ended_by=o["ended_by"],
+            footprint=o.get("footprint", {}),
+            soft=o.get("soft", []),
+            soft_changed_index=o.get("soft_changed_index", 0),
+            soft_told_index=o.get("soft_told_index", 0),
         )
 
     def summary_json(self) -> dict[str, Any]:

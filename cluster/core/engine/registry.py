@@ -29,12 +29,17 @@ PHRASE_MAX_WORDS = 12
 POLICY_STOP = "stop"
 POLICY_CONTINUE = "continue"
 POLICIES = (POLICY_STOP, POLICY_CONTINUE)
+# What an agent's in-flight changes reaching this concept without a claim (drift) do when the
+# concept is held by someone else: stop (or revert) the drifting agent, or only warn both.
+DRIFT_STOP = "stop"
+DRIFT_WARN = "warn"
+DRIFT_POLICIES = (DRIFT_STOP, DRIFT_WARN)
 
 ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*(?:\.[a-z0-9][a-z0-9_-]*)*$")
 SYMBOL_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(?:(?:\.|::)[A-Za-z_][A-Za-z0-9_]*)*$")
 
 _LIST_FIELDS = ("paths", "symbols", "aliases", "depends_on")
-_STR_FIELDS = ("title", "description", "dependents")
+_STR_FIELDS = ("title", "description", "dependents", "drift")
 FIELDS = ("id", *_STR_FIELDS, *_LIST_FIELDS)
 
 
@@ -50,6 +55,7 @@ class Concept:
     # Whether depending on this concept while another intent modifies it stops (the default)
     # or continues with context; applies both ways round.
     dependents: str = POLICY_STOP
+    drift: str = DRIFT_STOP
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -61,6 +67,8 @@ class Concept:
             "aliases": list(self.aliases),
             "depends_on": list(self.depends_on),
             "dependents": self.dependents,
+            # Only when not the default: records pushed before the field existed stay the same.
+            **({"drift": self.drift} if self.drift != DRIFT_STOP else {}),
         }
 
 
@@ -102,6 +110,9 @@ def _check_concept(raw: Any, where: str, problems: list[Problem]) -> Concept | N
         ok = False
     if "dependents" in values and values["dependents"] not in POLICIES:
         problems.append(Problem(name, "dependents", f"must be one of {list(POLICIES)}, got {values['dependents']!r}"))
+        ok = False
+    if "drift" in values and values["drift"] not in DRIFT_POLICIES:
+        problems.append(Problem(name, "drift", f"must be one of {list(DRIFT_POLICIES)}, got {values['drift']!r}"))
         ok = False
     for f in _LIST_FIELDS:
         v = raw.get(f, [])
@@ -292,6 +303,7 @@ def concept_from_json(obj: Mapping[str, Any]) -> Concept:
         aliases=tuple(obj["aliases"]),
         depends_on=tuple(obj["depends_on"]),
         dependents=obj["dependents"],
+        drift=obj.get("drift", DRIFT_STOP),
     )
 
 

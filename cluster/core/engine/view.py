@@ -16,6 +16,7 @@ from typing import Any
 
 from tetherlab.cluster.core.engine.model import Intent
 from tetherlab.cluster.core.engine.registry import Registry
+from tetherlab.cluster.core.engine.world import describe_soft
 
 BAND_ROWS_MAX = 40  # a group's column wraps after this many concepts (keeps bands readable)
 CELL_W, CELL_H = 220, 28  # layout units the page scales from
@@ -91,4 +92,6 @@ def intent_view(it: Intent) -> dict[str, Any]:
         "ended_by": it.ended_by,
         "conflicts": it.conflicts,
         "claims": {k: it.claims.get(k, []) for k in ("modify", "depend")},
+        "soft_conflicts": [{**c, "message": describe_soft(c)} for c in it.soft],
+        "footprint_concepts": sorted((it.footprint or {}).get("concepts", {})),
     }

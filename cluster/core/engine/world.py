@@ -72,6 +72,10 @@ def build_slice(
         "registry_version": reg.version if reg is not None else 0,
         "concepts": concepts,
         "truncated": len(order) > SLICE_CONCEPTS_MAX,
+        # What your in-flight code overlaps with (another agent's file or symbol, or a symbol a
+        # concept someone relies on), and the concepts your changes reached.
+        "soft_conflicts": list(it.soft),
+        "footprint_concepts": sorted((it.footprint or {}).get("concepts", {})),
     }
 
 
@@ -140,3 +144,38 @@ def context_for_notice(it: Intent) -> str:
             "then send a new intent."
         )
     return _clip(f"Stop: intent {it.intent_id} was stopped ({it.ended_by}). Do not continue this plan.")
+
+
+def describe_soft(c: dict[str, Any]) -> str:
+    """One soft conflict, as an agent reads it."""
+    who = f'{c["other_agent_id"]} ("{_short(c["other_summary"])}")'
+    if c["kind"] == "file":
+        return f"{who} is also changing {c['path']}"
+    if c["kind"] == "symbol":
+        return f"{who} is also changing {c['symbol']} in {c['path']}"
+    if c.get("mirror"):
+        return f"{who} is changing {c['symbol']} ({c['concept']}), which your work relies on"
+    return f"your change to {c['symbol']} ({c['concept']}) touches what {who} relies on"
+
+
+def context_for_changes(it: Intent, claimed: list[str], warned: list[dict[str, Any]]) -> str:
+    parts = []
+    if claimed:
+        parts.append(f"Your changes reached {', '.join(claimed)}, which your plan did not claim; they are now "
+                     f"claimed for intent {it.intent_id} (fencing token {it.fencing_token}).")
+    if warned:
+        parts.append("Warning: " + "; ".join(_describe(w) for w in warned[:3]) + " (your changes reached it; the "
+                     "registry only warns for this concept).")
+    if it.soft:
+        parts.append("Heads up: " + "; ".join(describe_soft(c) for c in it.soft[:3]) + ". Coordinate before you "
+                     "change the same code further.")
+    return _clip(" ".join(parts) if parts else f"Changes recorded for intent {it.intent_id}; nothing overlaps.")
+
+
+def context_for_drift(it: Intent, blocking: list[dict[str, Any]], revert: bool) -> str:
+    b = blocking[0]
+    reached = f"your changes reached {b['concept']} (through {b['path']}), which your plan did not claim"
+    if revert:
+        return _clip(f"Revert: {reached}, and {_describe(b)}. Discard the changes made for intent {it.intent_id}, "
+                     "then send a new intent that stays within your claims or waits for that work.")
+    return _clip(f"Stop: {reached}, and {_describe(b)}. Do not continue this plan; re-plan around it.")
