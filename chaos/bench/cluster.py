@@ -58,8 +58,9 @@ LEADER_POLL_S = 0.02
 TARGETS = {
     "saturation_verdicts_per_s": (">=", 2000.0),
     "p99_ms_at_500": ("<=", 25.0),
-    "ratio_vs_bare": (">=", 0.5),
-    "ratio_vs_etcd": (">=", 1.0),
+    "ratio_vs_bare": (">=", 1.0),
+    "ratio_vs_etcd": (">=", 1.5),
+    "scale_ratio": (">=", 0.8),
     "failover_s": ("<=", 3.0),
     "hook_p50_ms": ("<=", 30.0),
 }
@@ -619,6 +620,7 @@ def summary(out: dict[str, Any]) -> dict[str, Any]:
     etcd = out.get("etcd", {}).get("saturation", {}).get("verdicts_per_s")
     at500 = tl.get("offered", {}).get("500", {})
     fo = out.get("failover", {})
+    scale_sat = out.get("scale", {}).get("saturation", {}).get("verdicts_per_s")
     s = {
         "saturation_verdicts_per_s": sat,
         "p99_ms_at_500": at500.get("p99_ms"),
@@ -629,6 +631,9 @@ def summary(out: dict[str, Any]) -> dict[str, Any]:
         "failover_s": fo.get("median_to_first_verdict_s"),
         "hook_p50_ms": out.get("hook", {}).get("p50_ms"),
         "failover_all_reattached_s": fo.get("median_to_all_reattached_s"),
+        # Cost must not grow with registry size or active intents: scale saturation over small.
+        "scale_ratio": round(scale_sat / sat, 3) if sat and scale_sat else None,
+        "scale_verdicts_per_s": scale_sat,
         "scale_p99_ms": out.get("scale", {}).get("offered", {}).get("p99_ms"),
         "scale_rss_mb_max": max((v for v in out.get("scale", {}).get("rss_mb", {}).values() if v), default=None),
     }
@@ -711,10 +716,48 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="tetherlab bench cluster", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print the result object on stdout")
+    p.add_argument("--compare", metavar="FILE",
+                   help="an earlier run's --json output: print how this run differs from it (to stderr with --json)")
     add_bench_cluster_args(p)
     args = p.parse_args(argv)
-    print_result(bench_cluster(args), args.json)
+    earlier: dict[str, Any] | None = None
+    if args.compare:  # read it first: a bad file should fail before a three-minute run, not after
+        try:
+            earlier = json.loads(Path(args.compare).read_text())
+        except (OSError, ValueError) as e:
+            print(f"tetherlab bench cluster: --compare {args.compare}: {e}", file=sys.stderr)
+            return 2
+        if not isinstance(earlier, dict):
+            print(f"tetherlab bench cluster: --compare {args.compare}: not a bench cluster result object",
+                  file=sys.stderr)
+            return 2
+    result = bench_cluster(args)
+    print_result(result, args.json)
+    if earlier is not None:
+        print(compare(earlier, result), file=sys.stderr if args.json else sys.stdout)
     return 0
+
+
+def compare(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """The top-level figures of two runs side by side, with the change; targets marked."""
+    keys = [k for k in after if k not in ("details", "targets")]
+    keys += [k for k in before if k not in keys and k not in ("details", "targets")]
+    lines = [f"{'':>28}  {'before':>12}  {'after':>12}  change"]
+    for k in keys:
+        b, a = before.get(k), after.get(k)
+        change = ""
+        if isinstance(b, int | float) and isinstance(a, int | float) and not isinstance(b, bool):
+            change = f"{a - b:+.3g}" + (f" ({100 * (a - b) / b:+.0f}%)" if b else "")
+        mark = ""
+        if k in TARGETS and isinstance(a, int | float):
+            op, v = TARGETS[k]
+            mark = "  target met" if (a >= v if op == ">=" else a <= v) else f"  target {op} {v} missed"
+        lines.append(f"{k:>28}  {_fmt(b):>12}  {_fmt(a):>12}  {change}{mark}")
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
 
 
 def print_result(result: dict[str, Any], as_json: bool) -> None:

@@ -9,12 +9,12 @@ import json
 
 import pytest
 
-from tetherlab.chaos.bench.cluster import add_bench_cluster_args, bench_cluster
+from tetherlab.chaos.bench.cluster import add_bench_cluster_args, bench_cluster, compare, summary
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 KEYS = ("saturation_verdicts_per_s", "p99_ms_at_500", "etcd_verdicts_per_s", "bare_commits_per_s",
-        "ratio_vs_etcd", "ratio_vs_bare", "failover_s", "hook_p50_ms")
+        "ratio_vs_etcd", "ratio_vs_bare", "failover_s", "hook_p50_ms", "scale_ratio")
 
 
 def _args(argv: list[str]) -> argparse.Namespace:
@@ -51,3 +51,23 @@ def test_tiny_run_has_the_issue_keys() -> None:
         assert out["etcd_verdicts_per_s"] and out["ratio_vs_etcd"] is not None
     assert d["hook"]["calls"] == 3 and out["hook_p50_ms"] is not None
     assert set(out["targets"]) >= {"saturation_verdicts_per_s", "failover_s", "hook_p50_ms"}
+
+
+def test_scale_ratio_and_compare() -> None:
+    """scale_ratio is scale saturation over small saturation; --compare prints each figure's change
+    and whether the target is met (pure: no cluster)."""
+    details = {"tetherlab": {"saturation": {"verdicts_per_s": 1000.0}, "offered": {"500": {"p99_ms": 20.0}}},
+               "scale": {"saturation": {"verdicts_per_s": 850.0}, "offered": {"p99_ms": 30.0}},
+               "etcd": {"saturation": {"verdicts_per_s": 500.0}}}
+    after = {**summary(details), "details": details}
+    assert after["scale_ratio"] == 0.85 and after["ratio_vs_etcd"] == 2.0
+    assert after["targets"]["scale_ratio"]["met"] is True
+    before = {**after, "saturation_verdicts_per_s": 500.0, "scale_ratio": 0.5}
+    text = compare(before, after)
+    sat = next(line for line in text.splitlines() if "saturation_verdicts_per_s" in line)
+    assert "+500 (+100%)" in sat
+    ratio = next(line for line in text.splitlines() if line.strip().startswith("scale_ratio"))
+    assert "target met" in ratio
+    assert "details" not in text
+    worse = compare(after, {**after, "p99_ms_at_500": 40.0})
+    assert "target <= 25.0 missed" in next(x for x in worse.splitlines() if "p99_ms_at_500" in x)
