@@ -17,9 +17,13 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from tetherlab.cluster.core.engine.registry import parse_toml
+from tetherlab.cluster.core.errors import RegistryError
 
 PLAN_OPEN, PLAN_CLOSE = "<<<TETHERLAB-PLAN", "TETHERLAB-PLAN>>>"
 DONE_OPEN, DONE_CLOSE = "<<<TETHERLAB-DONE", "TETHERLAB-DONE>>>"
@@ -29,7 +33,25 @@ _TOO_LONG = f"a plan block was longer than {BLOCK_MAX_CHARS} characters; print a
 SECTION_BEGIN = "<!-- tetherlab:begin (managed by tether; removed when the agent exits) -->"
 SECTION_END = "<!-- tetherlab:end -->"
 
-INSTRUCTIONS = f"""{SECTION_BEGIN}
+# Concepts listed in the instruction section: enough for an agent to pick ids, bounded so the
+# section stays a small part of its context.
+CONCEPTS_IN_INSTRUCTIONS_MAX = 80
+TITLE_IN_INSTRUCTIONS_MAX_CHARS = 80
+REGISTRY_FILE = Path(".tetherlab") / "concepts.toml"
+
+
+def render_instructions(concepts: Sequence[tuple[str, str]] = (), total: int | None = None) -> str:
+    """The instruction section; ``concepts`` are (id, title) pairs of the repository's registry,
+    listed so the agent can name what its plan modifies and depends on."""
+    listing = ""
+    if concepts:
+        rows = [f"- `{cid}`: {title[:TITLE_IN_INSTRUCTIONS_MAX_CHARS]}" if title else f"- `{cid}`"
+                for cid, title in list(concepts)[:CONCEPTS_IN_INSTRUCTIONS_MAX]]
+        more = (total if total is not None else len(concepts)) - len(rows)
+        if more > 0:
+            rows.append(f"- ... and {more} more in {REGISTRY_FILE}")
+        listing = "\nConcepts of this repository (id: title):\n" + "\n".join(rows) + "\n"
+    return f"""{SECTION_BEGIN}
 ## Coordinating with other agents (Tetherlab)
 
 Other coding agents, on other machines, work on this repository at the same time. Before you
@@ -41,8 +63,13 @@ line of its own:
  "files": ["paths you expect to change"], "concepts": {{"modify": [], "depend": []}}}}
 {PLAN_CLOSE}
 
-`files` and `concepts` are optional (concept ids are in .tetherlab/concepts.toml). Print a new
-block whenever your plan changes. When you have finished, print:
+Name the concepts your plan touches: under `modify` the ones whose code, files or contract you
+will change; under `depend` the ones you use, call, subclass, wrap, raise or read without
+changing them. Leave out what you only mention, test, investigate or leave alone. In plan mode,
+end the plan with a line `Concepts: modify a.b, c.d; depend e.f`. The ids are in
+{REGISTRY_FILE}; if you name none, the master derives them from your words, which is less exact.
+{listing}
+`files` is optional. Print a new block whenever your plan changes. When you have finished, print:
 
 {DONE_OPEN}
 {{"summary": "what you did"}}
@@ -52,6 +79,10 @@ If an edit is denied or you are told to stop, stop: another agent holds that par
 .tetherlab/world.md describes what other agents are doing in the areas you touch.
 {SECTION_END}
 """
+
+
+INSTRUCTIONS = render_instructions()
+
 
 # CSI (colours, cursor moves), OSC (titles, hyperlinks) and other two-byte escapes.
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
@@ -107,18 +138,50 @@ def validate_plan(obj: Any) -> dict[str, Any]:
     return out
 
 
+_CONCEPTS_LINE = re.compile(r"^\W*concepts\W*:\s*(.*)$", re.IGNORECASE)
+_CONCEPT_ID = re.compile(r"[a-z0-9][a-z0-9_-]*(?:\.[a-z0-9][a-z0-9_-]*)+|[a-z0-9][a-z0-9_-]*")
+
+
+def _concepts_line(text: str) -> dict[str, list[str]] | None:
+    """``Concepts: modify a.b, c.d; depend e.f`` (markers and emphasis allowed) to claims."""
+    out: dict[str, list[str]] = {"modify": [], "depend": []}
+    found = False
+    for part in re.split(r"[;|]", text):
+        m = re.match(r"\W*(modify|modifies|modifying|depend|depends on|depends|depending on)\b\W*(.*)", part.strip(),
+                     re.IGNORECASE)
+        if m is None:
+            continue
+        kind = "modify" if m.group(1).lower().startswith("modif") else "depend"
+        ids = [i for i in _CONCEPT_ID.findall(m.group(2).replace("`", " ")) if "." in i or i.isalpha()]
+        ids = [i for i in ids if i not in ("none", "nothing", "and")]
+        out[kind].extend(i for i in ids if i not in out[kind])
+        found = True
+    return out if found else None
+
+
 def plan_from_markdown(markdown: str) -> dict[str, Any]:
-    """A plan from Claude Code's ExitPlanMode Markdown: the first heading or line is the
-    summary, list items are the steps, `paths/like.this` in backticks are files."""
+    """A plan from Claude Code's ExitPlanMode Markdown: the first heading or line is the summary;
+    every other non-empty line is a step (list markers and emphasis removed, so context
+    paragraphs and sub-headings reach the master, which reads what each step changes). A
+    ``Concepts: modify a.b; depend c.d`` line becomes the plan's explicit claims."""
     lines = [ln.strip() for ln in markdown.splitlines() if ln.strip()]
     if not lines:
         raise ValueError("the plan is empty")
     summary = re.sub(r"^#+\s*", "", lines[0]).strip() or "plan"
-    steps = [re.sub(r"^([-*+]|\d+[.)])\s+", "", ln) for ln in lines[1:] if re.match(r"^([-*+]|\d+[.)])\s+", ln)]
-    files = sorted({m for m in re.findall(r"`([\w./-]+\.[\w]+)`", markdown) if "/" in m or "." in m})
-    plan: dict[str, Any] = {"summary": summary[:2000], "steps": [s[:2000] for s in steps[:100]]}
-    if files:
-        plan["files"] = files[:200]
+    steps: list[str] = []
+    concepts: dict[str, list[str]] | None = None
+    for ln in lines[1:]:
+        m = _CONCEPTS_LINE.match(re.sub(r"^([-*+]|\d+[.)])\s+", "", ln).replace("**", ""))
+        parsed = _concepts_line(m.group(1)) if m else None
+        if parsed is not None:
+            concepts = parsed
+            continue
+        step = re.sub(r"^([-*+]|\d+[.)])\s+", "", ln).strip()
+        if step:
+            steps.append(step[:2000])
+    plan: dict[str, Any] = {"summary": summary[:2000], "steps": steps[:100]}
+    if concepts is not None:
+        plan["concepts"] = {k: v[:256] for k, v in concepts.items()}
     return plan
 
 
@@ -205,13 +268,29 @@ def _unwrap(body: str) -> str:
 # --- the instructions file section ------------------------------------------------------------
 
 
-def install_section(path: Path) -> bool:
-    """Add our marked section to an instructions file (created if missing). False if present."""
+def registry_concepts(repo: Path) -> tuple[list[tuple[str, str]], int]:
+    """(id, title) of the concepts in the repository's registry, and how many there are; nothing
+    when there is no registry file or it does not parse (the section then lists none)."""
+    path = repo / REGISTRY_FILE
+    try:
+        concepts = parse_toml(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, RegistryError):
+        return [], 0
+    return [(c.id, c.title) for c in concepts[:CONCEPTS_IN_INSTRUCTIONS_MAX]], len(concepts)
+
+
+def install_section(path: Path, concepts: Sequence[tuple[str, str]] | None = None) -> bool:
+    """Add our marked section to an instructions file (created if missing). False if present.
+    Without ``concepts``, the registry next to the file (``.tetherlab/concepts.toml`` in its
+    directory, the repository root) is listed."""
     text = path.read_text() if path.exists() else ""
     if SECTION_BEGIN in text:
         return False
+    total: int | None = None
+    if concepts is None:
+        concepts, total = registry_concepts(path.parent)
     sep = "\n" if text.endswith("\n") else ("\n\n" if text else "")
-    path.write_text(text + sep + INSTRUCTIONS)
+    path.write_text(text + sep + render_instructions(concepts, total))
     return True
 
 

@@ -1,9 +1,10 @@
-"""Admin commands over SSH: ``tetherlab keys|concepts|intents ...``.
+"""Admin commands over SSH: ``tetherlab keys|concepts|intents ...``, and the offline
+``concepts index|lint|match`` that need no cluster.
 
-They find the nodes and the admin key in the cluster file (``--dir DIR`` or ``--cluster
-FILE``), follow the leader like the shim, and print text or ``--json``.
-Exit codes: 0 done; 1 refused by the cluster (the message says why); 2 bad usage or
-configuration; 3 the cluster has no quorum-backed leader reachable.
+The cluster commands find the nodes and the admin key in the cluster file (``--dir DIR`` or
+``--cluster FILE``), follow the leader like the shim, and print text or ``--json``.
+Exit codes: 0 done; 1 refused by the cluster (the message says why), or lint findings; 2 bad
+usage, configuration or input file; 3 the cluster has no quorum-backed leader reachable.
 """
 
 from __future__ import annotations
@@ -17,11 +18,20 @@ from typing import Any
 
 from tetherlab.cluster import protocol as p
 from tetherlab.cluster.core.config import ConfigError
+from tetherlab.cluster.core.engine.codeindex import CodeIndex, CodeIndexError, pack
+from tetherlab.cluster.core.engine.lint import lint
+from tetherlab.cluster.core.engine.lint import summary as lint_summary
+from tetherlab.cluster.core.engine.matching import match_intent
+from tetherlab.cluster.core.engine.model import IntentBody
+from tetherlab.cluster.core.engine.registry import Registry, parse_toml
+from tetherlab.cluster.core.errors import CommandError, RegistryError
 from tetherlab.cluster.core.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
+from tetherlab.cluster.ops.codeindex import IndexBuildError, build_index
 from tetherlab.cluster.ops.config import load_cluster_file
 from tetherlab.cluster.ops.layout import forget_local_node, prepare_local_node
-from tetherlab.cluster.tools.admin import admin_request
+from tetherlab.cluster.tools.admin import admin_request, push_index
 from tetherlab.shim.client import ClientError, ClusterUnavailable, HostKeyMismatch, RequestError
+from tetherlab.shim.sentinel import plan_from_markdown
 
 
 def add_parsers(sub: Any, cluster_args: Any) -> None:
@@ -43,7 +53,29 @@ def add_parsers(sub: Any, cluster_args: Any) -> None:
     cs = con.add_subparsers(dest="action", metavar="ACTION", required=True)
     s = cs.add_parser("push", help="replace the registry with a concepts.toml (atomic, bumps the version)")
     s.add_argument("file", help="path to .tetherlab/concepts.toml, or - for standard input")
+    s.add_argument("--index", metavar="FILE", help="a code index (tetherlab concepts index) to install with it")
     cluster_args(s)
+    s = cs.add_parser("index", help="build the code index of a checkout: its files and the symbols they define "
+                                    "(offline)")
+    s.add_argument("--repo", required=True, help="the repository root (the root the registry's paths start at)")
+    s.add_argument("--out", required=True, help="the index file to write (JSON)")
+    s.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="leave out paths matching this shell pattern (repeatable)")
+    s.add_argument("--json", action="store_true", help="print the build report as JSON")
+    s.set_defaults(func=run_offline)
+    s = cs.add_parser("lint", help="check a concepts.toml for aliases that never match, common words, duplicates "
+                                   "and, with --index, paths and symbols the code does not have (offline)")
+    s.add_argument("file", help="path to .tetherlab/concepts.toml, or - for standard input")
+    s.add_argument("--index", metavar="FILE", help="a code index to check paths and symbols against")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=run_offline)
+    s = cs.add_parser("match", help="dry run: the claims a plan would get, with reasons (offline, no cluster)")
+    s.add_argument("--registry", required=True, metavar="FILE", help="path to .tetherlab/concepts.toml")
+    s.add_argument("--index", metavar="FILE", help="a code index (tetherlab concepts index)")
+    s.add_argument("--plan", required=True, metavar="FILE",
+                   help='the plan: JSON {"summary", "steps", "files"?, "concepts"?}, or Markdown; - for stdin')
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=run_offline)
     s = cs.add_parser("list", help="list concepts")
     cluster_args(s)
     s = cs.add_parser("show", help="show one concept and who holds it")
@@ -82,6 +114,8 @@ def add_parsers(sub: Any, cluster_args: Any) -> None:
     cluster_args(s)
     for parser in (keys, con, it, cl, co):
         parser.set_defaults(func=run)
+    for name in ("index", "lint", "match"):
+        cs.choices[name].set_defaults(func=run_offline)
 
 
 def _read_input(arg: str) -> str:
@@ -139,7 +173,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {cfg_path}; start the node with: tetherlab master --config {cfg_path}", file=sys.stderr)
 
     replace_old = args.old if args.command == "cluster" and args.action == "replace" else None
+    packed: tuple[str, list[str]] | None = None
+    if args.command == "concepts" and args.action == "push" and args.index:
+        try:
+            packed = pack(_load_index(args.index))
+        except (OSError, CodeIndexError) as e:
+            print(f"tetherlab concepts push: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        fields["index_digest"] = packed[0]
     try:
+        if packed is not None:
+            asyncio.run(push_index(path, key, cf.developer or "admin", packed[0], packed[1], activate=False))
         payload = asyncio.run(admin_request(path, key, cf.developer or "admin", cls, fields, replace_old))
     except p.LocalProtocolError as e:
         print(f"tetherlab {args.command} {args.action}: {e.message}", file=sys.stderr)
@@ -166,6 +210,111 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(render(args.command, args.action, payload))
     return EXIT_OK
+
+
+# --- offline: index, lint, match -----------------------------------------------------------------
+
+
+def _load_index(path: str) -> CodeIndex:
+    try:
+        return CodeIndex.from_bytes(Path(path).read_bytes())
+    except CodeIndexError as e:
+        raise CodeIndexError(f"{path}: {e}") from None
+
+
+def _load_registry(path: str) -> Registry:
+    return Registry(parse_toml(_read_input(path)), version=0)
+
+
+def _load_plan(path: str) -> IntentBody:
+    raw = _read_input(path)
+    stripped = raw.lstrip()
+    if stripped.startswith("{"):
+        try:
+            obj = json.loads(raw)
+        except ValueError as e:
+            raise CommandError("bad_json", f"{path}: not JSON: {e}") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("summary"), str):
+            raise CommandError("bad_field", f"{path}: a plan is an object with a string 'summary'")
+        concepts = obj.get("concepts") or {}
+        if not isinstance(concepts, dict):
+            raise CommandError("bad_field", f"{path}: 'concepts' must be an object with 'modify' and/or 'depend'")
+        return IntentBody(summary=obj["summary"], steps=tuple(obj.get("steps") or ()),
+                          files=tuple(obj.get("files") or ()), modify=tuple(concepts.get("modify") or ()),
+                          depend=tuple(concepts.get("depend") or ()))
+    plan = plan_from_markdown(raw)
+    concepts = plan.get("concepts") or {}
+    return IntentBody(summary=plan["summary"], steps=tuple(plan["steps"]), modify=tuple(concepts.get("modify", ())),
+                      depend=tuple(concepts.get("depend", ())))
+
+
+def run_offline(args: argparse.Namespace) -> int:
+    """``concepts index|lint|match``: files in, figures out; no cluster."""
+    name = f"tetherlab concepts {args.action}"
+    try:
+        if args.action == "index":
+            idx, report = build_index(Path(args.repo), tuple(args.exclude))
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(idx.canonical())
+            res = {"out": str(out), "digest": idx.digest, "bytes": len(idx.canonical()), **report.to_json()}
+            if args.json:
+                print(json.dumps(res))
+            else:
+                print(f"wrote {out}: {res['files']} files, {res['parsed']} parsed, {res['symbols']} symbols "
+                      f"({res['bytes']} bytes, digest {idx.digest[:12]})"
+                      + ("; truncated at the size bounds" if report.truncated else ""))
+            return EXIT_OK
+        if args.action == "lint":
+            reg = _load_registry(args.file)
+            index = _load_index(args.index) if args.index else None
+            findings = lint(reg, index)
+            res = lint_summary(findings)
+            if args.json:
+                print(json.dumps(res))
+            else:
+                for f in findings:
+                    print(f"{f.concept}: {f.field}: {f.message}")
+                print(f"{len(findings)} finding(s)" + (": " + ", ".join(f"{k} {v}" for k, v in res["counts"].items())
+                                                     if findings else ""))
+            return EXIT_FAILED if findings else EXIT_OK
+        reg = _load_registry(args.registry)
+        index = _load_index(args.index) if args.index else None
+        claims = match_intent(reg, _load_plan(args.plan), index)
+        claims.pop("registry_version", None)
+        if args.json:
+            print(json.dumps(claims))
+        else:
+            print(render_claims(claims))
+        return EXIT_OK
+    except RegistryError as e:
+        if args.json and args.action == "lint":
+            print(json.dumps({"findings": [{"concept": pr.concept, "field": pr.field, "value": "",
+                                            "check": "invalid", "message": pr.message} for pr in e.problems],
+                              "counts": {"invalid": len(e.problems)}}))
+        print(f"{name}: {e}", file=sys.stderr)
+        return EXIT_FAILED if args.action == "lint" else EXIT_USAGE
+    except (OSError, CodeIndexError, IndexBuildError, CommandError) as e:
+        msg = e.message if isinstance(e, CommandError) else str(e)
+        print(f"{name}: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def render_claims(claims: dict[str, Any]) -> str:
+    lines: list[str] = []
+    for kind in ("modify", "depend"):
+        for c in claims[kind]:
+            why = "; ".join(f"{r['kind']} {r['detail']!r} ({r['source']})" for r in c["reasons"][:4])
+            lines.append(f"{kind:<7} {c['concept']:<36} {why}")
+    if not lines:
+        lines.append("no claims: the plan names nothing in the registry")
+    for chk in claims.get("checks", []):
+        lines.append(f"check   {chk['concept']:<36} {chk['note']}")
+    if claims.get("files"):
+        lines.append("files   " + ", ".join(claims["files"][:20]))
+    if claims.get("symbols"):
+        lines.append("symbols " + ", ".join(claims["symbols"][:20]))
+    return "\n".join(lines)
 
 
 def render(group: str, action: str, payload: dict[str, Any]) -> str:

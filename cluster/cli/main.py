@@ -272,6 +272,7 @@ BENCHES = {
     "engine": "the pure coordination engine at 10,000 concepts",
     "cluster": "the full path (SSH, protocol, Raft, LMDB) vs bare pysyncobj and etcd",
     "worldview": "the live world view at 10,000 concepts and 5,000 active intents, in headless Chromium",
+    "matching": "matching on labelled plans: precision, recall, F1, exact match",
 }
 
 

@@ -33,6 +33,8 @@ CODES: dict[str, str] = {
     "no_session": "the agent has no session: send 'open_session' first",
     "session_lapsed": "the agent's session lapsed: open a new one",
     "unknown_concept": "an intent names a concept the registry does not have",
+    "invalid_index": "the chunks of a code index do not reassemble into a valid index with the announced digest",
+    "unknown_index": "push_registry names a code index that has not been installed (install_index first)",
     "no_active_intent": "complete/abandon from an agent with no active or lapsed intent",
     "intent_mismatch": "the command's intent_id is not the agent's current intent",
     "unknown_intent": "no intent has that id (it may have been compacted away)",

@@ -349,11 +349,23 @@ class Service:
 
     async def _h_concepts_push(self, who: Identity, req: p.ConceptsPush, ch: Peer | None) -> dict[str, Any]:
         try:
-            cmd = ec.decode_command({"type": "push_registry", "toml": req.toml})
+            cmd = ec.decode_command({"type": "push_registry", "toml": req.toml, "index_digest": req.index_digest})
         except CommandError as e:
             raise Refused(e.code, e.message) from None
         res = await self.engine(cmd)
         log.info("concept registry version %s pushed by %s", res.get("version"), who.developer)
+        return res
+
+    async def _h_concepts_index(self, who: Identity, req: p.ConceptsIndex, ch: Peer | None) -> dict[str, Any]:
+        try:
+            cmd = ec.InstallIndex(digest=req.digest, seq=req.seq, total=req.total, data=req.data,
+                                  activate=req.activate)
+        except CommandError as e:
+            raise Refused(e.code, e.message) from None
+        res = await self.engine(cmd)
+        if res.get("active") and not res.get("unchanged"):
+            log.info("code index version %s (%s) installed by %s", res.get("index_version"), req.digest[:12],
+                     who.developer)
         return res
 
     async def _h_concepts_list(self, who: Identity, req: p.ConceptsList, ch: Peer | None) -> dict[str, Any]:

@@ -39,7 +39,8 @@ Client requests (fields; ``?`` = optional, default in brackets)
                    concepts?: {modify: [str], depend: [str]}}, trigger: initial|replan|complete|abandon}
     complete {agent_id, intent_id} · abandon {agent_id, intent_id} · world_slice {agent_id}
     admin: keys_add {developer, public_key, role? [developer]} · keys_list {} · keys_revoke {key_id}
-           concepts_push {toml} · concepts_list {} · concepts_show {concept_id}
+           concepts_push {toml, index_digest?} · concepts_index {digest, seq, total, data, activate? [true]}
+           concepts_list {} · concepts_show {concept_id}
            intents_list {all? [false], limit? [100], cursor?} · intents_revoke {intent_id, revert? [false]}
 
 Bad input from the peer never raises: it becomes a ``ProtocolViolation`` event with a stable
@@ -101,6 +102,7 @@ from tetherlab.cluster.protocol.messages import (
     CommitClaim,
     Complete,
     Concepts,
+    ConceptsIndex,
     ConceptsList,
     ConceptsPush,
     ConceptsShow,
@@ -186,6 +188,7 @@ __all__ = [
     "CommitClaim",
     "Complete",
     "Concepts",
+    "ConceptsIndex",
     "ConceptsList",
     "ConceptsPush",
     "ConceptsShow",

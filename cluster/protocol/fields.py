@@ -48,6 +48,11 @@ AGENT_ID_RE = re.compile(rf"({DEVELOPER_PATTERN})/({_UUID})")
 ADDRESS_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):([0-9]{1,5})")
 COMMIT_RE = re.compile(r"[0-9a-f]{7,64}")
 CODE_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+DIGEST_RE = re.compile(r"[0-9a-f]{64}")
+BASE64_RE = re.compile(r"[A-Za-z0-9+/=]*")
+# A packed code index travels in chunks that fit a frame (core's codeindex uses the same numbers).
+MAX_INDEX_CHUNK_CHARS: Final = 160 * 1024
+MAX_INDEX_CHUNKS: Final = 256
 
 
 def json_type(value: Any) -> str:

@@ -14,12 +14,16 @@ from tetherlab.cluster.protocol.fields import (
     ADDRESS_RE,
     AGENT,
     AGENT_ID_RE,
+    BASE64_RE,
     CODE_RE,
     COMMIT_RE,
     DEFAULT_LIST_LIMIT,
     DEVELOPER,
+    DIGEST_RE,
     ID,
     MAX_FRAME_BYTES,
+    MAX_INDEX_CHUNK_CHARS,
+    MAX_INDEX_CHUNKS,
     MAX_LIST_LIMIT,
     MAX_NAME_CHARS,
     MAX_PATH_CHARS,
@@ -208,6 +212,23 @@ class ConceptsPush(Request):
     type: ClassVar[str] = "concepts_push"
     admin: ClassVar[bool] = True
     toml: str = field(metadata=spec(Str(MAX_FRAME_BYTES, multiline=True)))  # the frame bound is the real limit
+    # A code index sent before with concepts_index (activate false): it becomes active with this registry.
+    index_digest: str | None = field(default=None, metadata=spec(Optional(Str(64, pattern=DIGEST_RE,
+                                                                              pattern_name="a sha256 hex digest"))))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConceptsIndex(Request):
+    """One chunk of a packed code index (``tetherlab concepts push --index``)."""
+
+    type: ClassVar[str] = "concepts_index"
+    admin: ClassVar[bool] = True
+    digest: str = field(metadata=spec(Str(64, pattern=DIGEST_RE, pattern_name="a sha256 hex digest")))
+    seq: int = field(metadata=spec(Int(0, MAX_INDEX_CHUNKS - 1)))
+    total: int = field(metadata=spec(Int(1, MAX_INDEX_CHUNKS)))
+    data: str = field(metadata=spec(Str(MAX_INDEX_CHUNK_CHARS, min_chars=0, pattern=BASE64_RE,
+                                        pattern_name="base64 text")))
+    activate: bool = field(default=True, metadata=spec(Bool()))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -463,7 +484,7 @@ MESSAGE_TYPES: Final[dict[str, type[Message]]] = {
     cls.type: cls
     for cls in (
         Hello, Ping, Status, OpenSession, Heartbeat, SubmitIntent, Complete, Abandon, WorldSlice,
-        KeysAdd, KeysList, KeysRevoke, ConceptsPush, ConceptsList, ConceptsShow, IntentsList,
+        KeysAdd, KeysList, KeysRevoke, ConceptsPush, ConceptsIndex, ConceptsList, ConceptsShow, IntentsList,
         IntentsRevoke, ClusterAdd, ClusterRemove, ShimReport, VerifyCommits, UiTokenIssue, UiTokenRevoke,
         UiTokensList, ReportChanges, ConflictsList, HelloOk, Result, Redirect,
         Unavailable, Error, VerdictChanged, Revoked,

@@ -30,6 +30,23 @@ async def admin_request(cluster_file: Path, key: Path, developer: str, cls: type
         await client.close()
 
 
+async def push_index(cluster_file: Path, key: Path, developer: str, digest: str, chunks: list[str],
+                     activate: bool = True) -> dict[str, Any]:
+    """Send a packed code index chunk by chunk (each an idempotent Raft entry: a resend of a
+    chunk replaces it); the last answer says whether it is complete and active."""
+    client = MasterClient(masters_from_cluster_file(cluster_file), key, developer, client_name="tetherlab-admin")
+    try:
+        res: dict[str, Any] = {}
+        for seq, data in enumerate(chunks):
+            res = dict(await client.call(p.ConceptsIndex, ADMIN_DEADLINE_S, idempotent=True, digest=digest,
+                                         seq=seq, total=len(chunks), data=data, activate=activate))
+            if res.get("unchanged"):
+                break  # the cluster already runs this index
+        return res
+    finally:
+        await client.close()
+
+
 async def _replace(client: Any, old: str, add: dict[str, Any]) -> dict[str, Any]:
     """Add the new node, then remove the old one. When the old node is dead, adding first
     would leave too few healthy members for the larger cluster: remove it first instead."""

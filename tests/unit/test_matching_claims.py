@@ -50,12 +50,14 @@ def kinds(c: dict) -> dict[str, str]:
         ("Read the user from the session store", {"auth.session-store-contract": "depend"}),
         ("Session store cleanup", {"auth.session-store-contract": "modify"}),  # no verb: modify
         ("Call `get_session` in each handler", {"auth.session-store-contract": "depend"}),
-        ("Rename SessionStore.get to fetch", {}),  # bare 'SessionStore.get' is not a listed symbol
-        ("Subclass auth.store.SessionStore for redis", {"auth.session-store-contract": "modify"}),
+        # A new or unlisted member of a registered class belongs to the class's concept.
+        ("Rename SessionStore.get to fetch", {"auth.session-store-contract": "modify"}),
+        # Subclassing relies on the class; it does not change it.
+        ("Subclass auth.store.SessionStore for redis", {"auth.session-store-contract": "depend"}),
         ("Refactor InvoiceBuilder", {"billing.invoices": "modify"}),
         ("Edit auth/session/cookies.py", {"auth.session-store-contract": "modify"}),
-        ("Use the billing module; update invoices", {"billing.invoices": "modify"}),  # new clause, new verb
-        ("Mention auth.session-store-contract by id", {"auth.session-store-contract": "modify"}),
+        ("Use the billing module; update invoice generation", {"billing.invoices": "modify"}),  # new clause
+        ("Rework auth.session-store-contract by id", {"auth.session-store-contract": "modify"}),
         ("Nothing relevant at all", {}),
     ],
 )

@@ -9,7 +9,10 @@ Layout, one concern per module:
 - ``registry``: ``concepts.toml`` parsing and validation, ``Concept``, ``Registry`` with its
   indexes (alias-phrase trie, symbols, path globs, dependents).
 - ``globs``, ``text``: path globs with a directory index; words, clauses, verb cues.
+- ``plantext``: a plan's tokens, clauses and the role of each mention (modify, depend, none).
+- ``codeindex``: the code index (files and the symbols they define), its look-ups and packing.
 - ``matching``: an intent's text, files and explicit concepts to claims, each with reasons.
+- ``lint``: registry checks for authors (``tetherlab concepts lint``).
 - ``model``: intent bodies, intent and session records, the lifecycle table.
 - ``commands``: the log's commands as frozen dataclasses; ``decode_command``.
 - ``engine``: ``Engine.apply`` (verdicts, sessions, revoke, expiry), records and queries.
@@ -24,6 +27,7 @@ from tetherlab.cluster.core.engine.commands import (
     Expire,
     Heartbeat,
     Init,
+    InstallIndex,
     LeaderElected,
     OpenSession,
     PushRegistry,
@@ -49,6 +53,7 @@ __all__ = [
     "Expire",
     "Heartbeat",
     "Init",
+    "InstallIndex",
     "IntentBody",
     "LeaderElected",
     "Limits",

@@ -12,6 +12,12 @@ from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, ClassVar
 
+from tetherlab.cluster.core.engine.codeindex import (
+    DIGEST_RE,
+    INDEX_CHUNKS_MAX,
+    CodeIndexError,
+    check_chunk,
+)
 from tetherlab.cluster.core.engine.footprint import FileChange, decode_files
 from tetherlab.cluster.core.engine.model import (
     AGENT_ID_MAX_CHARS,
@@ -77,15 +83,26 @@ class Init(_Command):
         return out
 
 
+def _digest(value: Any, field: str) -> str:
+    check_str(value, field, 64)
+    if not DIGEST_RE.match(value):
+        raise CommandError("bad_field", f"field {field!r} must be a sha256 digest (64 lowercase hex digits)")
+    return value
+
+
 @dataclass(frozen=True)
 class PushRegistry(_Command):
-    """Replace the concept registry; with ``expected_version``, only if it is still current."""
+    """Replace the concept registry; with ``expected_version``, only if it is still current; with
+    ``index_digest``, activate that code index (installed or staged by ``install_index``) with it."""
 
     TYPE: ClassVar[str] = "push_registry"
     concepts: tuple[Concept, ...]
     expected_version: int | None = None
+    index_digest: str | None = None
 
     def __post_init__(self) -> None:
+        if self.index_digest is not None:
+            _digest(self.index_digest, "index_digest")
         # Accepts Concepts or their JSON objects; validated as a whole either way, since some
         # rules span concepts (unknown dependency, cycle, duplicate id).
         if not isinstance(self.concepts, list | tuple):
@@ -96,11 +113,43 @@ class PushRegistry(_Command):
             check_int(self.expected_version, "expected_version")
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "type": self.TYPE,
             "concepts": [c.to_json() for c in self.concepts],
             "expected_version": self.expected_version,
         }
+        if self.index_digest is not None:
+            out["index_digest"] = self.index_digest
+        return out
+
+
+@dataclass(frozen=True)
+class InstallIndex(_Command):
+    """One chunk of a code index (``codeindex.pack``). When every chunk of ``digest`` has arrived
+    and checks out, the index is complete; with ``activate`` it becomes the one matching uses,
+    otherwise it waits for a ``push_registry`` that names it."""
+
+    TYPE: ClassVar[str] = "install_index"
+    digest: str
+    seq: int
+    total: int
+    data: str
+    activate: bool = True
+
+    def __post_init__(self) -> None:
+        _digest(self.digest, "digest")
+        check_int(self.seq, "seq")
+        check_int(self.total, "total", minimum=1)
+        if self.total > INDEX_CHUNKS_MAX:
+            raise CommandError("too_large", f"field 'total' must be at most {INDEX_CHUNKS_MAX}")
+        if self.seq >= self.total:
+            raise CommandError("bad_field", f"field 'seq' must be below 'total' ({self.total}), got {self.seq}")
+        check_str(self.data, "data", 10**9, empty_ok=True)
+        try:
+            check_chunk(self.data)
+        except CodeIndexError as e:
+            raise CommandError("bad_field", f"field 'data': {e}") from None
+        check_bool(self.activate, "activate")
 
 
 @dataclass(frozen=True)
@@ -255,13 +304,13 @@ class ReportChanges(_Command):
                 "files": [f.to_json() for f in self.files], "truncated": self.truncated}
 
 
-Command = (Init | PushRegistry | OpenSession | CloseSession | Heartbeat | SubmitIntent | Revoke | LeaderElected
-           | Expire | ReportChanges)
+Command = (Init | PushRegistry | InstallIndex | OpenSession | CloseSession | Heartbeat | SubmitIntent | Revoke
+           | LeaderElected | Expire | ReportChanges)
 
 COMMAND_TYPES: dict[str, type[_Command]] = {
     c.TYPE: c
-    for c in (Init, PushRegistry, OpenSession, CloseSession, Heartbeat, SubmitIntent, Revoke, LeaderElected, Expire,
-              ReportChanges)
+    for c in (Init, PushRegistry, InstallIndex, OpenSession, CloseSession, Heartbeat, SubmitIntent, Revoke,
+              LeaderElected, Expire, ReportChanges)
 }
 
 

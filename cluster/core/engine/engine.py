@@ -14,6 +14,9 @@ State is a set of records, namespaced as the adapter stores them:
 - ``history/<concept_id>``: the last few completed intents that modified the concept;
 - ``grants/<concept_id>``: the latest modify grant on the concept (intent, agent, fencing token):
   what push-time verification checks a commit's token against (``verify_commits``).
+- ``index/current`` and ``index/chunk/<n>``: the code index matching resolves names with (its
+  packed chunks, as ``install_index`` delivered them); ``index/staging`` and
+  ``index/staging/<n>``: an index still arriving, or complete and waiting for a registry push.
 
 Indexes (concept -> modifying intent, concept -> depending intents, and the same for lapsed
 intents) live only in memory and are rebuilt by ``from_records``; they make a verdict's cost
@@ -30,12 +33,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from tetherlab.cluster.core.engine import view, world
+from tetherlab.cluster.core.engine.codeindex import CodeIndex, CodeIndexError, unpack
 from tetherlab.cluster.core.engine.commands import (
     CloseSession,
     Command,
     Expire,
     Heartbeat,
     Init,
+    InstallIndex,
     LeaderElected,
     OpenSession,
     PushRegistry,
@@ -84,7 +89,9 @@ NS_SESSIONS = "sessions"
 NS_INTENTS = "intents"
 NS_HISTORY = "history"
 NS_GRANTS = "grants"
-NAMESPACES = (NS_META, NS_REGISTRY, NS_CONCEPTS, NS_SESSIONS, NS_INTENTS, NS_HISTORY, NS_GRANTS)
+NS_INDEX = "index"
+NAMESPACES = (NS_META, NS_REGISTRY, NS_CONCEPTS, NS_SESSIONS, NS_INTENTS, NS_HISTORY, NS_GRANTS, NS_INDEX)
+KEY_STAGING = "staging"
 UNCOORDINATED_ACCEPT = "accept"
 UNCOORDINATED_REFUSE = "refuse"
 VERIFY_COMMITS_MAX = 256  # commits judged in one query
@@ -118,6 +125,10 @@ class Applied:
 
 def _encode(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _chunk_key(kind: str, seq: int) -> str:
+    return f"{kind}/{seq:05d}"
 
 
 def _index_of(intent_id: str) -> int:
@@ -155,6 +166,13 @@ class Engine:
         self._counts: dict[str, int] = dict.fromkeys(STATUSES, 0)
         self._dirty: dict[tuple[str, str], None] = {}
         self._finished_now: list[str] = []
+        # The code index: the active one ({"version", "digest", "files", "symbols"} and its
+        # chunks), and one being delivered ({"digest", "total", "complete"} and chunks by seq).
+        self._code: CodeIndex | None = None
+        self._index_meta: dict[str, Any] | None = None
+        self._index_chunks: list[str] = []
+        self._staging: dict[str, Any] | None = None
+        self._staging_chunks: dict[int, str] = {}
 
     # --- apply ---------------------------------------------------------------------------------
 
@@ -210,6 +228,8 @@ class Engine:
         elif ns == NS_REGISTRY and key == KEY_CURRENT:
             if self._registry is not None:
                 obj = {"version": self._registry.version, "concepts": len(self._registry.concepts)}
+        elif ns == NS_INDEX:
+            obj = self._index_record(key)
         elif ns == NS_META and key == KEY_CLUSTER:
             obj = self._cluster
         elif ns == NS_META and key == KEY_CLOCK:
@@ -223,6 +243,12 @@ class Engine:
         if self._registry is not None:
             keys.append((NS_REGISTRY, KEY_CURRENT))
             keys.extend((NS_CONCEPTS, c) for c in self._registry.concepts)
+        if self._index_meta is not None:
+            keys.append((NS_INDEX, KEY_CURRENT))
+            keys.extend((NS_INDEX, _chunk_key("chunk", k)) for k in range(len(self._index_chunks)))
+        if self._staging is not None:
+            keys.append((NS_INDEX, KEY_STAGING))
+            keys.extend((NS_INDEX, _chunk_key(KEY_STAGING, k)) for k in self._staging_chunks)
         keys.extend((NS_SESSIONS, a) for a in self._sessions)
         keys.extend((NS_INTENTS, i) for i in self._intents)
         keys.extend((NS_HISTORY, c) for c in self._history)
@@ -246,9 +272,19 @@ class Engine:
         e = cls(limits)
         concepts = []
         version: int | None = None
+        chunks: dict[int, str] = {}
         for ns, key, raw in records:
             obj = json.loads(raw)
-            if ns == NS_META and key == KEY_CLOCK:
+            if ns == NS_INDEX:
+                if key == KEY_CURRENT:
+                    e._index_meta = obj
+                elif key == KEY_STAGING:
+                    e._staging = obj
+                elif key.startswith("chunk/"):
+                    chunks[int(key.rsplit("/", 1)[1])] = obj
+                else:
+                    e._staging_chunks[int(key.rsplit("/", 1)[1])] = obj
+            elif ns == NS_META and key == KEY_CLOCK:
                 e._clock_ms, e._last_index = obj["now_ms"], obj["index"]
             elif ns == NS_META and key == KEY_CLUSTER:
                 e._cluster = obj
@@ -270,6 +306,9 @@ class Engine:
                 raise ValueError(f"unknown record {ns}/{key}")
         if version is not None:
             e._registry = Registry(concepts, version)
+        if e._index_meta is not None:
+            e._index_chunks = [chunks[k] for k in sorted(chunks)]
+            e._code = unpack(e._index_chunks, e._index_meta["digest"])
         for iid in sorted(e._intents, key=_index_of):
             it = e._intents[iid]
             e._counts[it.status] += 1
@@ -480,7 +519,10 @@ class Engine:
                 "registry_version_conflict",
                 f"registry is at version {current}, push expected version {cmd.expected_version}",
             )
+        staged = self._staged_index(cmd.index_digest) if cmd.index_digest is not None else None
         new = Registry(cmd.concepts, current + 1)
+        if staged is not None:
+            self._activate_index(staged)
         old = self._registry.concepts if self._registry is not None else {}
         changed = [c for c in new.concepts if old.get(c) != new.concepts[c]]
         removed = [c for c in old if c not in new.concepts]
@@ -494,7 +536,98 @@ class Engine:
                 self._touch(NS_GRANTS, c)
         self._touch(NS_REGISTRY, KEY_CURRENT)
         return {"ok": True, "version": new.version, "concepts": len(new.concepts),
-                "changed": len(changed), "removed": len(removed)}
+                "changed": len(changed), "removed": len(removed),
+                "index_version": self._index_meta["version"] if self._index_meta is not None else 0}
+
+    # --- the code index ---------------------------------------------------------------------------
+
+    def _index_record(self, key: str) -> Any:
+        if key == KEY_CURRENT:
+            return self._index_meta
+        if key == KEY_STAGING:
+            return self._staging
+        kind, _, n = key.rpartition("/")
+        seq = int(n)
+        if kind == "chunk":
+            return self._index_chunks[seq] if seq < len(self._index_chunks) else None
+        return self._staging_chunks.get(seq)
+
+    def _install_index(self, cmd: InstallIndex, index: int, now: int) -> dict[str, Any]:
+        if self._index_meta is not None and self._index_meta["digest"] == cmd.digest:
+            return {"ok": True, "digest": cmd.digest, "complete": True, "active": True,
+                    "index_version": self._index_meta["version"], "unchanged": True}
+        fresh = self._staging is None or self._staging["digest"] != cmd.digest
+        if not fresh and self._staging is not None and self._staging["total"] != cmd.total:
+            raise CommandError("bad_field", f"index {cmd.digest[:12]} is being sent in {self._staging['total']} "
+                                            f"chunks, not {cmd.total}")
+        chunks = {} if fresh else dict(self._staging_chunks)
+        chunks[cmd.seq] = cmd.data
+        complete = len(chunks) == cmd.total
+        built: CodeIndex | None = None
+        if complete:
+            try:
+                built = unpack([chunks[k] for k in range(cmd.total)], cmd.digest)
+            except CodeIndexError as e:
+                raise CommandError("invalid_index", f"code index {cmd.digest[:12]}: {e}") from None
+        # Checked; now change state.
+        if fresh:
+            self._drop_staging()
+        self._staging = {"digest": cmd.digest, "total": cmd.total, "complete": complete}
+        self._staging_chunks = chunks
+        self._touch(NS_INDEX, KEY_STAGING)
+        self._touch(NS_INDEX, _chunk_key(KEY_STAGING, cmd.seq))
+        out: dict[str, Any] = {"ok": True, "digest": cmd.digest, "received": len(chunks), "total": cmd.total,
+                               "complete": complete, "active": False}
+        if complete and cmd.activate:
+            assert built is not None
+            self._activate_index(built)
+            out.update(active=True, index_version=self._index_meta["version"] if self._index_meta else 0,
+                       files=len(built.files), symbols=built.symbol_count)
+        return out
+
+    def _activate_index(self, built: CodeIndex) -> None:
+        """The complete staged index becomes the active one (its chunks move with it)."""
+        assert self._staging is not None and self._staging["complete"]
+        old = len(self._index_chunks)
+        chunks = [self._staging_chunks[k] for k in range(self._staging["total"])]
+        version = (self._index_meta["version"] if self._index_meta is not None else 0) + 1
+        self._drop_staging()
+        self._code = built
+        self._index_chunks = chunks
+        self._index_meta = {"version": version, "digest": built.digest, "files": len(built.files),
+                            "symbols": built.symbol_count, "chunks": len(chunks)}
+        self._touch(NS_INDEX, KEY_CURRENT)
+        for k in range(max(old, len(chunks))):
+            self._touch(NS_INDEX, _chunk_key("chunk", k))
+
+    def _drop_staging(self) -> None:
+        if self._staging is not None:
+            self._touch(NS_INDEX, KEY_STAGING)
+        for k in self._staging_chunks:
+            self._touch(NS_INDEX, _chunk_key(KEY_STAGING, k))
+        self._staging = None
+        self._staging_chunks = {}
+
+    def _staged_index(self, digest: str) -> CodeIndex | None:
+        """The complete staged index with this digest, rebuilt (None: it is the active one)."""
+        if self._index_meta is not None and self._index_meta["digest"] == digest:
+            return None
+        st = self._staging
+        if st is None or st["digest"] != digest or not st["complete"]:
+            raise CommandError("unknown_index", f"no complete code index {digest[:12]}…: send it with install_index "
+                                                "first")
+        return unpack([self._staging_chunks[k] for k in range(st["total"])], digest)
+
+    @property
+    def code_index(self) -> CodeIndex | None:
+        return self._code
+
+    def index_info(self) -> dict[str, Any]:
+        """The active index's version, digest and size, and any index still arriving."""
+        out: dict[str, Any] = dict(self._index_meta) if self._index_meta is not None else {"version": 0}
+        if self._staging is not None:
+            out["staging"] = {**self._staging, "received": len(self._staging_chunks)}
+        return out
 
     def _ttl(self) -> int:
         assert self._cluster is not None
@@ -662,7 +795,8 @@ class Engine:
 
     def _plan(self, cmd: SubmitIntent, s: Session, cur: Intent | None, index: int, now: int) -> dict[str, Any]:
         assert cmd.intent is not None
-        claims = match_intent(self._registry, cmd.intent)  # may refuse: before any change
+        claims = match_intent(self._registry, cmd.intent, self._code)  # may refuse: before any change
+        claims["index_version"] = self._index_meta["version"] if self._index_meta is not None else 0
         modify = [c["concept"] for c in claims["modify"]]
         depend = [c["concept"] for c in claims["depend"]]
         holding = cur if cur is not None and cur.status in HOLDING else None
@@ -892,6 +1026,7 @@ class Engine:
     _HANDLERS: dict[type, Callable[[Engine, Any, int, int], dict[str, Any]]] = {
         Init: _init,
         PushRegistry: _push_registry,
+        InstallIndex: _install_index,
         OpenSession: _open_session,
         CloseSession: _close_session,
         Heartbeat: _heartbeat,
@@ -1137,6 +1272,7 @@ class Engine:
             "sessions": len(self._sessions),
             "concepts": len(self._registry.concepts) if self._registry is not None else 0,
             "registry_version": self._registry.version if self._registry is not None else 0,
+            "index_version": self._index_meta["version"] if self._index_meta is not None else 0,
             "last_index": self._last_index,
             "clock_ms": self._clock_ms,
         }

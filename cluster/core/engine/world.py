@@ -110,6 +110,24 @@ def _holdings(it: Intent) -> str:
     return "; ".join(parts) if parts else "no registry concepts"
 
 
+# Disagreements between an agent's declared concepts and the plan's text, in a verdict's context.
+CHECKS_IN_CONTEXT_MAX = 3
+
+
+def _claims_note(it: Intent) -> str:
+    """What the agent should know about its claims: the declared-vs-derived disagreements, or,
+    when it declared nothing, how to declare (claims derived from words can be wrong)."""
+    checks = it.claims.get("checks") or []
+    if checks:
+        notes = "; ".join(f"{c['concept']}: {c['note']}" for c in checks[:CHECKS_IN_CONTEXT_MAX])
+        return f" Claim check: {notes}."
+    if not (it.body.modify or it.body.depend):
+        return (" These claims were derived from your plan's words; declare them in the plan "
+                '("concepts": {"modify": [...], "depend": [...]}, or a "Concepts: modify ...; depend ..." line) '
+                "with the concept ids from your instructions or .tetherlab/world.md.")
+    return ""
+
+
 def context_for_continue(it: Intent, relaxed: list[dict[str, Any]]) -> str:
     text = f"Continue: intent {it.intent_id} holds {_holdings(it)} (fencing token {it.fencing_token})."
     if relaxed:
@@ -117,14 +135,14 @@ def context_for_continue(it: Intent, relaxed: list[dict[str, Any]]) -> str:
         text += f" Note: {lines}. The registry lets this proceed; expect that concept to change under you."
     else:
         text += " No other active intent touches these concepts."
-    return _clip(text)
+    return _clip(text + _claims_note(it))
 
 
 def context_for_stop(it: Intent, blocking: list[dict[str, Any]]) -> str:
     lines = "; ".join(_describe(c) for c in blocking)
     return _clip(
         f"Stop: do not write code for this plan. {lines}. Wait until that work completes, "
-        "or re-plan around it, then send a new intent."
+        "or re-plan around it, then send a new intent." + _claims_note(it)
     )
 
 
