@@ -105,3 +105,55 @@ def test_replicas_end_with_identical_state_and_survive_restart(cluster3: LocalCl
     assert len({str(d) for d in dumps2.values()}) == 1
     assert dumps2[victim]["applied_index"] >= a["applied_index"]
     assert set(a["engine"]["intents"]) <= set(dumps2[victim]["engine"]["intents"])
+
+
+def test_a_code_index_pushed_with_the_registry_reaches_every_replica(cluster3: LocalCluster, tmp_path: Path) -> None:
+    """``tetherlab concepts push --index`` sends the index in chunks (more than one frame's
+    worth here), every replica installs the same one, matching uses it, and a restarted replica
+    rebuilds it from its records."""
+    import json
+    import random
+    import subprocess
+    import sys
+
+    from tetherlab.cluster.core.engine.codeindex import CodeIndex, Symbol
+
+    cluster3.wait_leader()
+    wait_bootstrapped(cluster3)
+    rng = random.Random(7)
+    files = {f"src/pkg{i % 40}/m{rng.getrandbits(48):x}.py": [Symbol(f"C{rng.getrandbits(64):x}", "class", 1, 9),
+                                                             Symbol(f"f{rng.getrandbits(64):x}", "function", 10, 19)]
+             for i in range(8000)}
+    files["src/core/engine.py"] = [Symbol("Engine", "class", 1, 300), Symbol("Engine._tick", "method", 40, 60)]
+    idx = CodeIndex(files)
+    (tmp_path / "index.json").write_bytes(idx.canonical())
+    (tmp_path / "concepts.toml").write_text('[[concept]]\nid = "core.engine"\npaths = ["src/core/"]\n')
+    tetherlab = [sys.executable, "-m", "tetherlab.cluster.cli"]
+    r = subprocess.run([*tetherlab, "concepts", "push", str(tmp_path / "concepts.toml"), "--index",
+                        str(tmp_path / "index.json"), "--cluster", str(cluster3.dir / "cluster.toml"), "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["index_version"] == 1
+
+    async def plan() -> dict:
+        masters = masters_from_cluster_file(cluster3.dir / "cluster.toml")
+        admin = MasterClient(masters, cluster3.dir / "admin_ed25519", "admin")
+        aid = f"admin/{uuid.uuid4()}"
+        await admin.call(p.OpenSession, 20, agent_id=aid, tool="t", machine="m", repo_remote="git@x:y/z.git",
+                         base_commit="abcdef1")
+        v = await admin.call(p.SubmitIntent, 20, agent_id=aid, tool="t", trigger="initial",
+                             intent=p.Intent(summary="Make `Engine._tick` cheaper", steps=()))
+        await admin.close()
+        return dict(v)
+
+    v = asyncio.run(plan())
+    assert [c["concept"] for c in v["claims"]["modify"]] == ["core.engine"] and v["claims"]["index_version"] == 1
+    dumps = full_dumps(cluster3)
+    chunks = {n: sorted(k for k in d["engine"].get("index", {}) if k.startswith("chunk/")) for n, d in dumps.items()}
+    assert len(next(iter(chunks.values()))) >= 2 and len({str(c) for c in chunks.values()}) == 1
+    assert len({str(d) for d in dumps.values()}) == 1
+    victim = cluster3.ids[1]
+    cluster3.kill(victim)
+    cluster3.start(victim)
+    cluster3.wait_serving(victim)
+    assert len({str(d) for d in full_dumps(cluster3).values()}) == 1

@@ -266,3 +266,26 @@ def test_build_index_from_a_git_checkout_lists_tracked_files_only(tmp_path: Path
     assert report.parsed == 2 and not report.truncated
     walked, _ = build_index(repo / "pkg")  # not a git work tree: walked
     assert set(walked.files) == {"__init__.py", "core.py"}
+
+
+def test_the_parser_feeds_in_flight_change_reports(tmp_path: Path) -> None:
+    """Issue 15's change reports take the parser as a function: the tree-sitter one fits."""
+    from tetherlab.shim.changes import collect
+
+    repo = tmp_path / "r"
+    repo.mkdir()
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True).stdout
+
+    git("init", "-q")
+    git("config", "user.email", "a@b")
+    git("config", "user.name", "a")
+    (repo / "svc.ts").write_text("export class Svc {\n  run(): number {\n    return 1\n  }\n  stop() {}\n}\n")
+    git("add", "-A")
+    git("commit", "-qm", "base")
+    base = git("rev-parse", "HEAD").strip()
+    (repo / "svc.ts").write_text("export class Svc {\n  run(): number {\n    return 2\n  }\n  stop() {}\n}\n")
+    rep = collect(repo, base, parse_symbols, language_for)
+    (f,) = rep.files
+    assert {s["name"] for s in f.symbols} >= {"Svc.run"} and "Svc.stop" not in {s["name"] for s in f.symbols}
