@@ -125,7 +125,16 @@ def roles(summary: str, *steps: str, index: CodeIndex | None = INDEX) -> dict[st
         ("Investigate the timeout handling in Client.send", ("No code changes.",), {"http.client": "depend"}),
         ("Add tests for Client.send timeouts", (), {"http.client": "depend"}),
         ("Add retries to Client.send", ("Add tests for ProxyTransport",), {"http.client": "modify"}),
+        # First person, "let's", gerunds and the future passive also say what changes.
+        ("We will add a retry loop to Client.send", (), {"http.client": "modify"}),
+        ("I'll update `ProxyTransport.handle`", (), {"http.proxy": "modify"}),
+        ("Let's make the response cache bounded", (), {"cache.store": "modify"}),
+        ("Adding a retry loop to Client.send", (), {"http.client": "modify"}),
+        ("ProxyTransport will be removed", (), {"http.proxy": "modify"}),
+        ("Replace the dict in CacheStore with an LRU from src/shop/headers.py", (), {"cache.store": "modify"}),
         # Statements about the code as it is are context.
+        ("Add a max size to the response cache", ("Headers are merged by merge_headers in src/shop/headers.py",),
+         {"cache.store": "modify"}),
         ("Add a max size to the response cache", ("ProxyTransport calls Client.send for every hop",),
          {"cache.store": "modify"}),
     ],
@@ -154,11 +163,12 @@ def test_explicit_claims_win_and_disagreements_are_reported() -> None:
     body = IntentBody("Fix the timeout in `Client.send`", ("Update docs/timeouts.md",), modify=("http.proxy",))
     c = match_intent(REGISTRY, body, INDEX)
     kinds = {x["concept"] for x in c["modify"]}
-    # Declared proxy is kept; the client and the docs the text clearly changes are added.
-    assert kinds == {"http.proxy", "http.client", "docs"}
+    # The declared proxy is kept; a file the text edits is added; a name it changes is reported.
+    assert kinds == {"http.proxy", "docs"}
     notes = {x["concept"]: x for x in c["checks"]}
     assert notes["http.proxy"]["derived"] == "none"
-    assert notes["http.client"]["declared"] == "none" and "claimed anyway" in notes["http.client"]["note"]
+    assert notes["docs"]["declared"] == "none" and "claimed anyway" in notes["docs"]["note"]
+    assert notes["http.client"]["derived"] == "modify" and "not claimed" in notes["http.client"]["note"]
 
 
 def test_analysis_is_deterministic_and_bounded_by_the_text() -> None:

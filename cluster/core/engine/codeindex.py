@@ -121,6 +121,7 @@ class CodeIndex:
         self._modules: dict[str, list[str]] = {}
         self._dirs: dict[str, list[str]] = {}
         self._in_file: dict[tuple[str, str], Symbol] = {}
+        self._members: dict[tuple[str, str], Symbol] = {}  # (file, member's last name) -> first such member
         self._entries: list[str] = []
         self._by_base: dict[str, list[str]] = {}
         for path, syms in self.files.items():
@@ -135,6 +136,8 @@ class CodeIndex:
                 if s.last != s.name:
                     self._last.setdefault(s.last, []).append(place)
                 self._in_file.setdefault((path, s.name), s)
+                if s.last != s.name:
+                    self._members.setdefault((path, s.last), s)
         # Parents of listed directories exist too ("src/" when only "src/ssr/x.ts" is listed).
         for d in list(self._dirs):
             while "/" in d:
@@ -254,10 +257,8 @@ class CodeIndex:
             if s is not None:
                 return [Place(path, s)]
         # A member of a class in the module: "console._live_stack" -> Console._live_stack.
-        for s in self.files[path]:
-            if s.last == rest[0] and s.name != rest[0]:
-                return [Place(path, s)]
-        return []
+        member = self._members.get((path, rest[0]))
+        return [Place(path, member)] if member is not None else []
 
     def modules(self, name: str) -> list[str]:
         return self._modules.get(name, [])

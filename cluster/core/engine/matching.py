@@ -17,7 +17,7 @@
    `Console.x` in `rich/console.py`") claims nothing by itself: the symbol's concept does.
    Every direct ``depends_on`` of a modified concept is a dependency.
 4. **Explicit claims** (``concepts.modify`` / ``concepts.depend``) are the agent's word and
-   win; a modify the text clearly shows (a path or symbol it changes) is added to them;
+   win; a modify the text clearly shows (a file it edits) is added to them;
    disagreements are listed in ``checks`` with reasons.
 
 Cost follows the plan's length and what it names: dict and trie look-ups per token, never a
@@ -70,7 +70,7 @@ def _reason(kind: str, detail: str, source: str) -> dict[str, str]:
 class _Evidence:
     modify: dict[str, list[dict[str, str]]] = field(default_factory=dict)
     depend: dict[str, list[dict[str, str]]] = field(default_factory=dict)
-    strong_modify: set[str] = field(default_factory=set)  # by a path or a symbol
+    strong_modify: set[str] = field(default_factory=set)  # by a file the plan edits
     symbols: dict[str, None] = field(default_factory=dict)
     files: dict[str, None] = field(default_factory=dict)
 
@@ -249,21 +249,10 @@ def _may_name(reg: Registry, index: CodeIndex | None) -> Any:
     return check
 
 
-def _interesting(reg: Registry, index: CodeIndex | None) -> Any:
+def _interesting(reg: Registry, index: CodeIndex | None) -> plantext.Interesting:
     """Tokens that may name something: code, paths, words that start an alias, capitalised
-    names. Sentences without one need no grammar."""
-    phrases = reg.phrases
-
-    def check(t: Token) -> bool:
-        if t.kind in (CODE, PATH):
-            return True
-        if t.kind == plantext.NUM:
-            return bool(t.norm) and t.norm[0] in phrases
-        if t.kind != WORD or not t.norm:
-            return False
-        return t.norm[0] in phrases or (t.text[:1].isupper() and (t.text in reg.symbols or index is not None)) \
-            or t.norm[0] in _ENTRY_FIRST
-    return check
+    names (any, with a code index). Sentences without one need no grammar."""
+    return plantext.Interesting(reg.phrases, None if index is not None else reg.symbols, _ENTRY_FIRST)
 
 
 def _class_name(t: Token) -> bool:
@@ -295,7 +284,8 @@ def _symbol_mention(reg: Registry, index: CodeIndex | None, t: Token, source: st
         role = DEPEND if exists else MODIFY
     if t.kind == WORD and not (t.text in reg.symbols or home):
         return None
-    return _Mention(tuple(concepts), _reason("symbol", detail, source), role, True, home=tuple(home))
+    # Not "strong": a name is a weaker sign of an edit than a file path (see match_intent).
+    return _Mention(tuple(concepts), _reason("symbol", detail, source), role, False, home=tuple(home))
 
 
 def _defined_exactly(index: CodeIndex, name: str) -> bool:
@@ -429,7 +419,7 @@ def _phrases(reg: Registry, toks: list[Token], source: str, index: CodeIndex | N
     out: list[_Mention] = []
     phrases = reg.phrases
     for run in _runs(toks):
-        if not any(w in phrases or w in _ENTRY_FIRST for t in run for w in t.norm):
+        if not any(t.hit for t in run) or not any(w in phrases or w in _ENTRY_FIRST for t in run for w in t.norm):
             continue  # nothing here starts a phrase
         seq: list[tuple[str, int, Token]] = []  # (word, sub-position, token)
         for t in run:

@@ -30,7 +30,7 @@ Everything is deterministic string work bounded by the text's length.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -530,13 +530,23 @@ class Text:
     verbs: list[str] = field(default_factory=list)  # classes of the main clauses' verbs, in order
 
 
+@dataclass(frozen=True)
+class Interesting:
+    """What may name something, for pruning: code and paths always; words that start a phrase
+    (``starts``); capitalised words in ``names`` (None: every capitalised word)."""
+
+    starts: Container[str]
+    names: Container[str] | None
+    more_starts: Container[str] = frozenset()
+
+
 # Tokens read after the last interesting one of a sentence: enough for every look-ahead rule
 # ("Add the X styles to Y" needs the "to"), so a sentence's cost follows what it names.
 LOOKAHEAD_TOKENS = 4
 
 
 def analyse(summary: str, steps: tuple[str, ...] | list[str],
-            interesting: Callable[[Token], bool] | None = None,
+            interesting: Interesting | None = None,
             may_name: Callable[[str], bool] | None = None) -> list[Text]:
     """Every text of a plan with roles on its tokens. Section headings among the steps ("##
     Context", "## Verification") set how the steps under them read. With ``interesting``,
@@ -601,7 +611,7 @@ def _label_kind(word: str) -> str:
 
 
 def _analyse_text(source: str, raw: str, section: str, is_summary: bool,
-                  interesting: Callable[[Token], bool] | None = None) -> Text:
+                  interesting: Interesting | None = None) -> Text:
     toks = tokenize(raw)
     text = Text(source, toks, section)
     # A label opening the text ("**Context:** ...", "Tests: ...", "Plan: ...").
@@ -613,7 +623,11 @@ def _analyse_text(source: str, raw: str, section: str, is_summary: bool,
                 t.kind = PUNCT if t is toks[1] else LITERAL
     for sentence in _sentences(toks):
         if interesting is not None:
-            marks = [interesting(t) for t in sentence]
+            starts, more, names = interesting.starts, interesting.more_starts, interesting.names
+            marks = [t.kind in (CODE, PATH) or (bool(t.norm) and (
+                t.norm[0] in starts or t.norm[0] in more
+                or (t.kind == WORD and t.text[:1].isupper() and (names is None or t.text in names))))
+                for t in sentence]
             last = len(marks) - 1 - marks[::-1].index(True) if True in marks else -1
             if last < 0:
                 if is_summary and not text.verbs:
@@ -1038,11 +1052,11 @@ def _word(toks: list[Token], i: int, frame: _Frame, subject: list[Token], fronte
     elif w in MODALS and subject and frame.cls is None and frame.kind == MAIN:
         # "X should honour Y": X is what changes (not when "X must not change"); "X can land
         # inside Y" is a statement about the code as it is.
-        keep = _subject_negated(toks, i) or w not in _CHANGE_MODALS
+        keep = _subject_negated(toks, i) or (w not in _CHANGE_MODALS and not _future_change(toks, i))
         for s in subject:
             s.role = NONE if keep else MODIFY
         subject.clear()
-        if w not in _CHANGE_MODALS:
+        if w not in _CHANGE_MODALS and not _future_change(toks, i):
             return _Frame("stmt", verb=w, kind="stmt"), False, True, i + 1
         return frame, True, True, i + 1
     if (w in MODALS or w == "please" or (w in ADVERBS and expect_verb)) and frame.cls is None:
@@ -1172,6 +1186,15 @@ def _plural_subject(subject: list[Token]) -> bool:
     words = [t for t in subject if t.kind == WORD]
     return any(t.low in ("and", "or") for t in words) or bool(
         subject and subject[-1].kind == WORD and subject[-1].low.endswith("s") and not subject[-1].low.endswith("ss"))
+
+
+def _future_change(toks: list[Token], i: int) -> bool:
+    """"X will be removed", "X will get renamed": a change to X said in the future passive."""
+    window = [t.low for t in toks[i + 1 : i + 4] if t.kind == WORD]
+    if toks[i].low != "will" or len(window) < 2 or window[0] not in ("be", "get"):
+        return False
+    past = window[1] if window[1] not in ADVERBS else (window[2] if len(window) > 2 else "")
+    return past in PAST_FORMS and VERB_CLASS.get(past) in (CHANGE, CREATE, MOVE)
 
 
 def _subject_negated(toks: list[Token], i: int) -> bool:
