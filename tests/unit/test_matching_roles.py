@@ -176,3 +176,12 @@ def test_analysis_is_deterministic_and_bounded_by_the_text() -> None:
     a = plantext.analyse(text, ["x"] * 3)
     b = plantext.analyse(text, ["x"] * 3)
     assert [(t.text, t.role) for t in a[0].tokens] == [(t.text, t.role) for t in b[0].tokens]
+
+
+def test_a_verdict_reads_a_bounded_amount_of_text() -> None:
+    from tetherlab.cluster.core.engine.matching import PLAN_CHARS_MAX
+
+    filler = "Add a retry loop and keep the behaviour stable. " * 40
+    steps = [filler[:1900]] * (PLAN_CHARS_MAX // 1900 + 2) + ["Rework ProxyTransport"]
+    assert roles("Plan", *steps) == {}  # past the bound: not read
+    assert roles("Plan", *steps[:2], "Rework ProxyTransport") == {"http.proxy": "modify"}

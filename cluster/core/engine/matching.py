@@ -57,8 +57,9 @@ IMPLIED_MAX = 200
 CHECKS_MAX = 20
 # A bare name defined under more concepts than this says nothing about where the plan works.
 BARE_CONCEPTS_MAX = 1
-# A plan longer than this many tokens is read up to here (plans are bounded by IntentBody too).
-TOKENS_MAX = 20_000
+# Matching reads this much of a plan's text (summary first, then the steps in order): a long
+# agent plan is a few thousand characters; this bounds one verdict's work whatever is sent.
+PLAN_CHARS_MAX = 10_000
 _TRIE_END = "$"
 
 
@@ -178,13 +179,12 @@ def match_intent(reg: Registry | None, body: IntentBody, index: CodeIndex | None
 def derive(reg: Registry, body: IntentBody, index: CodeIndex | None) -> _Evidence:
     """Modify and depend evidence per concept from the plan's text and ``files``."""
     ev = _Evidence()
-    budget = TOKENS_MAX
-    texts = plantext.analyse(body.summary, body.steps, _interesting(reg, index), _may_name(reg, index))
+    texts = plantext.analyse(body.summary, body.steps, _interesting(reg, index), _may_name(reg, index),
+                             chars_max=PLAN_CHARS_MAX)
     read_only = plantext.read_only(texts)
     tested: list[_Mention] = []
     for text in texts:
-        toks = text.tokens[:budget]
-        budget -= len(toks)
+        toks = text.tokens
         mentions: list[_Mention] = []
         resolved: set[int] = set()
         for t in toks:
@@ -215,8 +215,6 @@ def derive(reg: Registry, body: IntentBody, index: CodeIndex | None) -> _Evidenc
                 continue
             for cid in m.concepts:
                 ev.add(cid, role, m.reason, m.strong)
-        if budget <= 0:
-            break
     for i, f in enumerate(body.files):
         for cid, glob in reg.globs.match(f):
             ev.add(cid, MODIFY, _reason("path", f"{glob} matches {f}", f"files[{i}]"), strong=True)

@@ -547,15 +547,22 @@ LOOKAHEAD_TOKENS = 4
 
 def analyse(summary: str, steps: tuple[str, ...] | list[str],
             interesting: Interesting | None = None,
-            may_name: Callable[[str], bool] | None = None) -> list[Text]:
+            may_name: Callable[[str], bool] | None = None, chars_max: int | None = None) -> list[Text]:
     """Every text of a plan with roles on its tokens. Section headings among the steps ("##
     Context", "## Verification") set how the steps under them read. With ``interesting``,
     sentences that name nothing it accepts are only tokenised, and each sentence is read up to
     LOOKAHEAD_TOKENS past its last interesting token; with ``may_name``, a text it rejects (a
-    cheap test on the raw string) is not even tokenised."""
+    cheap test on the raw string) is not even tokenised. With ``chars_max``, only that many
+    characters are read (the summary, then the steps in order)."""
     out: list[Text] = []
     section = ""
+    left = chars_max
     for source, raw in [("summary", summary), *((f"steps[{i}]", s) for i, s in enumerate(steps))]:
+        if left is not None:
+            if left <= 0:
+                break
+            raw = raw[:left]
+            left -= len(raw)
         stripped = raw.strip()
         heading = re.match(r"^#+\s*([A-Za-z][A-Za-z ]*?)\s*:?\s*$", stripped)
         if heading and source != "summary":
