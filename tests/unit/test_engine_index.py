@@ -128,3 +128,11 @@ def test_a_new_index_replaces_the_old_one_and_its_records() -> None:
     assert len(chunk_keys) == 1 < n_old  # the old chunks are gone
     assert not [k for ns, k, _ in d.records() if ns == "index" and k.startswith("staging")]
     assert d.rebuilt().code_index is not None and d.rebuilt().code_index.digest == smaller.digest
+
+
+def test_one_command_can_carry_a_whole_index() -> None:
+    """What an operator proposes from a local file with the control socket's engine_file."""
+    d = ready()
+    digest, (data,) = pack(INDEX, chunk_chars=10**9)
+    r = d.send({"type": "install_index", "digest": digest, "seq": 0, "total": 1, "data": data})
+    assert r["active"] and r["index_version"] == 1

@@ -40,8 +40,11 @@ NAME_MAX_CHARS = 200
 KIND_MAX_CHARS = 32
 INDEX_MAX_BYTES = 32 * 1024 * 1024
 # How an index travels through the Raft log: its canonical JSON, zlib-compressed, base64, cut
-# into chunks that each fit a protocol frame with room to spare.
-INDEX_CHUNK_MAX_CHARS = 160 * 1024
+# into chunks. Tools cut INDEX_CHUNK_CHARS (one chunk fits a protocol frame with room to spare);
+# one command may carry up to INDEX_CHUNK_MAX_CHARS (a whole index proposed from a local file
+# through the control socket's engine_file operation).
+INDEX_CHUNK_CHARS = 160 * 1024
+INDEX_CHUNK_MAX_CHARS = 16 * 1024 * 1024
 INDEX_CHUNKS_MAX = 256
 DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 _B64_RE = re.compile(r"^[A-Za-z0-9+/=]*$")
@@ -334,7 +337,7 @@ class CodeIndex:
         return cls.from_json(obj)
 
 
-def pack(index: CodeIndex, chunk_chars: int = INDEX_CHUNK_MAX_CHARS) -> tuple[str, list[str]]:
+def pack(index: CodeIndex, chunk_chars: int = INDEX_CHUNK_CHARS) -> tuple[str, list[str]]:
     """The index's digest and its chunks for ``install_index`` commands."""
     data = base64.b64encode(zlib.compress(index.canonical(), 9)).decode("ascii")
     chunks = [data[i : i + chunk_chars] for i in range(0, len(data), chunk_chars)] or [""]
