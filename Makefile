@@ -9,7 +9,7 @@ NODES ?= 3
 DIR ?= .tetherlab
 PYTEST_ARGS ?=
 
-.PHONY: up test lint venv system-deps bench clean
+.PHONY: up test lint venv system-deps agents bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ venv: $(STAMP)
 # Installed only when missing, and only where apt-get exists and we are root.
 system-deps:
 	@bash deploy/scripts/system-deps.sh
+
+# The real coding agents (Claude Code, OpenCode) at pinned versions in .agents/, for tests/agents/.
+# Needs npm; idempotent (a stamp keyed on the versions).
+agents:
+	@bash deploy/scripts/agents.sh
 
 up: $(STAMP)
 	$(BIN)/tetherlab up --nodes $(NODES) --dir $(DIR)
