@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from model_server import ModelServer, text, tool_call
 
-from conftest import (
+from .harness import (
     Box,
     Env,
     TetherRun,
@@ -39,6 +38,7 @@ from conftest import (
     tether_cmd,
     verdicts,
 )
+from .model_server import ModelServer, text, tool_call
 
 pytestmark = [pytest.mark.slow, pytest.mark.agents, needs_agents, pytest.mark.timeout(240)]
 

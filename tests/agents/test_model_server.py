@@ -11,7 +11,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from model_server import ModelServer, ToolCall, gated, text, tool_call, tool_calls
+
+from .model_server import ModelServer, ToolCall, gated, text, tool_call, tool_calls
 
 HTTP_TIMEOUT_S = 10.0
 

@@ -1,0 +1,1 @@
+"""Tests that drive the real coding agents (see README.md)."""
