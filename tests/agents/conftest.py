@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tetherlab.cluster.localcluster import LocalCluster
+from tetherlab.cluster.ops.localcluster import LocalCluster
 
 from .harness import REGISTRY, SKIP_REASON, Env, keygen, tl
 from .model_server import ModelServer

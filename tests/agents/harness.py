@@ -28,7 +28,7 @@ from typing import IO, Any
 
 import pytest
 
-from tetherlab.cluster.localcluster import LocalCluster
+from tetherlab.cluster.ops.localcluster import LocalCluster
 
 from .model_server import ModelServer
 
