@@ -1,9 +1,15 @@
 """Client of the master cluster over SSH, used by ``tether`` and the admin CLI.
 
 It connects to any node of its list (pinning each node's host key), follows ``redirect`` to
-the leader, cycles through the nodes with bounded backoff while no leader is known, keeps
-sessions alive with heartbeats, and records when a quorum-backed leader last confirmed them
-(``last_confirmed``), which is what the shim's fail-closed rule reads.
+the leader, cycles through the nodes with bounded backoff while no leader is known, and keeps
+sessions alive with heartbeats.
+
+A paused or black-holed node must not use up a deadline while a quorum is reachable: every step
+(waiting for a connection, connecting, each request) is bounded by the caller's deadline; a node
+that timed out is tried last for ``SUSPECT_S``; one connection per node, each opened on its own,
+so a stuck node does not hold up the others; and a heartbeat is *hedged*: when no answer has come
+``hedge_after_s`` after it was sent, another attempt starts on another node (one that is not
+being waited on, redirects to such a node included), and the first answer wins.
 
 Outcomes: a ``Result`` payload; :class:`RequestError` for a refusal (the caller's fault);
 :class:`ClusterUnavailable` when no quorum-backed leader answered within the deadline (nothing
@@ -29,12 +35,14 @@ from tetherlab.cluster.ops.config import load_cluster_file
 
 log = logging.getLogger("tetherlab.client")
 
-CONNECT_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 5.0  # per connection attempt, and never past the caller's deadline
 REQUEST_TIMEOUT_S = 20.0  # per attempt: a write goes through Raft (the node answers unavailable by 5 s)
 BACKOFF_INITIAL_S = 0.1
 BACKOFF_MAX_S = 0.5  # short: after a leader dies, shims re-attach within about an election
 REDIRECTS_MAX = 8  # per request: more means the cluster is electing, so back off instead
 CLIENT_NAME = "tetherlab-client"
+SUSPECT_S = 10.0  # a node that timed out is tried after every other node for this long
+HEDGE_AFTER_S = 0.5  # a heartbeat unanswered this long is sent again through another node
 
 
 class ClientError(Exception):
@@ -140,6 +148,16 @@ class _Link:
             self.conn.close()
 
 
+class _Hedge:
+    """Which node each attempt of one hedged request is waiting on: the others avoid it."""
+
+    def __init__(self) -> None:
+        self.waiting_on: dict[int, str] = {}
+
+    def avoid(self, chain: int) -> set[str]:
+        return {node for c, node in self.waiting_on.items() if c != chain}
+
+
 class MasterClient:
     def __init__(self, masters: list[Master], key_path: str | Path, developer: str,
                  on_notify: Callable[[p.Notification], None] | None = None, client_name: str = CLIENT_NAME,
@@ -148,23 +166,26 @@ class MasterClient:
             raise ValueError("no master nodes configured")
         self.masters = list(masters)
         self.by_address = {m.address: m for m in masters}
+        self.by_id = {m.id: m for m in masters}
         self.key = asyncssh.read_private_key(str(key_path))
         self.developer = developer
         self.on_notify = on_notify or (lambda n: None)
         self.client_name = client_name
         self.client_version = client_version
         self.agent = agent
-        self._link: _Link | None = None
-        self._lock = asyncio.Lock()  # one connect at a time
+        self._links: dict[str, _Link] = {}  # at most one per node
+        self._locks: dict[str, asyncio.Lock] = {}  # one connect at a time, per node
+        self._suspect_until: dict[str, float] = {}  # node id -> monotonic time
         self._rr = random.randrange(len(self.masters))  # spread shims over the nodes
         self._rng = random.Random()
-        self.last_confirmed: float | None = None  # monotonic time of the last quorum-backed ack
+        self.last_confirmed: float | None = None  # monotonic time of the last quorum-backed heartbeat reply
         self.leader_id: str | None = None
 
     # --- connections ------------------------------------------------------------------------
 
-    async def _open(self, m: Master) -> _Link:
+    async def _open(self, m: Master, timeout_s: float) -> _Link:
         known: Any = ([asyncssh.import_public_key(m.host_key)], [], []) if m.host_key else None
+        deadline = time.monotonic() + timeout_s
         try:
             conn = await asyncio.wait_for(
                 asyncssh.connect(
@@ -172,16 +193,17 @@ class MasterClient:
                     agent_path=None, password=None, kbdint_auth=False, gss_auth=False,
                     keepalive_interval=5, keepalive_count_max=3,
                 ),
-                CONNECT_TIMEOUT_S,
+                timeout_s,
             )
         except asyncssh.HostKeyNotVerifiable as e:
             raise HostKeyMismatch(f"node {m.id} at {m.address} presented an unexpected host key: {e}") from None
         try:
-            proc = await conn.create_process(subsystem="tetherlab", encoding=None)
-            link = _Link(m, conn, proc, self.on_notify)
-            hello = link.proto.hello(client_name=self.client_name, client_version=self.client_version,
-                                     agent=self.agent)
-            reply = await link.call(hello, CONNECT_TIMEOUT_S)
+            async with asyncio.timeout(max(0.01, deadline - time.monotonic())):
+                proc = await conn.create_process(subsystem="tetherlab", encoding=None)
+                link = _Link(m, conn, proc, self.on_notify)
+                hello = link.proto.hello(client_name=self.client_name, client_version=self.client_version,
+                                         agent=self.agent)
+                reply = await link.call(hello, max(0.01, deadline - time.monotonic()))
         except BaseException:
             conn.close()
             raise
@@ -192,31 +214,56 @@ class MasterClient:
         link.hello = reply
         return link
 
-    async def _connect(self, prefer: Master | None = None) -> _Link:
-        async with self._lock:
-            if self._link is not None and self._link.alive and (prefer is None or self._link.master == prefer):
-                return self._link
-            if self._link is not None:
-                self._link.close()
-                self._link = None
-            m = prefer or self.masters[self._rr % len(self.masters)]
-            self._link = await self._open(m)
-            return self._link
+    async def _link_to(self, m: Master, timeout_s: float) -> _Link:
+        """The connection to ``m``, opened if needed; waiting for another opener counts too."""
+        async with asyncio.timeout(timeout_s):
+            lock = self._locks.setdefault(m.id, asyncio.Lock())
+            async with lock:
+                link = self._links.get(m.id)
+                if link is not None and link.alive:
+                    return link
+                if link is not None:
+                    link.close()
+                    del self._links[m.id]
+                link = await self._open(m, timeout_s)
+                self._links[m.id] = link
+                return link
+
+    def _drop(self, m: Master, suspect: bool) -> None:
+        link = self._links.pop(m.id, None)
+        if link is not None:
+            link.close()
+        if suspect:
+            self._suspect_until[m.id] = time.monotonic() + SUSPECT_S
+        if self.leader_id == m.id:
+            self.leader_id = None
+        self._rr += 1
+
+    def _suspect(self, node_id: str) -> bool:
+        return self._suspect_until.get(node_id, 0.0) > time.monotonic()
+
+    def _next_node(self, avoid: set[str]) -> Master:
+        """The known leader if it is answering, else the next node in turn; suspects last."""
+        n = len(self.masters)
+        turn = [self.masters[(self._rr + i) % n] for i in range(n)]
+        leader = self.by_id.get(self.leader_id or "")
+        if leader is not None:
+            turn.remove(leader)
+            turn.insert(0, leader)
+        for ok in (lambda m: m.id not in avoid and not self._suspect(m.id), lambda m: m.id not in avoid):
+            for m in turn:
+                if ok(m):
+                    return m
+        return turn[0]
 
     def _jitter(self, backoff_s: float) -> float:
         """Spread retries so shims that lost the same leader do not reconnect in lockstep."""
         return backoff_s * self._rng.uniform(0.5, 1.5)
 
-    def _rotate(self) -> None:
-        self._rr += 1
-        if self._link is not None:
-            self._link.close()
-            self._link = None
-
     async def close(self) -> None:
-        if self._link is not None:
-            self._link.close()
-            self._link = None
+        for link in self._links.values():
+            link.close()
+        self._links.clear()
 
     # --- requests ---------------------------------------------------------------------------
 
@@ -224,73 +271,129 @@ class MasterClient:
                       idempotent: bool = True) -> dict[str, Any]:
         """Send the request made by ``make(id)`` to the leader, following redirects and
         retrying elsewhere while the cluster has no leader, until ``deadline_s``."""
-        deadline = time.monotonic() + deadline_s
+        return await self._request(make, time.monotonic() + deadline_s, deadline_s, idempotent, None, 0)
+
+    async def _request(self, make: Callable[[p.RequestId], p.Request], deadline: float, deadline_s: float,
+                       idempotent: bool, hedge: _Hedge | None, chain: int) -> dict[str, Any]:
         backoff = BACKOFF_INITIAL_S
         prefer: Master | None = None
         redirects = 0
         last_reason = "no node answered"
-        while time.monotonic() < deadline:
-            try:
-                link = await self._connect(prefer)
-            except HostKeyMismatch:
-                raise
-            except (OSError, asyncssh.Error, TimeoutError, RequestError) as e:
-                last_reason = f"cannot reach a node: {e}"
-                self._rotate()
+
+        async def pause() -> None:
+            nonlocal backoff
+            await asyncio.sleep(min(self._jitter(backoff), max(0.0, deadline - time.monotonic())))
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                avoid = hedge.avoid(chain) if hedge is not None else set()
+                m = prefer or self._next_node(avoid)
                 prefer = None
-                await asyncio.sleep(min(self._jitter(backoff), max(0.0, deadline - time.monotonic())))
-                backoff = min(backoff * 2, BACKOFF_MAX_S)
-                continue
-            req = make(link.proto.next_id())
-            sent = False
-            try:
-                sent = True
-                reply = await link.call(req, min(REQUEST_TIMEOUT_S, max(0.1, deadline - time.monotonic())))
-            except (ConnectionError, OSError, asyncssh.Error, TimeoutError) as e:
-                self._rotate()
-                prefer = None
-                if sent and not idempotent:
-                    raise Indeterminate(f"connection to {link.master.id} broke after sending {req.type}: {e}") from None
-                last_reason = f"{link.master.id}: {e or type(e).__name__}"
-                await asyncio.sleep(min(self._jitter(backoff), max(0.0, deadline - time.monotonic())))
-                backoff = min(backoff * 2, BACKOFF_MAX_S)
-                continue
-            if isinstance(reply, p.Result):
-                self.leader_id = link.master.id
-                return reply.payload
-            if isinstance(reply, p.Redirect):
-                target = self.by_address.get(reply.leader_address)
-                redirects += 1
-                if target is None:
-                    last_reason = f"redirected to {reply.leader_address}, which is not in this client's node list"
-                    self._rotate()
-                elif redirects <= REDIRECTS_MAX:
-                    prefer = target
+                if hedge is not None:
+                    hedge.waiting_on[chain] = m.id
+                try:
+                    link = await self._link_to(m, min(CONNECT_TIMEOUT_S, left))
+                except HostKeyMismatch:
+                    raise
+                except (OSError, asyncssh.Error, TimeoutError, RequestError) as e:
+                    last_reason = f"cannot reach {m.id}: {e or type(e).__name__}"
+                    self._drop(m, suspect=isinstance(e, TimeoutError))
+                    await pause()
                     continue
-                await asyncio.sleep(min(self._jitter(backoff), max(0.0, deadline - time.monotonic())))
-                backoff = min(backoff * 2, BACKOFF_MAX_S)
-                continue
-            if isinstance(reply, p.Unavailable):
-                last_reason = f"{link.master.id}: {reply.reason} {reply.message}".strip()
-                self._rotate()
-                prefer = None
-                wait = max(backoff, reply.retry_after_ms / 1000)
-                await asyncio.sleep(min(wait, BACKOFF_MAX_S, max(0.0, deadline - time.monotonic())))
-                backoff = min(backoff * 2, BACKOFF_MAX_S)
-                continue
-            if isinstance(reply, p.Error):
-                raise RequestError(reply.code, reply.message)
-            raise RequestError("unexpected_reply", f"unexpected {reply.type}")
-        raise ClusterUnavailable(f"no quorum-backed leader answered within {deadline_s:.0f} s ({last_reason})")
+                req = make(link.proto.next_id())
+                try:
+                    reply = await link.call(req, max(0.01, min(REQUEST_TIMEOUT_S, deadline - time.monotonic())))
+                except (ConnectionError, OSError, asyncssh.Error, TimeoutError) as e:
+                    self._drop(m, suspect=isinstance(e, TimeoutError))
+                    if not idempotent:
+                        raise Indeterminate(f"connection to {m.id} broke after sending {req.type}: "
+                                            f"{e or type(e).__name__}") from None
+                    last_reason = f"{m.id}: {e or type(e).__name__}"
+                    await pause()
+                    continue
+                if isinstance(reply, p.Result):
+                    self.leader_id = m.id
+                    self._suspect_until.pop(m.id, None)
+                    return reply.payload
+                if isinstance(reply, p.Redirect):
+                    target = self.by_address.get(reply.leader_address)
+                    redirects += 1
+                    if target is None:
+                        last_reason = f"redirected to {reply.leader_address}, which is not in this client's node list"
+                        self._rr += 1
+                    elif target.id in avoid or self._suspect(target.id):
+                        # The leader this node names is the one not answering: wait for an election.
+                        last_reason = f"{m.id} names {target.id} as leader, which is not answering"
+                        self._rr += 1
+                    elif redirects <= REDIRECTS_MAX:
+                        prefer = target
+                        continue
+                    await pause()
+                    continue
+                if isinstance(reply, p.Unavailable):
+                    last_reason = f"{m.id}: {reply.reason} {reply.message}".strip()
+                    if self.leader_id == m.id:
+                        self.leader_id = None
+                    self._rr += 1
+                    backoff = max(backoff, min(reply.retry_after_ms / 1000, BACKOFF_MAX_S))
+                    await pause()
+                    continue
+                if isinstance(reply, p.Error):
+                    raise RequestError(reply.code, reply.message)
+                raise RequestError("unexpected_reply", f"unexpected {reply.type}")
+        finally:
+            if hedge is not None:
+                hedge.waiting_on.pop(chain, None)
+        raise ClusterUnavailable(f"no quorum-backed leader answered within {deadline_s:.1f} s ({last_reason})")
 
     async def call(self, cls: type[p.Request], deadline_s: float = 30.0, idempotent: bool = True,
                    **fields: Any) -> dict[str, Any]:
         return await self.request(lambda rid: cls(id=rid, **fields), deadline_s, idempotent)
 
-    async def heartbeat(self, agent_ids: list[str], deadline_s: float = 5.0) -> dict[str, Any]:
-        """One heartbeat; on success a quorum-backed leader has confirmed the sessions."""
+    async def heartbeat(self, agent_ids: list[str], deadline_s: float = 5.0,
+                        hedge_after_s: float = HEDGE_AFTER_S) -> dict[str, Any]:
+        """One heartbeat, hedged across nodes; the payload of the first quorum-backed reply. Which
+        sessions it kept alive is in the payload (``confirmed``, ``lapsed``, ``unknown``)."""
         sent_at = time.monotonic()
-        payload = await self.call(p.Heartbeat, deadline_s, agent_ids=tuple(agent_ids))
-        # Confirmed as of when we sent it, not when the answer arrived: conservative.
-        self.last_confirmed = sent_at
-        return payload
+        deadline = sent_at + deadline_s
+        ids = tuple(agent_ids)
+        hedge = _Hedge()
+        tasks: set[asyncio.Task[dict[str, Any]]] = set()
+        reasons: list[str] = []
+        loop = asyncio.get_running_loop()
+        try:
+            for chain in range(len(self.masters) * 2):  # bounded: a few hedges per node at most
+                if chain == 0 or len(tasks) < len(self.masters):
+                    tasks.add(loop.create_task(self._request(lambda rid: p.Heartbeat(id=rid, agent_ids=ids), deadline,
+                                                             deadline_s, True, hedge, chain)))
+                left = deadline - time.monotonic()
+                if left <= 0 or not tasks:
+                    break
+                done, _ = await asyncio.wait(tasks, timeout=min(hedge_after_s, left),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                for t in done:
+                    tasks.discard(t)
+                    err = t.exception()
+                    if err is None:
+                        self.last_confirmed = max(self.last_confirmed or sent_at, sent_at)
+                        return t.result()
+                    if isinstance(err, RequestError | HostKeyMismatch):
+                        raise err
+                    reasons.append(str(err))
+            while tasks and (left := deadline - time.monotonic()) > 0:
+                done, _ = await asyncio.wait(tasks, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                for t in done:
+                    tasks.discard(t)
+                    err = t.exception()
+                    if err is None:
+                        self.last_confirmed = max(self.last_confirmed or sent_at, sent_at)
+                        return t.result()
+                    if isinstance(err, RequestError | HostKeyMismatch):
+                        raise err
+                    reasons.append(str(err))
+        finally:
+            for t in tasks:
+                t.cancel()
+        raise ClusterUnavailable(reasons[-1] if reasons else
+                                 f"no quorum-backed leader answered within {deadline_s:.1f} s")

@@ -11,7 +11,10 @@ ONE JSON line and reads ONE JSON line back.
               "event": "PreToolUse" | "SessionStart" | "UserPromptSubmit" | ...,
               "session_id": str | null, "cwd": str | null,
               "tool_name": str | null, "tool_input": object | null,
-              "prompt": str | null}
+              "prompt": str | null, "budget_s": number}
+
+``budget_s`` is how long the hook can still wait for the reply: an edit that arrives while the
+plan's verdict is on its way waits for it, within that budget, instead of being denied.
     reply:   {"decision": "allow" | "deny" | "stop", "reason": str, "context": str}
 
 ExitPlanMode is an ordinary PreToolUse request (``tool_input.plan`` holds the
@@ -300,8 +303,10 @@ def hook_main(argv: list[str]) -> int:
             payload = None
 
         def ask(request: JSON) -> JSON:
-            deadline = started + budget_for(request) - BUDGET_MARGIN_S
-            return ask_tether(request, os.environ.get(SOCK_ENV), deadline)
+            budget = budget_for(request)
+            # tether may wait for a plan's verdict before answering, within what is left of this.
+            request["budget_s"] = round(budget - BUDGET_MARGIN_S - (time.monotonic() - started), 3)
+            return ask_tether(request, os.environ.get(SOCK_ENV), started + budget - BUDGET_MARGIN_S)
 
         if agent == "claude-code":
             code, out = handle_claude(payload, ask)
@@ -324,3 +329,10 @@ def hook_main(argv: list[str]) -> int:
         except Exception:
             pass
         return 2
+
+
+if __name__ == "__main__":
+    # `python -I -S .../shim/hooks.py AGENT`: what `tether install` writes into the agent's hooks,
+    # so that a hook call starts no site-packages and no package finder (this file imports only
+    # the standard library).
+    sys.exit(hook_main(sys.argv[1:]))

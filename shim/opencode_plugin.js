@@ -89,6 +89,7 @@ function askTether(request, timeoutMs) {
 }
 
 function request(cwd, event, sessionID, tool, args) {
+  // budget_s: how long tether may wait (for a plan's verdict) before answering this call.
   return {
     v: 1,
     op: "hook",
@@ -99,7 +100,13 @@ function request(cwd, event, sessionID, tool, args) {
     tool_name: str(tool),
     tool_input: args && typeof args === "object" && !Array.isArray(args) ? args : null,
     prompt: null,
+    budget_s: Math.max(0, budgetMs() - 200) / 1000,
   };
+}
+
+// tether's reasons start with "Tetherlab" already; say it once.
+function prefixed(reason) {
+  return /^Tetherlab\b/.test(reason) ? reason : `Tetherlab: ${reason}`;
 }
 
 function appendSystem(output, text) {
@@ -127,8 +134,8 @@ export const TetherlabPlugin = async (ctx) => {
       } catch (e) {
         throw new Error(`Tetherlab: the tether shim is unreachable (${e.message}); this tool call is blocked. ${UNREACHABLE_FIX}`);
       }
-      if (reply.decision === "stop") throw new Error(`Tetherlab: stop: ${reply.reason || "stopped by Tetherlab"}`);
-      if (reply.decision !== "allow") throw new Error(`Tetherlab: ${reply.reason || "denied by Tetherlab"}`);
+      if (reply.decision === "stop") throw new Error(prefixed(reply.reason || "stopped by Tetherlab"));
+      if (reply.decision !== "allow") throw new Error(prefixed(reply.reason || "denied by Tetherlab"));
     },
     "experimental.chat.system.transform": async (input, output) => {
       const req = request(cwd, "SessionStart", input && input.sessionID, null, null);

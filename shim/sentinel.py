@@ -230,8 +230,8 @@ class Scanner:
                      default=-1)
         if reopen >= 0 and (end < 0 or reopen < end):
             self._buf = self._buf[reopen:]
-            return MalformedBlock(f"a block opened with {opener} was not closed with {closer} "
-                                  "before the next block began")
+            # Reasons never quote a marker verbatim: an agent that echoes one must not open a block.
+            return MalformedBlock(f"a {_NAMES[opener]} block was not closed before the next block began")
         if end < 0:
             if len(self._buf) - start > BLOCK_MAX_CHARS:
                 self._buf = self._buf[body_start:]
@@ -251,12 +251,101 @@ class Scanner:
         try:
             obj = json.loads(_unwrap(body))
         except ValueError as e:
-            return MalformedBlock(f"the plan between {PLAN_OPEN} and {PLAN_CLOSE} is not valid JSON ({e}); "
-                                  "print it again as one JSON object")
+            return MalformedBlock(f"the plan block is not valid JSON ({e}); print it again as one JSON object")
         try:
             return PlanBlock(validate_plan(obj))
         except ValueError as e:
             return MalformedBlock(f"the plan was not accepted: {e}")
+
+
+_NAMES = {PLAN_OPEN: "TETHERLAB-PLAN", DONE_OPEN: "TETHERLAB-DONE"}
+
+# JSON-lines output of headless agents: objects of these types are not the assistant's own text
+# (tool calls and results echo our deny reasons, results repeat the last message, stream events
+# are partial deltas of a message that arrives whole as well).
+_NOT_ASSISTANT_TEXT = frozenset({"user", "tool_result", "tool_use", "tool", "system", "result", "stream_event",
+                                 "control_request", "control_response", "error", "step_start", "step_finish"})
+JSON_LINE_MAX_BYTES = 4 * 1024 * 1024  # a longer line is passed on undecoded
+_JSON_DEPTH_MAX = 32
+
+
+def assistant_texts(obj: Any) -> list[str]:
+    """The assistant's text in one JSON-lines event: every ``{"type": "text", "text": ...}`` that is
+    not inside a tool call, a tool result, a user message or a result summary."""
+    out: list[str] = []
+
+    def walk(o: Any, depth: int) -> None:
+        if depth > _JSON_DEPTH_MAX:
+            return
+        if isinstance(o, dict):
+            kind = o.get("type")
+            if kind in _NOT_ASSISTANT_TEXT:
+                return
+            if kind == "text" and isinstance(o.get("text"), str):
+                out.append(o["text"])
+            for k, v in o.items():
+                if k != "text":
+                    walk(v, depth + 1)
+        elif isinstance(o, list):
+            for v in o:
+                walk(v, depth + 1)
+
+    walk(obj, 0)
+    return out
+
+
+class JsonLines:
+    """Turns a headless agent's output into text for the :class:`Scanner`: a line that is one JSON
+    object with a ``type`` (an event of ``claude -p --output-format stream-json`` or ``opencode run
+    --format json``) becomes the assistant text it carries, unescaped; any other line passes
+    unchanged."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._mode = "start"  # at a line's start | "json": collecting a JSON line | "raw": passing a line on
+
+    def feed(self, data: bytes) -> bytes:
+        out = bytearray()
+        pos = 0
+        while pos < len(data):
+            nl = data.find(b"\n", pos)
+            end = len(data) if nl < 0 else nl + 1
+            chunk = data[pos:end]
+            pos = end
+            eol = chunk.endswith(b"\n")
+            if self._mode == "raw":
+                out += chunk
+            else:
+                self._buf += chunk
+                if self._mode == "start":
+                    head = self._buf.lstrip()
+                    if head:
+                        self._mode = "json" if head[:1] == b"{" else "raw"
+                    if self._mode == "raw" or (self._mode == "start" and eol):
+                        out += self._buf
+                        self._buf.clear()
+                if self._mode == "json":
+                    if eol:
+                        out += self._decode(bytes(self._buf))
+                        self._buf.clear()
+                    elif len(self._buf) > JSON_LINE_MAX_BYTES:
+                        out += self._buf
+                        self._buf.clear()
+                        self._mode = "raw"
+            if eol:
+                self._mode = "start"
+        return bytes(out)
+
+    @staticmethod
+    def _decode(line: bytes) -> bytes:
+        try:
+            obj = json.loads(line)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return line
+        if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
+            return line  # not an agent's event (a plan object, for one, has no "type")
+        texts = assistant_texts(obj)
+        return ("\n".join(texts) + "\n").encode() if texts else b""
 
 
 def _unwrap(body: str) -> str:

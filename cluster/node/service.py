@@ -250,12 +250,19 @@ class Service:
         res = await self._batched_heartbeat(req.agent_ids)
         mine = set(req.agent_ids)
         st = self.replica.status()
+        lapsed = [a for a in res.get("lapsed", []) if a in mine]
+        unknown = [a for a in res.get("unknown", []) if a in mine]
+        # A shim counts only an id listed in "confirmed" as kept alive, and re-checks its
+        # fail-closed margin against the TTL the cluster applies now (it may have changed).
+        settings = self.replica.store.engine_view(lambda e: e.cluster_settings()) or {}
         return {
             "ok": True,
-            "lapsed": [a for a in res.get("lapsed", []) if a in mine],
-            "unknown": [a for a in res.get("unknown", []) if a in mine],
+            "confirmed": [a for a in dict.fromkeys(req.agent_ids) if a not in lapsed and a not in unknown],
+            "lapsed": lapsed,
+            "unknown": unknown,
             "notices": {a: n for a, n in res.get("notices", {}).items() if a in mine},
             "soft": {a: n for a, n in res.get("soft", {}).items() if a in mine},
+            "session_ttl_ms": settings.get("session_ttl_ms"),
             "leader": self.settings.node_id,
             "term": st.get("term"),
         }
@@ -335,6 +342,15 @@ class Service:
 
     async def _h_abandon(self, who: Identity, req: p.Abandon, ch: Peer | None) -> dict[str, Any]:
         return await self._end(who, req.agent_id, req.intent_id, "abandon")
+
+    async def _h_close_session(self, who: Identity, req: p.CloseSession, ch: Peer | None) -> dict[str, Any]:
+        """The agent exited: its session ends now instead of lapsing a TTL later."""
+        self._own(who, req.agent_id)
+        res = await self.engine(ec.CloseSession(agent_id=req.agent_id))
+        if ch is not None:
+            ch.agent_ids.discard(req.agent_id)
+        log.info("session closed", extra={"agent_id": req.agent_id})
+        return res
 
     async def _h_world_slice(self, who: Identity, req: p.WorldSlice, ch: Peer | None) -> dict[str, Any]:
         self._own(who, req.agent_id)

@@ -38,6 +38,7 @@ Client requests (fields; ``?`` = optional, default in brackets)
     submit_intent {agent_id, tool, intent: {summary, steps: [str], files?: [str],
                    concepts?: {modify: [str], depend: [str]}}, trigger: initial|replan|complete|abandon}
     complete {agent_id, intent_id} · abandon {agent_id, intent_id} · world_slice {agent_id}
+    close_session {agent_id}   (the agent exited; an intent it still holds is abandoned)
     admin: keys_add {developer, public_key, role? [developer]} · keys_list {} · keys_revoke {key_id}
            concepts_push {toml, index_digest?} · concepts_index {digest, seq, total, data, activate? [true]}
            concepts_list {} · concepts_show {concept_id}
@@ -97,6 +98,7 @@ from tetherlab.cluster.protocol.messages import (
     TRIGGERS,
     UNAVAILABLE_REASONS,
     Abandon,
+    CloseSession,
     ClusterAdd,
     ClusterRemove,
     CommitClaim,
@@ -183,6 +185,7 @@ __all__ = [
     "UNAVAILABLE_REASONS",
     "Abandon",
     "ClientConnection",
+    "CloseSession",
     "ClusterAdd",
     "ClusterRemove",
     "CommitClaim",

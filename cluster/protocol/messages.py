@@ -175,6 +175,14 @@ class Abandon(Request):
 
 
 @dataclass(frozen=True, kw_only=True)
+class CloseSession(Request):
+    """The agent has exited: end its session (an intent it still holds is abandoned)."""
+
+    type: ClassVar[str] = "close_session"
+    agent_id: str = field(metadata=spec(AGENT))
+
+
+@dataclass(frozen=True, kw_only=True)
 class WorldSlice(Request):
     type: ClassVar[str] = "world_slice"
     agent_id: str = field(metadata=spec(AGENT))
@@ -483,7 +491,7 @@ class UiTokensList(Request):
 MESSAGE_TYPES: Final[dict[str, type[Message]]] = {
     cls.type: cls
     for cls in (
-        Hello, Ping, Status, OpenSession, Heartbeat, SubmitIntent, Complete, Abandon, WorldSlice,
+        Hello, Ping, Status, OpenSession, Heartbeat, SubmitIntent, Complete, Abandon, CloseSession, WorldSlice,
         KeysAdd, KeysList, KeysRevoke, ConceptsPush, ConceptsIndex, ConceptsList, ConceptsShow, IntentsList,
         IntentsRevoke, ClusterAdd, ClusterRemove, ShimReport, VerifyCommits, UiTokenIssue, UiTokenRevoke,
         UiTokensList, ReportChanges, ConflictsList, HelloOk, Result, Redirect,

@@ -314,7 +314,10 @@ def test_executable_against_fake_tether(fake: FakeTether, payload: dict[str, obj
     proc = run_hook(payload, fake.path)
     assert proc.returncode == 0, proc.stderr
     assert stdout_json(proc) == expected
-    assert fake.requests == [hooks.build_request("claude-code", payload)]
+    (request,) = fake.requests
+    budget = request.pop("budget_s")  # what is left of the hook's budget, for tether to wait within
+    assert isinstance(budget, float) and 0 < budget < hooks.budget_for(request)
+    assert request == hooks.build_request("claude-code", payload)
 
 
 def test_executable_forwards_plan(fake: FakeTether) -> None:

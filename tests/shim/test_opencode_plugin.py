@@ -126,4 +126,5 @@ def test_plugin_blocks_and_allows(fake: FakeTether, tmp_path: Path) -> None:
         "tool_name": "edit",
         "tool_input": {"filePath": "src/a.ts"},
         "prompt": None,
+        "budget_s": 2.8,  # the plugin's budget less its margin: tether waits within it
     }

@@ -185,6 +185,37 @@ def test_a_heartbeat_for_a_forgotten_session_says_unknown() -> None:
     run(body)
 
 
+def test_a_heartbeat_confirms_only_the_sessions_it_kept_alive_and_carries_the_ttl() -> None:
+    async def body(r: Rig) -> None:
+        alive, ghost = await r.session(ALICE), f"alice/{uuid.uuid4()}"
+        rep = await r.ok(ALICE, p.Heartbeat, agent_ids=(alive, ghost))
+        assert rep["confirmed"] == [alive] and rep["unknown"] == [ghost]
+        assert rep["session_ttl_ms"] == 30_000  # the cluster's TTL now, for the shim's margin check
+    run(body)
+
+
+def test_closing_a_session_abandons_its_intent_and_frees_the_concept() -> None:
+    async def body(r: Rig) -> None:
+        await r.ok(ADMIN, p.ConceptsPush, toml=REGISTRY)
+        alice, bob = await r.session(ALICE), await r.session(BOB)
+        peer = Peer()
+        v = await r.ok(ALICE, p.SubmitIntent, agent_id=alice, tool="t", trigger="initial",
+                       intent=p.Intent(summary="Deprecate the session store", steps=("x",)))
+        assert v["action"] == "continue"
+        reply = await r.call(BOB, p.CloseSession, agent_id=alice)
+        assert isinstance(reply, p.Error) and reply.code == "forbidden"
+        peer.agent_ids.add(alice)
+        reply = await r.call(ALICE, p.CloseSession, peer, agent_id=alice)
+        assert isinstance(reply, p.Result) and reply.payload["abandoned"] == v["intent_id"]
+        assert alice not in peer.agent_ids
+        rep = await r.ok(ALICE, p.Heartbeat, agent_ids=(alice,))
+        assert rep["unknown"] == [alice] and rep["confirmed"] == []
+        v2 = await r.ok(BOB, p.SubmitIntent, agent_id=bob, tool="t", trigger="initial",
+                        intent=p.Intent(summary="Add route handlers on top of the session store", steps=("x",)))
+        assert v2["action"] == "continue"
+    run(body)
+
+
 def test_revoking_a_key_closes_its_connections() -> None:
     async def body(r: Rig) -> None:
         added = await r.ok(ADMIN, p.KeysAdd, developer="dana", public_key=PUBKEY)
