@@ -258,6 +258,11 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.agents == "real":
+        # The real agents' walkthrough lives with the scripted model, outside the product (chaos).
+        from tetherlab.chaos.agents.demo import main as real_demo_main
+
+        return real_demo_main(args.dir, args.json)
     from tetherlab.cluster.tools.demo import main as demo_main
 
     return demo_main(args.dir, args.json)
@@ -397,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dir", default=DEFAULT_DIR,
                    help=f"cluster directory; a cluster is started there if none runs (default {DEFAULT_DIR})")
     s.add_argument("--json", action="store_true", help='print {"alice": VERDICT, "bob": VERDICT, "carol": VERDICT}')
+    s.add_argument("--agents", choices=("scripted", "real"), default="scripted",
+                   help="scripted agents (default), or the real Claude Code (alice, carol) and OpenCode (bob) "
+                        "driven by a scripted model (needs `make agents`)")
     s.set_defaults(func=_cmd_demo)
 
     # Listed for --help only: main() hands their arguments to the tool itself.

@@ -16,6 +16,7 @@ import tempfile
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +131,7 @@ class _Run:
             if kind == "verdict" and self.verdict is None:
                 self.verdict = ev["verdict"]
                 self.got_verdict.set()
-                self._say(self._t0, self.name, _describe(ev["verdict"]))
+                self._say(self._t0, self.name, describe_verdict(ev["verdict"]))
             elif kind == "world":
                 self.world = ev.get("world")
             elif kind in ("session", "stopping", "complete", "exited", "unavailable", "refused", "error"):
@@ -147,7 +148,7 @@ class _Run:
         return code
 
 
-def _describe(v: dict[str, Any]) -> str:
+def describe_verdict(v: dict[str, Any]) -> str:
     claims = v.get("claims", {})
     mods = ", ".join(c["concept"] for c in claims.get("modify", []))
     deps = ", ".join(c["concept"] for c in claims.get("depend", []))
@@ -158,7 +159,13 @@ def _describe(v: dict[str, Any]) -> str:
     return text
 
 
-def run_demo(directory: Path, as_json: bool) -> int:
+# (tmp folder, cluster folder, keys folder, git remote, --json, say) -> exit code
+Walkthrough = Callable[[Path, Path, Path, str, bool, Callable[[float, str, str], None]], int]
+
+
+def run_demo(directory: Path, as_json: bool, walkthrough: Walkthrough | None = None) -> int:
+    """Start (or find) the cluster, register the demo's developers and registry, then run the
+    walkthrough: the scripted agents here, or another (``tetherlab demo --agents real``)."""
     out = sys.stderr
 
     def say(t0: float, who: str, msg: str) -> None:
@@ -188,7 +195,7 @@ def run_demo(directory: Path, as_json: bool) -> int:
                 generate_key_pair(key, f"{dev}@demo")
         remote = asyncio.run(_prepare(cluster_file, cf.admin_key, cf.developer or "admin", keys_dir))
         with tempfile.TemporaryDirectory(prefix="tetherlab-demo-") as tmp:
-            return _walkthrough(Path(tmp), directory, keys_dir, remote, as_json, say)
+            return (walkthrough or _walkthrough)(Path(tmp), directory, keys_dir, remote, as_json, say)
     finally:
         if started is not None:
             started.close()

@@ -12,10 +12,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from tetherlab.chaos.agents.model_server import ModelServer
 from tetherlab.cluster.ops.localcluster import LocalCluster
 
 from .harness import REGISTRY, SKIP_REASON, Env, keygen, tl
-from .model_server import ModelServer
 
 MODEL_MAX_REQUESTS = 60
 MODEL_MAX_BODY_BYTES = 4 * 1024 * 1024

@@ -17,27 +17,22 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import pytest
 
+from tetherlab.chaos.agents import boxes
+from tetherlab.chaos.agents.boxes import Box, install_opencode, preseed_claude
+from tetherlab.chaos.agents.model_server import ModelServer
 from tetherlab.cluster.ops.localcluster import LocalCluster
 
-from .model_server import ModelServer
-
-ROOT = Path(__file__).resolve().parents[2]
-AGENTS_DIR = Path(os.environ.get("AGENTS_DIR") or ROOT / ".agents")
-CLAUDE = AGENTS_DIR / "bin" / "claude"
-OPENCODE = AGENTS_DIR / "bin" / "opencode"
-OPENCODE_CONFIG = AGENTS_DIR / "opencode-config"
-REMOTE = "git@example.com:acme/shop.git"
+REMOTE = boxes.REMOTE
 # One concept per test, so that an intent a test leaves behind (a session lapses only after its
 # TTL) never meets another test's plan.
 CONCEPTS = {
@@ -57,17 +52,7 @@ TETHER_WAIT_S = 120.0  # a whole `tether run` of a real agent against the script
 STOP_GRACE_S = 10.0
 
 
-def _installed() -> str | None:
-    """None when the agents are usable, else why not."""
-    if shutil.which("ssh-keygen") is None or shutil.which("git") is None:
-        return "needs ssh-keygen and git"
-    for path in (CLAUDE, OPENCODE, OPENCODE_CONFIG / "package-lock.json"):
-        if not path.exists():
-            return f"the real agents are not installed ({path} missing): run `make agents`"
-    return None
-
-
-SKIP_REASON = _installed()
+SKIP_REASON = boxes.missing()
 needs_agents = pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")
 
 
@@ -102,99 +87,22 @@ def intents(c: LocalCluster) -> list[dict[str, Any]]:
 
 
 def make_repo(path: Path) -> Path:
-    path.mkdir(parents=True)
-    for args in (["init", "-q"], ["remote", "add", "origin", REMOTE]):
-        subprocess.run(["git", "-C", str(path), *args], check=True, timeout=30)
-    (path / "README.md").write_text("shop\n")
-    (path / "src" / "billing").mkdir(parents=True)
-    (path / "src" / "app.py").write_text("print('hi')\n")
-    (path / "src" / "billing" / "__init__.py").write_text("")
-    subprocess.run(["git", "-C", str(path), "add", "-A"], check=True, timeout=30)
-    subprocess.run(["git", "-C", str(path), "-c", "user.email=a@b", "-c", "user.name=dev", "commit", "-qm", "base"],
-                   check=True, timeout=30)
-    return path
-
-
-@dataclass
-class Box:
-    """A throwaway home for one agent run, and the environment `tether run` gets."""
-
-    repo: Path
-    home: Path
-    runtime: Path  # short: the hook socket lives here (AF_UNIX paths are limited to ~107 bytes)
-    env: dict[str, str] = field(default_factory=dict)
+    return boxes.make_repo(path, REMOTE, {"README.md": "shop\n", "src/app.py": "print('hi')\n",
+                                          "src/billing/__init__.py": ""})
 
 
 def make_box(tmp: Path, name: str, model: ModelServer) -> Box:
-    repo = make_repo(tmp / f"repo-{name}")
-    home = tmp / f"home-{name}"
-    home.mkdir()
-    runtime = Path(tempfile.mkdtemp(prefix="tl-", dir="/tmp"))
-    env = {
-        "PATH": f"{CLAUDE.parent}:{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin",
-        "HOME": str(home),
-        "USER": name,
-        "LANG": "C.UTF-8",
-        "TERM": "xterm-256color",
-        "XDG_CONFIG_HOME": str(home / ".config"),
-        "XDG_DATA_HOME": str(home / ".local" / "share"),
-        "XDG_STATE_HOME": str(home / ".local" / "state"),
-        "XDG_CACHE_HOME": str(home / ".cache"),
-        "XDG_RUNTIME_DIR": str(runtime),
-        "ANTHROPIC_BASE_URL": model.url,
-        "ANTHROPIC_API_KEY": "sk-ant-scripted-test-key-0123456789",
-        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-        "DISABLE_AUTOUPDATER": "1",
-        "OPENCODE_DISABLE_MODELS_FETCH": "1",
-        "OPENCODE_DISABLE_AUTOUPDATE": "1",
-        # A registry fetch would be a test bug: make it fail fast on loopback instead of leaving the machine.
-        "NPM_CONFIG_REGISTRY": "http://127.0.0.1:9/",
-        "NPM_CONFIG_OFFLINE": "true",
-    }
-    return Box(repo, home, runtime, env)
+    box = boxes.make_box(make_repo(tmp / f"repo-{name}"), tmp / f"home-{name}", model)
+    box.env["USER"] = name
+    return box
 
 
 def install_claude_hooks(box: Box) -> None:
     """`tether install claude-code` into the repository's .claude/settings.json."""
-    r = subprocess.run([sys.executable, "-m", "tetherlab.shim.cli", "install", "claude-code", "--dir", str(box.repo)],
-                       capture_output=True, text=True, timeout=60, env={**os.environ, "HOME": str(box.home)})
-    assert r.returncode == 0, r.stderr
+    boxes.tether_install(box, "claude-code")
 
 
-def preseed_claude(box: Box) -> None:
-    """Answer Claude Code's first-run dialogs ahead of time (onboarding, folder trust, custom API key)."""
-    key = box.env["ANTHROPIC_API_KEY"]
-    state = {
-        "hasCompletedOnboarding": True,
-        "lastOnboardingVersion": "2.1.197",
-        "numStartups": 1,
-        "theme": "dark",
-        "customApiKeyResponses": {"approved": [key[-20:]], "rejected": []},
-        "projects": {str(box.repo): {"hasTrustDialogAccepted": True, "hasCompletedProjectOnboarding": True,
-                                     "allowedTools": []}},
-    }
-    (box.home / ".claude.json").write_text(json.dumps(state))
-
-
-def install_opencode(box: Box, model: ModelServer, plugin: bool = True) -> None:
-    """The scripted provider in opencode.json, Tetherlab's plugin, and @opencode-ai/plugin pre-installed
-    in both config folders (the repository's .opencode/ and $XDG_CONFIG_HOME/opencode)."""
-    config = {"$schema": "https://opencode.ai/config.json",
-              "provider": {"scripted": {"npm": "@ai-sdk/openai-compatible", "name": "Scripted",
-                                        "options": {"baseURL": model.url + "/v1", "apiKey": "x"},
-                                        "models": {"m": {"name": "m", "tool_call": True}}}},
-              "model": "scripted/m", "small_model": "scripted/m", "autoupdate": False, "share": "disabled"}
-    (box.repo / "opencode.json").write_text(json.dumps(config, indent=2))
-    if plugin:
-        r = subprocess.run([sys.executable, "-m", "tetherlab.shim.cli", "install", "opencode", "--dir",
-                            str(box.repo)], capture_output=True, text=True, timeout=60)
-        assert r.returncode == 0, r.stderr
-    for folder in (box.repo / ".opencode", box.home / ".config" / "opencode"):
-        folder.mkdir(parents=True, exist_ok=True)
-        for name in ("package.json", "package-lock.json"):
-            shutil.copy(OPENCODE_CONFIG / name, folder / name)
-        with contextlib.suppress(FileExistsError):
-            (folder / "node_modules").symlink_to(OPENCODE_CONFIG / "node_modules")
+__all__ = ["Box", "install_opencode", "preseed_claude"]
 
 
 # --- `tether run` ---------------------------------------------------------------------------

@@ -24,6 +24,8 @@ from typing import Any
 
 import pytest
 
+from tetherlab.chaos.agents.model_server import ModelServer, text, tool_call
+
 from .harness import (
     Box,
     Env,
@@ -38,7 +40,6 @@ from .harness import (
     tether_cmd,
     verdicts,
 )
-from .model_server import ModelServer, text, tool_call
 
 pytestmark = [pytest.mark.slow, pytest.mark.agents, needs_agents, pytest.mark.timeout(240)]
 
@@ -207,7 +208,6 @@ def test_headless_write_before_a_verdict_is_denied_and_the_model_gets_the_reason
 # --- (b) SDK mode: ExitPlanMode's plan becomes the intent ------------------------------------
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=HEADLESS_DEFECT)
 def test_sdk_plan_through_a_pipe_becomes_the_intent(env: Env, model: ModelServer, tmp_path: Path) -> None:
     box = prepare(env, model, tmp_path, "b-pipe")
     summary, path = "Add a search index", "src/search/index.py"
@@ -315,7 +315,6 @@ def test_interactive_conflicting_plan_is_stopped_naming_the_holder(
         holder.close()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=HEADLESS_DEFECT)
 def test_sdk_conflicting_plan_through_a_pipe_is_stopped_naming_the_holder(
         env: Env, model: ModelServer, tmp_path: Path) -> None:
     holder_box = make_box(tmp_path, "e2-alice", model)

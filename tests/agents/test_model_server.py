@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from .model_server import ModelServer, ToolCall, gated, text, tool_call, tool_calls
+from tetherlab.chaos.agents.model_server import ModelServer, ToolCall, gated, text, tool_call, tool_calls
 
 HTTP_TIMEOUT_S = 10.0
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from tetherlab.chaos.agents.model_server import ModelServer, gated, text, tool_call
+
 from .harness import (
     Box,
     Env,
@@ -28,7 +30,6 @@ from .harness import (
     tether_cmd,
     verdicts,
 )
-from .model_server import ModelServer, gated, text, tool_call
 
 pytestmark = [pytest.mark.slow, pytest.mark.agents, needs_agents, pytest.mark.timeout(240)]
 
@@ -85,7 +86,6 @@ def test_opencode_write_before_a_plan_is_denied_and_the_model_gets_the_reason(
     assert not (box.home / ".npm").exists()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=DOUBLE_PREFIX_DEFECT)
 def test_opencode_deny_reason_is_prefixed_once(env: Env, model: ModelServer, tmp_path: Path) -> None:
     box = prepare(env, model, tmp_path, "oc-prefix")
     model.script([tool_call("write", filePath=str(box.repo / "src/billing/x.py"), content="x\n"), text("ok")])
@@ -95,7 +95,6 @@ def test_opencode_deny_reason_is_prefixed_once(env: Env, model: ModelServer, tmp
     assert "Tetherlab: Tetherlab:" not in results[0]["text"], results[0]["text"]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=RACE_DEFECT)
 def test_opencode_plan_and_write_in_one_message_get_the_verdict(
         env: Env, model: ModelServer, tmp_path: Path) -> None:
     box = prepare(env, model, tmp_path, "oc-d")
@@ -111,7 +110,6 @@ def test_opencode_plan_and_write_in_one_message_get_the_verdict(
     assert (box.repo / path).read_text() == "written\n"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=JSON_FORMAT_DEFECT)
 def test_opencode_json_format_plan_block_becomes_the_intent(env: Env, model: ModelServer, tmp_path: Path) -> None:
     box = prepare(env, model, tmp_path, "oc-json")
     summary, path = "Add refund requests", "src/payments/refunds.py"
