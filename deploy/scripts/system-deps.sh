@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the Debian packages that the test suite uses for real, when they are missing.
+# Installs the Debian packages that the test suite uses for real, when they are missing
+# (and Node.js with npm, which `make agents` needs to install the real coding agents).
 # Safe to run repeatedly; does nothing when everything is present or apt-get is unavailable.
 set -euo pipefail
 
@@ -13,6 +14,9 @@ command -v promtool >/dev/null 2>&1 || want+=(prometheus)
 # The world view's browser tests drive Debian's Chromium through its ChromeDriver.
 command -v chromium >/dev/null 2>&1 || want+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || want+=(chromium-driver)
+command -v tmux >/dev/null 2>&1 || want+=(tmux)  # the real agents' interactive tests (a terminal)
+command -v node >/dev/null 2>&1 || want+=(nodejs)  # make agents installs Claude Code and OpenCode with npm
+command -v npm >/dev/null 2>&1 || want+=(npm)
 
 if [ ${#want[@]} -eq 0 ]; then
   exit 0

@@ -5,9 +5,10 @@ a headless `-p` write before any verdict; SDK mode (stream-json on stdin, `--per
 plan`) where ExitPlanMode's plan becomes the intent; interactive plan mode in a terminal; a
 conflicting plan stopped with the holder named; the world slice reaching the model.
 
-Headless SDK mode cannot run under `tether run` today (issue 17 item 4): those tests are
-strict xfails. The same SDK flow with the agent's stdin redirected from a FIFO inside the
-wrapped command shows that everything else already works.
+SDK mode runs headless: stream-json goes through `tether run`'s own stdin and stdout (tether
+gives the agent plain pipes when its stdin is not a terminal), the way a script or CI job runs
+it; the same flow with the agent's stdin redirected from a FIFO inside the wrapped command is
+kept as a second route.
 """
 
 from __future__ import annotations
@@ -45,9 +46,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.agents, needs_agents, pytest.mark.ti
 
 SDK = ["claude", "-p", "--input-format", "stream-json", "--output-format", "stream-json", "--verbose",
        "--permission-prompt-tool", "stdio", "--permission-mode", "plan"]
-HEADLESS_DEFECT = ("issue 17 item 4: shim/run.py Shim._spawn always gives the agent a pty as stdin and "
-                   "Shim._on_input forwards tether's stdin only when it is a terminal, so piped stream-json never "
-                   "reaches `claude -p` ('Input must be provided either through stdin or as a prompt argument')")
 WORLD_HEADING = "# Tetherlab world slice"
 NO_PLAN_YET = "no accepted plan yet"
 SDK_WAIT_S = 60.0
@@ -126,8 +124,8 @@ def run_sdk_piped(env: Env, box: Box, dev: str, prompt: str) -> tuple[TetherRun,
 
 
 def run_sdk_fifo(env: Env, box: Box, dev: str, prompt: str) -> tuple[TetherRun, list[dict[str, Any]]]:
-    """SDK mode with the agent's stdin redirected from a FIFO inside the wrapped command: the
-    agent sees a non-terminal stdin although tether gives it a pty (a workaround, not a fix)."""
+    """SDK mode with the agent's stdin redirected from a FIFO inside the wrapped command (tether's
+    own stdin is /dev/null, so the agent runs headless too)."""
     fifo = box.runtime / "stdin.fifo"
     os.mkfifo(fifo)
     run = TetherRun(tether_cmd(env, dev, ["bash", "-c", 'exec "$@" < "$0"', str(fifo), *SDK], "claude-code"), box)

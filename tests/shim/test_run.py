@@ -3,6 +3,7 @@ agents that are real subprocesses printing plan blocks, writing files and waitin
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -15,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from tetherlab.cluster import protocol as p
 from tetherlab.cluster.ops.localcluster import LocalCluster
+from tetherlab.shim.client import MasterClient, masters_from_cluster_file
 
 pytestmark = [
     pytest.mark.slow,
@@ -35,6 +38,16 @@ id = "billing.invoices"
 title = "Invoices"
 paths = ["src/billing/**"]
 aliases = ["invoice"]
+
+[[concept]]
+id = "search.index"
+title = "Search index"
+paths = ["src/search/**"]
+
+[[concept]]
+id = "catalog.products"
+title = "Products"
+paths = ["src/catalog/**"]
 """
 AGENT = textwrap.dedent('''
     import json, os, signal, sys, time
@@ -52,8 +65,9 @@ AGENT = textwrap.dedent('''
     sys.stdout.flush()
     for block in spec.get("raw_blocks", []):
         print(block, flush=True)
+    plan = json.loads(sys.stdin.readline()) if spec.get("plan_from_stdin") else spec["plan"]
     print("<<<TETHERLAB-PLAN")
-    print(json.dumps(spec["plan"]))
+    print(json.dumps(plan))
     print("TETHERLAB-PLAN>>>", flush=True)
     time.sleep(spec.get("think_s", 0.5))
     for path, text in spec.get("writes", {}).items():
@@ -111,7 +125,8 @@ def setup_cluster(c: LocalCluster, tmp: Path) -> dict[str, Path]:
 class Tether:
     """A running `tether run` around the scripted agent."""
 
-    def __init__(self, c: LocalCluster, key: Path, dev: str, repo: Path, spec: dict, fail_closed_s: float = 5.0):
+    def __init__(self, c: LocalCluster, key: Path, dev: str, repo: Path, spec: dict, fail_closed_s: float = 5.0,
+                 env: dict[str, str] | None = None, stdin: int = subprocess.DEVNULL):
         self.spec = {"pid_file": str(repo.parent / f"{dev}.pid"), "stopped_file": str(repo.parent / f"{dev}.stopped"),
                      **spec}
         for f in (self.spec["pid_file"], self.spec["stopped_file"]):
@@ -121,9 +136,9 @@ class Tether:
         cmd = [sys.executable, "-m", "tetherlab.shim.cli", "run", "--cluster", str(c.dir / "shim.toml"),
                "--key", str(key), "--developer", dev, "--tool", "scripted", "--json",
                "--fail-closed-s", str(fail_closed_s), "--", sys.executable, "-c", AGENT, str(spec_file)]
-        env = {**os.environ, "XDG_CACHE_HOME": str(repo.parent / "cache")}
-        self.proc = subprocess.Popen(cmd, cwd=repo, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, env=env)
+        env = {**os.environ, "XDG_CACHE_HOME": str(repo.parent / "cache"), **(env or {})}
+        self.proc = subprocess.Popen(cmd, cwd=repo, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     env=env)
 
     def wait(self, timeout_s: float = 60) -> tuple[int, str, list[dict]]:
         out, err = self.proc.communicate(timeout=timeout_s)
@@ -138,6 +153,22 @@ class Tether:
             except (FileNotFoundError, ValueError):
                 time.sleep(0.05)
         raise TimeoutError("the agent never started")
+
+
+def active_intent(c: LocalCluster, summary: str, timeout_s: float = 30) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        listed = json.loads(tl(c, "intents", "list", "--json").stdout)
+        mine = [i for i in listed["intents"] if i["summary"] == summary]
+        if mine:
+            return mine[0]
+        time.sleep(0.1)
+    raise TimeoutError(f"no active intent {summary!r}")
+
+
+def intent_status(c: LocalCluster, intent_id: str) -> str:
+    listed = json.loads(tl(c, "intents", "list", "--all", "--json").stdout)
+    return next(i["status"] for i in listed["intents"] if i["intent_id"] == intent_id)
 
 
 def verdicts(events: list[dict]) -> list[dict]:
@@ -358,3 +389,56 @@ def test_losing_quorum_stops_a_running_agent_within_the_fail_closed_bound(tmp_pa
         assert gauge >= 1, f"no node counts the failed-closed shim (leader {new_leader})"
     finally:
         c.close()
+
+
+def test_sigterm_abandons_the_intent_closes_the_session_and_cleans_up(
+        env: tuple[LocalCluster, dict[str, Path], Path]) -> None:
+    """Headless (stdin is a pipe): the agent reads its plan from tether's stdin. SIGTERM to tether
+    stops the agent, abandons the intent and closes the session before tether exits 143."""
+    c, keys, tmp = env
+    repo = make_repo(tmp / "repo-term")
+    runtime = tmp / "runtime-term"
+    runtime.mkdir()
+    plan = {"summary": "Reindex the search", "steps": ["reindex"],
+            "concepts": {"modify": ["search.index"], "depend": []}}
+    t = Tether(c, keys["bob"], "bob", repo, {"plan_from_stdin": True, "work_s": 60},
+               env={"XDG_RUNTIME_DIR": str(runtime)}, stdin=subprocess.PIPE)
+    assert t.proc.stdin is not None
+    t.proc.stdin.write(json.dumps(plan).encode() + b"\n")
+    t.proc.stdin.flush()
+    intent = active_intent(c, plan["summary"])
+    assert len(list(runtime.iterdir())) == 1  # tether's own folder for the hook socket
+    t.proc.terminate()
+    code, _, events = t.wait()
+    assert code == 143, events
+    kinds = [e["event"] for e in events]
+    assert kinds.index("abandon") < kinds.index("closed"), kinds
+    assert intent_status(c, intent["intent_id"]) == "abandoned"
+    assert list(runtime.iterdir()) == [], "tether removes its temporary folder on exit"
+    assert not (repo / ".tetherlab" / "world.md").exists()
+
+
+def test_a_session_the_master_forgot_stops_the_agent(env: tuple[LocalCluster, dict[str, Path], Path]) -> None:
+    """A heartbeat reply that lists the session as unknown (a restore from an older backup, a
+    recover from a lagging node) is no confirmation: the agent stops at once."""
+    c, keys, tmp = env
+    repo = make_repo(tmp / "repo-forgotten")
+    summary = "Rework the product catalog"
+    t = Tether(c, keys["carol"], "carol", repo, {"plan": {"summary": summary, "steps": ["rework"], "concepts": {
+        "modify": ["catalog.products"], "depend": []}}, "work_s": 60})
+    pid = t.agent_pid()
+    agent_id = active_intent(c, summary)["agent_id"]
+
+    async def forget() -> None:
+        client = MasterClient(masters_from_cluster_file(c.dir / "cluster.toml"), keys["carol"], "carol")
+        try:
+            await client.call(p.CloseSession, 30, agent_id=agent_id)
+        finally:
+            await client.close()
+
+    asyncio.run(forget())
+    code, _, events = t.wait()
+    assert code == 3, events
+    stopping = next(e for e in events if e["event"] == "stopping")
+    assert "no session" in stopping["reason"], stopping
+    assert not pid_alive(pid)
