@@ -278,6 +278,7 @@ BENCHES = {
     "cluster": "the full path (SSH, protocol, Raft, LMDB) vs bare pysyncobj and etcd",
     "worldview": "the live world view at 10,000 concepts and 5,000 active intents, in headless Chromium",
     "matching": "matching on labelled plans: precision, recall, F1, exact match",
+    "hook": "tether's Claude Code hook (as installed, and as `tether hook`) vs bare `python -c pass`",
 }
 
 

@@ -175,7 +175,9 @@ def test_find_repo_walks_up(repo: Path, tmp_path_factory: pytest.TempPathFactory
     assert install.find_repo(lone) in (lone.resolve(), *lone.resolve().parents)
 
 
-def test_cli_install_uses_absolute_tether_path(repo: Path) -> None:
+def test_cli_install_writes_the_fast_hook_command(repo: Path) -> None:
+    """The hook module, run by tether's own interpreter with -I -S: no console script, no
+    site-packages, no package finder on every tool call."""
     tether = Path(sys.executable).parent / "tether"
     if not tether.exists():
         pytest.skip("tether console script not installed")
@@ -187,7 +189,17 @@ def test_cli_install_uses_absolute_tether_path(repo: Path) -> None:
     hooks = settings_of(repo)["hooks"]
     assert isinstance(hooks, dict)
     commands = {h["command"] for groups in hooks.values() for g in groups for h in g["hooks"]}
-    assert commands == {f"{tether} hook claude-code || exit 2", f"{tether} hook claude-code"}
+    python = tether.read_text().splitlines()[0].removeprefix("#!")  # the console script's interpreter
+    launcher = f"{python} -I -S {Path(install.__file__).resolve().with_name('hooks.py')}"
+    assert commands == {f"{launcher} claude-code || exit 2  # tether hook claude-code",
+                        f"{launcher} claude-code  # tether hook claude-code"}
+    # The command works as a hook: outside `tether run` it denies (fail closed) in Claude's format.
+    payload = json.dumps({"hook_event_name": "PreToolUse", "tool_name": "Write", "tool_input": {}})
+    env = {k: v for k, v in os.environ.items() if k != "TETHER_SOCK"}
+    for command in commands:
+        ran = subprocess.run(["sh", "-c", command], input=payload, capture_output=True, text=True, env=env, timeout=30)
+        assert ran.returncode == 0, ran.stderr
+        assert json.loads(ran.stdout)["hookSpecificOutput"]["permissionDecision"] == "deny"
     assert sum(len(groups) for groups in hooks.values()) == 4
     proc = subprocess.run([str(tether), "uninstall", "claude-code", "--dir", str(repo)], capture_output=True, text=True)
     assert proc.returncode == 0 and settings_of(repo) == {}
