@@ -29,7 +29,8 @@ from pathlib import Path
 
 from tetherlab.shim.hooks import HOOK_TIMEOUT_S
 
-TOOL_MATCHER = "Edit|Write|MultiEdit|NotebookEdit|Bash"
+# Tools that can change files, and every MCP tool (they may write; tether denies them before a verdict).
+TOOL_MATCHER = "Edit|Write|MultiEdit|NotebookEdit|Bash|mcp__.*"
 PLAN_MATCHER = "ExitPlanMode"
 CONTEXT_EVENTS = ("SessionStart", "UserPromptSubmit")
 PLUGIN_NAME = "tetherlab.js"

@@ -26,7 +26,7 @@ def ours(command: str) -> dict[str, object]:
 EXPECTED_HOOKS = {
     "PreToolUse": [
         {"matcher": "ExitPlanMode", "hooks": [ours(GUARDED)]},
-        {"matcher": "Edit|Write|MultiEdit|NotebookEdit|Bash", "hooks": [ours(GUARDED)]},
+        {"matcher": "Edit|Write|MultiEdit|NotebookEdit|Bash|mcp__.*", "hooks": [ours(GUARDED)]},
     ],
     "SessionStart": [{"hooks": [ours(PLAIN)]}],
     "UserPromptSubmit": [{"hooks": [ours(PLAIN)]}],
