@@ -1,7 +1,9 @@
 """Agent hooks: ask the local `tether run` process, answer in the agent's own format.
 
 `tether hook claude-code` runs on every tool call of the agent, so this module
-imports only json, os, socket, sys and time (issue 9: p50 <= 30 ms per call).
+imports only os, sys, time and the C modules under json and socket (``_json``, ``_socket``):
+``json`` and ``socket`` themselves pull in re, enum and selectors, most of a hook's start-up.
+`tether install` runs this file directly (``python -I -S .../hooks.py claude-code``).
 
 Contract with the local `tether run` process, over the unix socket whose path is
 in ``TETHER_SOCK`` (inherited by the agent and so by its hooks): the hook sends
@@ -30,11 +32,15 @@ stdout_json)`` out) so it is table-tested without sockets.
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import sys
 import time
+
+try:  # json's and socket's C halves, without the Python modules' imports
+    import _json
+except ImportError:  # an interpreter built without the accelerator: json itself, below
+    _json = None  # type: ignore[assignment]
+import _socket
 
 # Stays a plain constant so that the hook path does not import `typing`.
 TYPE_CHECKING = False
@@ -72,6 +78,57 @@ UNREACHABLE_FIX = (
     "Run the agent under `tether run -- <agent>` so it is coordinated, "
     "or remove the hooks with `tether uninstall claude-code`."
 )
+
+
+# --- JSON without `json` ---------------------------------------------------------
+
+
+class _ScanContext:
+    """What json's C scanner reads from a decoder: strict strings, no hooks, no NaN."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+
+    @staticmethod
+    def parse_constant(name: str) -> object:
+        raise ValueError(f"{name} is not valid JSON")
+
+
+_WHITESPACE = " \t\n\r"
+_scan = _json.make_scanner(_ScanContext) if _json is not None else None
+_encode = (_json.make_encoder(None, None, _json.encode_basestring_ascii, None, ":", ",", False, False, False)
+           if _json is not None else None)
+
+
+def loads(data: bytes | str) -> object:
+    """``json.loads`` for UTF-8 input; raises ValueError (UnicodeDecodeError is one)."""
+    if _scan is None:
+        import json
+
+        return json.loads(data)
+    text = data.decode("utf-8") if isinstance(data, bytes | bytearray) else data
+    start = len(text) - len(text.lstrip(_WHITESPACE))
+    try:
+        obj, end = _scan(text, start)
+    except StopIteration:
+        raise ValueError("no JSON value") from None
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    if text[end:].strip(_WHITESPACE):
+        raise ValueError("extra data after the JSON value")
+    return obj
+
+
+def dumps(obj: object) -> str:
+    """Compact ``json.dumps`` (ASCII, no NaN)."""
+    if _encode is None:
+        import json
+
+        return json.dumps(obj, separators=(",", ":"), allow_nan=False)
+    return "".join(_encode(obj, 0))
 
 
 class TetherUnreachable(Exception):
@@ -118,7 +175,7 @@ def budget_for(request: JSON, env: dict[str, str] | None = None) -> float:
 def parse_reply(raw: bytes) -> JSON:
     """Validate one reply line; anything unexpected is a failure, never a guess."""
     try:
-        obj = json.loads(raw)
+        obj = loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise TetherUnreachable(f"malformed reply from the tether shim: {e}") from None
     if not isinstance(obj, dict):
@@ -141,8 +198,8 @@ def ask_tether(request: JSON, sock_path: str | None, deadline: float) -> JSON:
     """Send one request line and read one reply line before `deadline` (time.monotonic)."""
     if not sock_path:
         raise TetherUnreachable(f"{SOCK_ENV} is not set (the agent is not running under `tether run`)")
-    line = json.dumps(request, separators=(",", ":")).encode() + b"\n"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    line = dumps(request).encode() + b"\n"
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         buf = bytearray()
         try:
@@ -298,7 +355,7 @@ def hook_main(argv: list[str]) -> int:
     try:
         raw = sys.stdin.buffer.read()
         try:
-            payload: object = json.loads(raw) if raw.strip() else None
+            payload: object = loads(raw) if raw.strip() else None
         except (ValueError, UnicodeDecodeError):
             payload = None
 
@@ -318,7 +375,7 @@ def hook_main(argv: list[str]) -> int:
         if code == 2 and out is None:
             sys.stderr.write("Tetherlab: the hook input was not valid JSON; blocking to stay safe.\n")
         if out is not None:
-            sys.stdout.write(json.dumps(out) + "\n")
+            sys.stdout.write(dumps(out) + "\n")
             sys.stdout.flush()
         return code
     except BaseException as e:  # Exit 1 (an uncaught error) would let the tool call through.

@@ -381,13 +381,35 @@ def test_hook_path_imports_only_light_modules() -> None:
         "import sys, io; sys.stdin = io.TextIOWrapper(io.BytesIO(b'{}'));"
         "before = set(sys.modules);"
         "from tetherlab.shim.cli import main; main(['hook', 'claude-code']);"
-        "import json; print(json.dumps(sorted(set(sys.modules) - before)))"
+        "after = sorted(set(sys.modules) - before); import json; print(json.dumps(after))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     loaded = set(json.loads(proc.stdout.strip()))
     heavy = {"argparse", "typing", "asyncio", "pathlib", "subprocess", "tetherlab.cluster",
-             "tetherlab.cluster.protocol"}
+             "tetherlab.cluster.protocol", "json", "socket", "selectors"}
     assert not loaded & heavy, loaded & heavy
+
+
+def test_the_installed_hook_command_imports_nothing_but_the_interpreters_own() -> None:
+    """`python -I -S shim/hooks.py`: no site, and neither json nor socket (re, enum, selectors)."""
+
+    def imported(*args: str) -> set[str]:
+        proc = subprocess.run([sys.executable, "-X", "importtime", "-I", "-S", *args], stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=30)
+        return {ln.rsplit("|", 1)[1].strip() for ln in proc.stderr.splitlines() if ln.startswith("import time:")}
+
+    extra = imported(str(Path(hooks.__file__).resolve()), "claude-code") - imported("-c", "import os, time")
+    assert extra <= {"_json", "_socket", "__future__"}, extra
+
+
+def test_the_json_stand_ins_agree_with_json() -> None:
+    for value in ({"a": [1, 2.5, "x\u00e9\n", None, True, False, {"b": "\"q\""}]}, [], "s", 0):
+        assert hooks.loads(json.dumps(value)) == value
+        assert json.loads(hooks.dumps(value)) == value
+    assert hooks.loads(b'  {"k": 1}\n') == {"k": 1}
+    for bad in (b"", b"{", b'{"k": 1} x', b"NaN", b"\xff", b"[" * 100_000):
+        with pytest.raises(ValueError):
+            hooks.loads(bad)
 
 
 def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
