@@ -296,12 +296,16 @@ class Shim:
         self.instructions: Path | None = None
         self.section_installed = False
         self._heartbeats_in_flight = 0
+        self._stderr_mid_line = False  # headless: the agent's stderr, passed on, ended mid-line
         self._world_task: asyncio.Task[None] | None = None
 
     # --- output to the developer ------------------------------------------------------------
 
     def event(self, kind: str, **fields: Any) -> None:
         try:
+            if self._stderr_mid_line:  # our line must not be glued to a partial line of the agent's
+                sys.stderr.write("\n")
+                self._stderr_mid_line = False
             if self.cfg.json:
                 sys.stderr.write(json.dumps({"event": kind, "agent_id": self.agent_id, **fields}) + "\n")
             else:
@@ -652,6 +656,8 @@ class Shim:
         with contextlib.suppress(OSError, ValueError):
             sink.buffer.write(data)
             sink.flush()
+        if sink is sys.stderr:
+            self._stderr_mid_line = not data.endswith(b"\n")
         for ev in scanner.feed(decoder.feed(data) if decoder is not None else data):
             if isinstance(ev, PlanBlock):
                 self._start_submit(ev.intent, source="output")
