@@ -74,6 +74,7 @@ TRUNCATION_MARK = "\n[... truncated by tether]"
 MAX_REPLY_BYTES = 4 * 1024 * 1024
 
 CONTEXT_EVENTS = ("SessionStart", "UserPromptSubmit")
+AFTER_EVENT = "PostToolUse"  # an edit landed: tether reports the working state; news for the agent comes back
 UNREACHABLE_FIX = (
     "Run the agent under `tether run -- <agent>` so it is coordinated, "
     "or remove the hooks with `tether uninstall claude-code`."
@@ -280,6 +281,8 @@ def claude_output(event: str | None, reply: JSON) -> Output:
             warning = f"Tetherlab: {reason or 'denied'}"
             return _context_output(event, f"{warning}\n\n{context}" if context else warning)
         return _context_output(event, context)
+    if event == AFTER_EVENT and decision == "allow":
+        return _context_output(event, context)
     return 0, None
 
 
@@ -305,7 +308,7 @@ def handle_claude(payload: object, ask: Callable[[JSON], JSON]) -> Output:
         # Without the event we cannot pick an output shape; exit 2 blocks every event that can block.
         return 2, None
     event = _str_or_none(payload.get("hook_event_name"))
-    if event != "PreToolUse" and event not in CONTEXT_EVENTS:
+    if event != "PreToolUse" and event not in CONTEXT_EVENTS and event != AFTER_EVENT:
         # Only these events are installed; others are not ours to answer.
         return 0, None
     try:

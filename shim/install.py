@@ -141,6 +141,8 @@ def claude_hook_specs(tether: str) -> list[HookSpec]:
         # Context events stay best effort: a broken tether must not eat the user's prompt.
         HookSpec("SessionStart", None, plain),
         HookSpec("UserPromptSubmit", None, plain),
+        # After an edit: tether reports the working state (soft conflicts, drift); best effort.
+        HookSpec("PostToolUse", TOOL_MATCHER, plain),
     ]
 
 

@@ -137,6 +137,21 @@ export const TetherlabPlugin = async (ctx) => {
       if (reply.decision === "stop") throw new Error(prefixed(reply.reason || "stopped by Tetherlab"));
       if (reply.decision !== "allow") throw new Error(prefixed(reply.reason || "denied by Tetherlab"));
     },
+    // After a tool ran: tether reports the working state (soft conflicts, drift). Best effort,
+    // it cannot undo the call; news from the master goes into the tool's output the model reads.
+    "tool.execute.after": async (input, output) => {
+      const req = request(cwd, "PostToolUse", input && input.sessionID, input && input.tool, null);
+      let reply;
+      try {
+        reply = await askTether(req, Math.min(budgetMs(), DEFAULT_BUDGET_MS));
+      } catch (e) {
+        return;
+      }
+      if (reply.decision === "stop") throw new Error(prefixed(reply.reason || "stopped by Tetherlab"));
+      if (reply.context && output && typeof output === "object" && typeof output.output === "string") {
+        output.output = `${output.output}\n\n${prefixed(reply.context)}`;
+      }
+    },
     "experimental.chat.system.transform": async (input, output) => {
       const req = request(cwd, "SessionStart", input && input.sessionID, null, null);
       let text;

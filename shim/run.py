@@ -54,7 +54,9 @@ from pathlib import Path
 from typing import Any
 
 from tetherlab.cluster import protocol as p
+from tetherlab.cluster.core.config import ConfigError
 from tetherlab.cluster.core.exitcodes import EXIT_UNAVAILABLE, EXIT_USAGE
+from tetherlab.cluster.ops.config import load_cluster_file
 from tetherlab.shim import session as s
 from tetherlab.shim.client import (
     ClientError,
@@ -64,7 +66,9 @@ from tetherlab.shim.client import (
     MasterClient,
     RequestError,
 )
+from tetherlab.shim.githooks import RunHooks
 from tetherlab.shim.readonly import read_only
+from tetherlab.shim.reporter import ChangeReporter, ReportSchedule
 from tetherlab.shim.sentinel import (
     DoneBlock,
     JsonLines,
@@ -92,6 +96,8 @@ STOP_GRACE_KILL_S = 5.0
 FINALE_MAX_S = 120.0  # from the agent's exit to tether's: every effect is bounded, this bounds them all
 EFFECTS_MAX = 256  # ordered effects queued at once (the machine emits each at most once or twice)
 REVERT_TIMEOUT_S = 90.0
+REPORT_INTERVAL_DEFAULT_S = 5.0
+REPORT_DEADLINE_S = 5.0  # one change report; a lost one is sent again at the next due time
 HOOK_LINE_MAX_BYTES = 4 * 1024 * 1024
 HOOK_READ_TIMEOUT_S = 5.0
 HOOK_BUDGET_DEFAULT_S = 3.0  # a hook that does not say its budget (older hooks)
@@ -129,6 +135,8 @@ class ShimConfig:
     json: bool = False
     repo: Path = field(default_factory=Path.cwd)
     instructions: Path | None = None
+    config_file: Path | None = None  # the shim.toml in use: the pre-push check connects with it
+    report_interval_s: float = REPORT_INTERVAL_DEFAULT_S  # in-flight change reports without a hooked edit
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
@@ -201,8 +209,16 @@ def load_config(args: Any) -> ShimConfig:
         raise UsageError(f"--fail-closed-s must be between 0.5 and 600 seconds, got {fail_closed}")
     tool = getattr(args, "tool", None) or _tool_of(command[0])
     instructions = getattr(args, "instructions", None)
+    try:
+        report_interval = float(env.get("TETHER_REPORT_INTERVAL_S") or data.get("report_interval_s")
+                                or REPORT_INTERVAL_DEFAULT_S)
+    except (TypeError, ValueError):
+        raise UsageError("report_interval_s (or TETHER_REPORT_INTERVAL_S) must be a number of seconds") from None
+    if not 0.5 <= report_interval <= 300:
+        raise UsageError(f"report_interval_s must be between 0.5 and 300 seconds, got {report_interval}")
     return ShimConfig(masters, key_path, developer, tool, command, fail_closed, bool(getattr(args, "json", False)),
-                      Path.cwd(), Path(instructions) if instructions else None)
+                      Path.cwd(), Path(instructions) if instructions else None,
+                      Path(cfg_path).expanduser().resolve() if cfg_path else None, report_interval)
 
 
 def _tool_of(cmd: str) -> str:
@@ -298,6 +314,9 @@ class Shim:
         self._heartbeats_in_flight = 0
         self._stderr_mid_line = False  # headless: the agent's stderr, passed on, ended mid-line
         self._world_task: asyncio.Task[None] | None = None
+        self.githooks: RunHooks | None = None  # commit trailers and the pre-push check, for this run only
+        self.reporter: ChangeReporter | None = None  # in-flight changes, while the agent holds continue
+        self._last_report_error = ""
 
     # --- output to the developer ------------------------------------------------------------
 
@@ -325,6 +344,7 @@ class Shim:
             elif isinstance(action, s.StartAgent):
                 self._start_agent()
             elif isinstance(action, s.StopAgent):
+                self._release_claim()  # commits from here on carry no claim; nothing more is reported
                 self._protect(self._stop_agent())
             elif isinstance(action, s.Grant):
                 self._on_grant(action.verdict)
@@ -379,17 +399,35 @@ class Shim:
         return END_DEADLINE_S if self.machine.confirmed_at(self.now()) else END_UNREACHABLE_DEADLINE_S
 
     def _on_grant(self, verdict: dict[str, Any]) -> None:
-        """A continue verdict, performed as soon as it arrives: the world slice is refreshed in the
-        background. (Issue 14 installs its commit-trailer and pre-push hooks here, with the
-        intent's fencing token.)"""
+        """A continue verdict, performed as soon as it arrives: commits carry the claim (agent,
+        intent, fencing token) from now on, in-flight changes are reported against the intent's
+        base, and the world slice is refreshed in the background."""
+        intent_id, token = verdict.get("intent_id"), verdict.get("fencing_token")
+        if self.githooks is not None and isinstance(intent_id, str) and isinstance(token, int):
+            try:
+                self.githooks.set_claim(self.agent_id, intent_id, token)
+            except OSError as e:
+                self.event("warning", message=f"commits will not carry the claim: {e}")
+        if self.reporter is not None and isinstance(intent_id, str):
+            self.reporter.begin(intent_id, self.intent_base or self.base_commit)
         task = asyncio.get_running_loop().create_task(self._refresh_world(verdict))
         self._soft.add(task)
         task.add_done_callback(self._soft.discard)
         self._world_task = task
 
+    def _release_claim(self) -> None:
+        if self.reporter is not None:
+            self.reporter.end()
+        if self.githooks is not None:
+            with contextlib.suppress(OSError):
+                self.githooks.clear_claim()
+
     def _on_release(self) -> None:
-        """The last effect before exit, after the session was closed. (Issue 14 removes its git
-        hooks here.)"""
+        """The last effect before exit, after the session was closed: the run's git hooks go, with
+        the instruction section and the world slice."""
+        self._release_claim()
+        if self.githooks is not None:
+            self.githooks.remove()
         self._remove_instructions()
         with contextlib.suppress(OSError):
             (self.repo / WORLD_FILE).unlink()
@@ -522,6 +560,7 @@ class Shim:
         try:
             self._start_hook_server()
             self._install_instructions()
+            self._install_git_hooks()
             self._spawn()
         except (OSError, subprocess.SubprocessError) as e:
             self.event("error", message=f"cannot start the agent {self.cfg.command[0]!r}: {e}")
@@ -530,7 +569,69 @@ class Shim:
             return
         self._soft_task(self._heartbeats())
         self._soft_task(self._watchdog())
+        self.reporter = ChangeReporter(self.repo, self._send_report, self._on_report_reply,
+                                       exclude=self._own_files(), on_error=self._report_error,
+                                       schedule=ReportSchedule(interval_s=self.cfg.report_interval_s))
+        self._soft_task(self.reporter.run())
         self._protect(self._wait_exit())  # the agent's exit starts the finale: never cancelled
+
+    def _install_git_hooks(self) -> None:
+        """The run's own git hooks (commit trailers, the pre-push check), seen only by the agent's
+        processes through their environment; nothing in the repository changes."""
+        assert self._sock_dir is not None
+        verify: list[str] | None = None
+        cf = self.cfg.config_file
+        if cf is not None:
+            try:
+                load_cluster_file(cf)
+                verify = [sys.executable, "-m", "tetherlab.cluster.cli", "git", "verify", "--pre-push",
+                          "--cluster", str(cf), "--key", str(self.cfg.key), "--developer", self.cfg.developer]
+            except (ConfigError, OSError, ValueError) as e:
+                self.event("warning", message=f"pushes are not checked before they leave: {cf} is not a cluster file "
+                                              f"({e}); the remote's pre-receive hook still is")
+        else:
+            self.event("warning", message="pushes are not checked before they leave (no shim.toml, only --masters); "
+                                          "the remote's pre-receive hook still is")
+        hooks = RunHooks(self.repo, self._sock_dir / "git-hooks", verify)
+        try:
+            hooks.install()
+        except (OSError, subprocess.SubprocessError) as e:
+            self.event("warning", message=f"cannot install the run's git hooks ({e}): commits will not carry the claim")
+            return
+        self.githooks = hooks
+
+    def _own_files(self) -> list[str]:
+        """Files tether itself writes in the repository: not the agent's changes."""
+        own = [str(WORLD_FILE)]
+        if self.instructions is not None and self.instructions.is_relative_to(self.repo):
+            own.append(str(self.instructions.relative_to(self.repo)))
+        return own
+
+    async def _send_report(self, intent_id: str, report: dict[str, Any]) -> dict[str, Any] | None:
+        try:
+            files = tuple(p.FileReport(**{**f, "symbols": tuple(p.SymbolReport(**x) for x in f["symbols"]),
+                                          "hunks": tuple(tuple(h) for h in f["hunks"])})
+                          for f in report["files"])
+            return await self.client.call(p.ReportChanges, REPORT_DEADLINE_S, agent_id=self.agent_id,
+                                          intent_id=intent_id, files=files, truncated=bool(report["truncated"]))
+        except p.ProtocolError as e:  # a path or name over the protocol's bounds: say so, report again later
+            self._report_error(f"the change report was not accepted: {e.message}")
+            return None
+        except RequestError as e:
+            if e.code in ("intent_mismatch", "not_active", "no_session"):
+                return None  # the intent moved on; the verdict that moved it says what happens
+            self._report_error(f"the master refused the change report ({e.code}): {e.message}")
+            return None
+        except ClientError:
+            return None  # heartbeats and the watchdog judge the quorum; the report goes again later
+
+    def _on_report_reply(self, reply: dict[str, Any]) -> None:
+        self.feed(s.ChangesAnswered(reply))
+
+    def _report_error(self, message: str) -> None:
+        if message != self._last_report_error:  # the same problem every few seconds is said once
+            self._last_report_error = message
+            self.event("warning", message=message)
 
     def _on_signal(self, sig: int) -> None:
         name = signal.Signals(sig).name
@@ -573,6 +674,8 @@ class Shim:
 
     def _spawn(self) -> None:
         env = dict(os.environ)
+        if self.githooks is not None:
+            env.update(self.githooks.environment(env))
         env["TETHER_SOCK"] = str(self.sock_path)
         env["TETHER_AGENT_ID"] = self.agent_id
         loop = asyncio.get_running_loop()
@@ -802,6 +905,9 @@ class Shim:
             base = f"Tetherlab verdict: {verdict.get('action')}. {verdict.get('context', '')}"
         if self.machine.malformed:
             base += f"\nYour last plan was not accepted: {self.machine.malformed}"
+        notes = self.machine.take_notes()
+        if notes:
+            base += "\n" + notes
         path = self.repo / WORLD_FILE
         with contextlib.suppress(OSError):
             if path.exists():
@@ -947,6 +1053,12 @@ class Shim:
                     "context": ""}
         if event in ("SessionStart", "UserPromptSubmit"):
             return {"decision": "allow", "reason": "", "context": self.context_text()}
+        if event == "PostToolUse":
+            # An edit landed: report the working state soon (debounced). The answer does not wait
+            # for it; what the master said about earlier reports goes with it.
+            if self.reporter is not None:
+                self.reporter.poke()
+            return {"decision": "allow", "reason": "", "context": self.machine.take_notes()}
         if event != "PreToolUse":
             return {"decision": "allow", "reason": "", "context": ""}
         if tool == "ExitPlanMode":
@@ -982,7 +1094,8 @@ class Shim:
             decision, reason = self.machine.edit_decision(self.now())
             if decision == "pending":
                 decision = "deny"
-        return {"decision": decision, "reason": reason, "context": ""}
+        return {"decision": decision, "reason": reason, "context": self.machine.take_notes() if decision == "allow"
+                else ""}
 
 
 def failures_file() -> Path:

@@ -42,6 +42,7 @@ NO_PLAN_REASON = ("Tetherlab: no accepted plan yet. Present your plan first (pla
 PENDING_REASON = ("Tetherlab: your plan's verdict has not arrived yet; wait a moment and try this edit again "
                   "(do not present the plan again).")
 UNREACHABLE_REASON = "Tetherlab: the master's quorum is unreachable; edits are blocked"
+NOTES_MAX = 5  # news kept for the agent's next hook reply (soft conflicts, drift); older ones drop
 
 
 class Phase(enum.Enum):
@@ -77,6 +78,15 @@ class VerdictReceived:
     sent_s: float
     verdict: dict[str, Any]
     summary: str = ""  # the plan's summary (a revert's stash message names it)
+
+
+@dataclass(frozen=True)
+class ChangesAnswered:
+    """The master's answer to an in-flight change report: a verdict (``continue``, possibly with
+    concepts the changes reached and were claimed for the intent, or ``stop``/``revert`` when they
+    reached a concept someone else holds) and the intent's soft conflicts."""
+
+    reply: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -126,8 +136,8 @@ class EffectDone:
     result: dict[str, Any] = field(default_factory=dict)
 
 
-Event = (Opened | HeartbeatAnswered | SubmitStarted | VerdictReceived | SubmitFailed | Malformed | Revoked
-         | DonePrinted | Tick | Signalled | AgentExited | EffectDone)
+Event = (Opened | HeartbeatAnswered | SubmitStarted | VerdictReceived | ChangesAnswered | SubmitFailed | Malformed
+         | Revoked | DonePrinted | Tick | Signalled | AgentExited | EffectDone)
 
 
 # --- actions -------------------------------------------------------------------------------------
@@ -240,6 +250,8 @@ class Session:
         self.close_started = False
         self._awaiting: set[str] = set()
         self.exit_code: int | None = None
+        self.soft: list[dict[str, Any]] = []  # the intent's soft conflicts, as last told by the master
+        self.notes: list[str] = []  # news for the agent, told once with its next hook reply (bounded)
 
     # --- queries ---------------------------------------------------------------------------------
 
@@ -328,6 +340,9 @@ class Session:
         notice = (reply.get("notices") or {}).get(a)
         if isinstance(notice, dict):
             out += self._verdict(notice)
+        soft = (reply.get("soft") or {}).get(a)
+        if isinstance(soft, dict) and soft.get("intent_id") == self.intent_id and self.stop is None:
+            out += self._soft_news(soft.get("soft_conflicts"), str(soft.get("context", "")))
         if a in unknown:
             out += self._stop_with("the master has no session for this agent (it was forgotten, e.g. after a "
                                    "restore from an older backup); its concepts may be granted to others",
@@ -357,6 +372,51 @@ class Session:
         if ev.verdict.get("action") == "continue" and ev.summary:
             self.summary = ev.summary
         return self._verdict(ev.verdict)
+
+    def _on_ChangesAnswered(self, ev: ChangesAnswered) -> list[Action]:
+        reply = ev.reply
+        action = reply.get("action")
+        if self.phase is not Phase.RUNNING or self.stop is not None or action is None:
+            return []
+        if reply.get("intent_id") not in (None, self.intent_id):
+            return []  # an answer about an intent the agent has since replaced
+        if action in ("stop", "revert"):
+            return self._verdict(reply)
+        out: list[Action] = []
+        drift = reply.get("drift") or {}
+        if drift.get("claimed"):
+            # A replan made by the master: the claims and the fencing token changed.
+            out += self._verdict(reply)
+            self._note(str(reply.get("context", "")))
+        else:
+            self.verdict = {**(self.verdict or {}), **{k: reply[k] for k in ("conflicts",) if k in reply}}
+            if drift.get("warned"):
+                self._note(str(reply.get("context", "")))
+                out.append(Say("drift_warning", str(reply.get("context", "")), {"concepts": drift["warned"]}))
+        out += self._soft_news(reply.get("soft_conflicts"), str(reply.get("context", "")))
+        return out
+
+    def _soft_news(self, soft: Any, context: str) -> list[Action]:
+        """The soft conflicts now; the agent and the developer hear about new ones once."""
+        if not isinstance(soft, list):
+            return []
+        key = [(c.get("kind"), c.get("other_intent_id"), c.get("path"), c.get("symbol")) for c in soft
+               if isinstance(c, dict)]
+        before = {(c.get("kind"), c.get("other_intent_id"), c.get("path"), c.get("symbol")) for c in self.soft}
+        self.soft = [c for c in soft if isinstance(c, dict)]
+        if not any(k not in before for k in key):
+            return []
+        self._note(context)
+        return [Say("soft_conflict", context, {"soft_conflicts": self.soft})]
+
+    def _note(self, text: str) -> None:
+        if text and text not in self.notes:
+            self.notes = [*self.notes, text][-NOTES_MAX:]
+
+    def take_notes(self) -> str:
+        """What the agent has not been told yet (the runner adds it to the next hook reply)."""
+        text, self.notes = "\n".join(self.notes), []
+        return text
 
     def _on_SubmitFailed(self, ev: SubmitFailed) -> list[Action]:
         self.pending_submits = max(0, self.pending_submits - 1)

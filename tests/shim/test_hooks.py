@@ -107,6 +107,12 @@ MAPPING = [
     (PROMPT, reply("stop", "revert ordered"), 0, {"continue": False, "stopReason": "revert ordered"}),
     (PROMPT, reply("deny", "held by bob"), 0, context_json("UserPromptSubmit", "Tetherlab: held by bob")),
     (claude_payload("PostToolUse", tool_name="Edit"), reply("deny", "x"), 0, None),
+    (claude_payload("PostToolUse", tool_name="Edit"), reply("allow"), 0, None),
+    (claude_payload("PostToolUse", tool_name="Edit"), reply("allow", context="bob is also changing app.py"), 0,
+     context_json("PostToolUse", "bob is also changing app.py")),
+    (claude_payload("PostToolUse", tool_name="Edit"), reply("stop", "drift"), 0,
+     {"continue": False, "stopReason": "drift"}),
+    (claude_payload("Stop"), reply("allow", context="x"), 0, None),
 ]
 
 

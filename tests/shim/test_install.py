@@ -30,6 +30,7 @@ EXPECTED_HOOKS = {
     ],
     "SessionStart": [{"hooks": [ours(PLAIN)]}],
     "UserPromptSubmit": [{"hooks": [ours(PLAIN)]}],
+    "PostToolUse": [{"matcher": "Edit|Write|MultiEdit|NotebookEdit|Bash|mcp__.*", "hooks": [ours(PLAIN)]}],
 }
 
 USER_SETTINGS: dict[str, object] = {
@@ -75,7 +76,8 @@ def test_merge_keeps_every_existing_setting_and_hook() -> None:
     assert isinstance(hooks, dict)
     assert hooks["PreToolUse"][0] == USER_SETTINGS["hooks"]["PreToolUse"][0]  # type: ignore[index]
     assert hooks["PreToolUse"][1:] == EXPECTED_HOOKS["PreToolUse"]
-    assert hooks["PostToolUse"] == USER_SETTINGS["hooks"]["PostToolUse"]  # type: ignore[index]
+    assert hooks["PostToolUse"][0] == USER_SETTINGS["hooks"]["PostToolUse"][0]  # type: ignore[index]
+    assert hooks["PostToolUse"][1:] == EXPECTED_HOOKS["PostToolUse"]
     assert hooks["Stop"] == []
     assert hooks["SessionStart"] == EXPECTED_HOOKS["SessionStart"]
     assert USER_SETTINGS["hooks"]["PreToolUse"] == [  # type: ignore[index]
@@ -200,7 +202,7 @@ def test_cli_install_writes_the_fast_hook_command(repo: Path) -> None:
         ran = subprocess.run(["sh", "-c", command], input=payload, capture_output=True, text=True, env=env, timeout=30)
         assert ran.returncode == 0, ran.stderr
         assert json.loads(ran.stdout)["hookSpecificOutput"]["permissionDecision"] == "deny"
-    assert sum(len(groups) for groups in hooks.values()) == 4
+    assert sum(len(groups) for groups in hooks.values()) == 5
     proc = subprocess.run([str(tether), "uninstall", "claude-code", "--dir", str(repo)], capture_output=True, text=True)
     assert proc.returncode == 0 and settings_of(repo) == {}
     write_settings(repo, "{oops")

@@ -20,6 +20,11 @@ pytestmark = pytest.mark.skipif(NODE is None, reason="node is not installed")
 def answer(request: dict[str, object]) -> bytes:
     if request.get("event") == "SessionStart":
         body = {"decision": "allow", "reason": "", "context": f"world slice for {request.get('session_id')}"}
+    elif request.get("event") == "PostToolUse":
+        body = {"decision": "allow", "reason": "", "context": "Tetherlab: bob/2 is also changing src/a.ts"
+                if request.get("tool_name") == "edit" else ""}
+        if request.get("tool_name") == "bash":
+            body = {"decision": "stop", "reason": "changes reached billing, held by bob/2", "context": ""}
     else:
         body = {
             "edit": {"decision": "allow", "reason": "", "context": ""},
@@ -48,6 +53,12 @@ out.sameExport = mod.default === mod.TetherlabPlugin;
 out.exports = Object.keys(mod).sort();
 out.secondRegistration = Object.keys(await mod.default(ctx));
 const before = hooks["tool.execute.before"];
+const after = hooks["tool.execute.after"];
+for (const tool of ["edit", "write", "bash"]) {
+  const result = { title: tool, output: "done", metadata: {} };
+  out["after_" + tool] = await outcome(() => after({ tool, sessionID: "s1", callID: "c2" }, result));
+  out["after_" + tool].output = result.output;
+}
 const transform = hooks["experimental.chat.system.transform"];
 const call = (tool) => before({ tool, sessionID: "s1", callID: "c1" }, { args: { filePath: "src/a.ts" } });
 for (const tool of ["edit", "write", "bash", "garbage"]) out[tool] = await outcome(() => call(tool));
@@ -111,11 +122,19 @@ def test_plugin_blocks_and_allows(fake: FakeTether, tmp_path: Path) -> None:
     assert out["missing"]["threw"] and "unreachable" in out["missing"]["message"]
     assert out["unset"]["threw"] and "TETHER_SOCK is not set" in out["unset"]["message"]
 
+    # After a tool ran: news from the master is appended to the output the model reads; a stop
+    # (the changes drifted onto someone's concept) throws; nothing to tell changes nothing.
+    assert out["after_edit"] == {**out["after_edit"], "threw": False,
+                                 "output": "done\n\nTetherlab: bob/2 is also changing src/a.ts"}
+    assert out["after_write"]["threw"] is False and out["after_write"]["output"] == "done"
+    assert out["after_bash"]["threw"] and "held by bob/2" in out["after_bash"]["message"]
+    after = [r for r in fake.requests if r.get("event") == "PostToolUse"]
+    assert [r["tool_name"] for r in after] == ["edit", "write", "bash"]
     assert out["system"] == ["base prompt", "world slice for s1"]
     assert out["oddSystem"] == ["world slice for None"]  # session_id null reached the server
     assert len(out["warning"]) == 1 and "unreachable" in out["warning"][0]
 
-    edit = next(r for r in fake.requests if r.get("tool_name") == "edit")
+    edit = next(r for r in fake.requests if r.get("tool_name") == "edit" and r["event"] == "PreToolUse")
     assert edit == {
         "v": 1,
         "op": "hook",

@@ -284,3 +284,66 @@ def test_a_continue_verdict_after_the_stop_began_grants_nothing_and_is_abandoned
     assert kinds(acts) == []
     acts = finish(m, m.handle(s.AgentExited(143)))
     assert acts[0] == s.EndIntent("abandon", "i-1")
+
+
+# --- in-flight changes: drift and soft conflicts ------------------------------------------------------
+
+
+SOFT = {"kind": "file", "other_intent_id": "i-9", "other_agent_id": "bob/2", "path": "app.py",
+        "other_summary": "Rework orders"}
+
+
+def test_changes_that_drift_onto_a_free_concept_regrant_with_the_new_token() -> None:
+    m, c = started()
+    granted(m, c)
+    reply = {"action": "continue", "intent_id": "i-1", "fencing_token": 12, "context": "now claimed: auth",
+             "drift": {"claimed": ["auth"], "warned": []}, "soft_conflicts": []}
+    acts = m.handle(s.ChangesAnswered(reply))
+    grants = [a for a in acts if isinstance(a, s.Grant)]
+    assert len(grants) == 1 and grants[0].verdict["fencing_token"] == 12  # the commit trailers follow it
+    assert m.verdict is not None and m.verdict["fencing_token"] == 12 and m.holding
+    assert "now claimed: auth" in m.take_notes() and m.take_notes() == ""  # told once
+
+
+def test_changes_that_reach_a_held_concept_stop_or_revert_the_agent() -> None:
+    for action, revert in (("stop", False), ("revert", True)):
+        m, c = started()
+        granted(m, c)
+        acts = m.handle(s.ChangesAnswered({"action": action, "intent_id": "i-1", "context": "held by bob",
+                                           "conflicts": [], "drift": {"blocked": ["billing"]}}))
+        assert kinds(acts) == ["StopAgent"] and m.stop is not None and m.stop.revert is revert
+        assert not m.holding
+
+
+def test_an_answer_about_a_replaced_intent_is_ignored() -> None:
+    m, c = started()
+    granted(m, c, "i-2")
+    assert m.handle(s.ChangesAnswered({"action": "stop", "intent_id": "i-1", "context": "old"})) == []
+    assert m.stop is None
+
+
+def test_soft_conflicts_are_told_once_whether_by_report_or_heartbeat() -> None:
+    m, c = started()
+    granted(m, c)
+    plain = {"action": "continue", "intent_id": "i-1", "fencing_token": 7, "context": "bob/2 is also changing app.py",
+             "drift": {"claimed": [], "warned": []}, "soft_conflicts": [SOFT]}
+    acts = m.handle(s.ChangesAnswered(plain))
+    assert said(acts) == ["soft_conflict"] and kinds(acts) == []  # no new grant: the token did not change
+    assert m.soft == [SOFT] and "also changing app.py" in m.take_notes()
+    assert said(m.handle(s.ChangesAnswered(plain))) == []  # the same overlap again: nothing new
+    # A heartbeat brings a new one (someone else's changes now overlap).
+    other = {**SOFT, "other_intent_id": "i-10", "other_agent_id": "carol/3"}
+    acts = m.handle(s.HeartbeatAnswered(c.t, hb(soft={AGENT: {"intent_id": "i-1", "soft_conflicts": [SOFT, other],
+                                                                "context": "carol/3 is also changing app.py"}})))
+    assert said(acts) == ["soft_conflict"] and len(m.soft) == 2
+    assert m.take_notes() == "carol/3 is also changing app.py"
+
+
+def test_notes_are_bounded() -> None:
+    m, c = started()
+    granted(m, c)
+    for i in range(3 * s.NOTES_MAX):
+        m.handle(s.ChangesAnswered({"action": "continue", "intent_id": "i-1", "fencing_token": 7 + i,
+                                    "context": f"claimed c{i}", "drift": {"claimed": [f"c{i}"]}}))
+    notes = m.take_notes().splitlines()
+    assert len(notes) == s.NOTES_MAX and notes[-1] == f"claimed c{3 * s.NOTES_MAX - 1}"
