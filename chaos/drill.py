@@ -1,4 +1,7 @@
-"""``tetherlab drill partition|kill|pause|latency|restart|schedule``: fault drills with checked histories.
+"""``tetherlab drill partition|kill|pause|latency|restart|schedule|flood``: fault drills with checked histories.
+
+(``flood``, hostile load against the cluster's ports with the commit path measured beside it, is
+its own tool: ``chaos/flood.py``, ``tetherlab drill flood --help``.)
 
 A drill starts simulated agents (``chaos/workload.py``), applies faults (``chaos/nemesis.py``),
 heals, makes a final write, takes every replica's state, and checks the history
@@ -42,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tetherlab.chaos import checkers
+from tetherlab.chaos import checkers, flood
 from tetherlab.chaos.cluster import (
     DRILL_CONCEPTS,
     DRILL_REMOTE,
@@ -175,6 +178,8 @@ def _add_commands(sub: Any) -> None:
     s.add_argument("--gap-s", default="1,3", help="min,max seconds between faults (default 1,3)")
     _common(s, 60.0, "seconds of faults in total (default 60)")
     s.set_defaults(drill="schedule")
+
+    flood.add_parser(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:

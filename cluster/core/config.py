@@ -108,6 +108,66 @@ class RaftTuning:
 
 
 @dataclass(frozen=True)
+class LoadLimits:
+    """What one client may take of a node (docs/hardening.md): quotas the service enforces, with
+    refusals naming the field, and the front doors' own bounds. ``[limits]`` in the node file."""
+
+    # Open agent sessions of one developer (a developer key acts only for its own developer's
+    # agents, so this bounds one key and all of that developer's keys together).
+    sessions_per_developer: int = 1000
+    # submit_intent, complete and abandon requests of one developer the leader is working on.
+    intents_in_flight_per_developer: int = 64
+    # Requests one SSH channel may send per second (a token bucket), and the burst above it.
+    requests_per_s_per_connection: float = 500.0
+    request_burst_per_connection: int = 1000
+    # SSH connections: all of them, and those that have not authenticated yet (over this, the
+    # oldest unauthenticated one is closed to make room).
+    ssh_connections_max: int = 4096
+    ssh_unauthenticated_max: int = 256
+    # New SSH connections accepted per second: a connection flood waits in the kernel's queue
+    # instead of costing the node an SSH setup each (a handshake costs far more than this anyway).
+    ssh_accepts_per_s: float = 500.0
+    # HTTP: connections at once (over this, the oldest one still sending its request is
+    # closed, or the new one refused), the time a request's head and body may take, and how
+    # stale a cached /metrics or /v1 list may be.
+    http_connections_max: int = 64
+    # New HTTP connections accepted per second (a connection flood waits in the kernel's queue
+    # instead of costing the node a setup and a teardown each).
+    http_accepts_per_s: float = 200.0
+    # HTTP requests answered per second, all connections together: more wait their turn (a
+    # client on a keep-alive connection is slowed down, not refused), up to the header timeout.
+    http_requests_per_s: float = 200.0
+    http_header_timeout_s: float = 5.0
+    http_cache_s: float = 1.0
+
+    @classmethod
+    def from_toml(cls, data: Any, where: str) -> LoadLimits:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: [limits] must be a table")
+        known = set(cls.__dataclass_fields__)
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key not in known:
+                raise ConfigError(f"{where}: unknown field [limits].{key}; known: {', '.join(sorted(known))}")
+            default = getattr(cls, key)
+            if isinstance(default, int):
+                if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                    raise ConfigError(f"{where}: [limits].{key} must be a positive whole number, got {value!r}")
+            elif not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{where}: [limits].{key} must be a positive number, got {value!r}")
+            kwargs[key] = float(value) if isinstance(default, float) else value
+        limits = cls(**kwargs)
+        if limits.request_burst_per_connection < limits.requests_per_s_per_connection:
+            raise ConfigError(f"{where}: [limits].request_burst_per_connection must be at least "
+                              "requests_per_s_per_connection (a second's worth)")
+        if limits.ssh_unauthenticated_max > limits.ssh_connections_max:
+            raise ConfigError(f"{where}: [limits].ssh_unauthenticated_max must not exceed ssh_connections_max")
+        if limits.http_cache_s > 60:
+            raise ConfigError(f"{where}: [limits].http_cache_s must be at most 60 seconds (it bounds staleness)")
+        return limits
+
+
+@dataclass(frozen=True)
 class ClusterSettings:
     """What the whole cluster agrees on at birth: the git remote it coordinates and the first
     admin key (registered once, by the first leader, in the replicated key registry)."""
@@ -146,6 +206,7 @@ class NodeConfig:
     ssh_host_key: Path | None = None
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
+    limits: LoadLimits = field(default_factory=LoadLimits)
 
     @property
     def id(self) -> str:
@@ -195,6 +256,7 @@ def parse_node_config(data: dict[str, Any], path: Path) -> NodeConfig:
     if len(set(raft_addrs)) != len(raft_addrs):
         raise ConfigError(f"{where}: raft addresses must be unique, got {raft_addrs}")
     tuning = RaftTuning.from_toml(data.get("raft", {}), where)
+    limits = LoadLimits.from_toml(data.get("limits", {}), where)
     host_key = node_table.get("ssh_host_key")
     if host_key is not None and (not isinstance(host_key, str) or not host_key):
         raise ConfigError(f"{where}: [node].ssh_host_key must be a path")
@@ -242,6 +304,7 @@ def parse_node_config(data: dict[str, Any], path: Path) -> NodeConfig:
         ssh_host_key=_abs(host_key) if host_key else None,
         cluster=ClusterSettings(remote, tuple(admin_keys), admin_dev, ttl, uncoordinated),
         http=HttpSettings(tuple(hashes)),
+        limits=limits,
     )
 
 
@@ -334,6 +397,11 @@ def render_node_config(cfg: NodeConfig) -> str:
     }
     if changed:
         parts.append(_toml_table("[raft]", changed))
+    default_limits = LoadLimits()
+    limits = {k: getattr(cfg.limits, k) for k in LoadLimits.__dataclass_fields__
+              if getattr(cfg.limits, k) != getattr(default_limits, k)}
+    if limits:
+        parts.append(_toml_table("[limits]", limits))
     return "\n".join(parts)
 
 

@@ -94,6 +94,38 @@ class NodeMetrics:
         self.protocol_errors = Counter(
             "tetherlab_protocol_errors", "Protocol errors answered, by code.", ["code"], registry=r
         )
+        self.ssh_unauthenticated = Gauge(
+            "tetherlab_ssh_unauthenticated_connections", "SSH connections that have not authenticated yet.", registry=r
+        )
+        self.ssh_connections_closed = Counter(
+            "tetherlab_ssh_connections_closed_by_limit",
+            "SSH connections closed by a [limits] bound, by reason (connections_max, unauthenticated_max, "
+            "stalled_channel).", ["reason"], registry=r,
+        )
+        self.ssh_backpressure = Counter(
+            "tetherlab_ssh_backpressure_pauses",
+            "Times a channel stopped being read because the client was not reading its replies.", registry=r,
+        )
+        # Quotas ([limits]).
+        self.quota_limit = Gauge("tetherlab_quota_limit", "The node's [limits] settings, by field.", ["limit"],
+                                 registry=r)
+        self.quota_refusals = Counter(
+            "tetherlab_quota_refusals", "Requests refused by a [limits] quota, by the field that refused them.",
+            ["limit"], registry=r,
+        )
+        self.intents_in_flight = Gauge(
+            "tetherlab_intents_in_flight", "Intent requests (submit, complete, abandon) this node is working on.",
+            registry=r,
+        )
+        # HTTP.
+        self.http_connections = Gauge("tetherlab_http_connections", "Open HTTP connections.", registry=r)
+        self.http_requests = Counter("tetherlab_http_requests", "HTTP requests answered, by status code.", ["code"],
+                                     registry=r)
+        self.http_connections_closed = Counter(
+            "tetherlab_http_connections_closed_by_limit",
+            "HTTP connections closed by a [limits] bound, by reason (connections_max, header_timeout, "
+            "body_timeout, head_too_large, requests_per_s).", ["reason"], registry=r,
+        )
 
     def attach(self, collector: Collector) -> None:
         self.registry.register(collector)
@@ -140,6 +172,19 @@ class NodeCollector(Collector):
             for db, info in sorted(sizes.items()):
                 fam.add_metric([db], float(info.get(metric, 0)))
             yield fam
+        tr = st.get("transport") or {}
+        yield g("tetherlab_raft_unauthenticated_connections",
+                "Incoming Raft connections that have not authenticated with the cluster secret yet.",
+                float(tr.get("unauthenticated_connections", 0)))
+        dropped = CounterMetricFamily("tetherlab_raft_strangers_dropped",
+                                      "Raft connections this node closed before they authenticated, by reason "
+                                      "(frame_too_large, handshake_deadline, evicted).", labels=["reason"])
+        for reason in ("frame_too_large", "handshake_deadline", "evicted"):
+            dropped.add_metric([reason], float(tr.get(reason, 0)))
+        yield dropped
+        yield _counter("tetherlab_raft_read_slices_cut",
+                       "Raft socket reads stopped at the per-event slice so the tick could run.",
+                       tr.get("slices_cut", 0))
         coord = self._coordination()
         yield g("tetherlab_active_intents", "Active intents.", float(coord.get("active_intents", 0)))
         yield g("tetherlab_open_sessions", "Open agent sessions.", float(coord.get("open_sessions", 0)))

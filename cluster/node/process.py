@@ -61,11 +61,13 @@ class MasterNode:
         self.store = self.replica.store
         self.metrics.attach(NodeCollector(self.replica.status, self._lmdb_sizes, self._coordination_stats))
         self._leader_seen: str | None = None
-        self.ssh = SshEndpoint(cfg.node.ssh, cfg.ssh_host_key, cfg.id, self.version, self.store, self.metrics)
+        self.ssh = SshEndpoint(cfg.node.ssh, cfg.ssh_host_key, cfg.id, self.version, self.store, self.metrics,
+                               cfg.limits)
         self.service = Service(
             self.replica, self.clock,
             ServiceSettings(node_id=cfg.id, version=self.version, remote=cfg.cluster.remote,
-                            session_ttl_s=cfg.cluster.session_ttl_s, healthy_window_s=cfg.raft.election_timeout_min_s),
+                            session_ttl_s=cfg.cluster.session_ttl_s, healthy_window_s=cfg.raft.election_timeout_min_s,
+                            limits=cfg.limits),
             self.metrics, self.ssh)
         self.ssh.service = self.service
         self.duties = LeaderDuties(self.replica, self.clock, cfg.cluster, self.metrics,
@@ -74,7 +76,7 @@ class MasterNode:
         self.replica.add_apply_listener(self.access.on_applied)
         self.world = WorldView(cfg.id, self.replica, self.status, self._members_addresses)
         self.http = HttpApi(cfg.node.http, cfg.id, self.replica, self.metrics, self.status, self._before_scrape,
-                            self.access, self.world)
+                            self.access, self.world, cfg.limits)
         self.control = ControlServer(cfg.data_dir / "control.sock", self.replica, self.status, self._backup,
                                      self.replica.compact, self.clock.now_ms)
         self._duties: asyncio.Task[None] | None = None

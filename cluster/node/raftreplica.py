@@ -18,6 +18,7 @@ import asyncio
 import collections
 import json
 import logging
+import time
 from typing import Any
 
 from tetherlab.cluster.core import statemachine as sm
@@ -32,6 +33,9 @@ from tetherlab.cluster.replica.raft import FailReason, RaftNode
 log = logging.getLogger("tetherlab.node")
 
 STOP_TIMEOUT_S = 5.0  # bound on waiting for the Raft thread at shutdown
+# The Raft thread refreshes the status every 50 ms; one this old means the thread is stalled, and
+# what it last saw (a majority answering) vouches for nothing now.
+STATUS_STALE_S = 1.0
 MEMBERS_MAX = 1000
 
 _Result = tuple[asyncio.Future[dict[str, Any]], Any, int]
@@ -101,7 +105,12 @@ class RaftReplica:
         self._listeners.append(fn)
 
     def status(self) -> dict[str, Any]:
-        return self.raft.tl_status()
+        st = self.raft.tl_status()
+        at = st.get("at_monotonic")
+        if at is not None and time.monotonic() - at > STATUS_STALE_S:
+            return {**st, "quorum_backed": False, "quorum_ok": False,
+                    "stalled_s": round(time.monotonic() - at, 3)}
+        return st
 
     async def propose(self, payload: bytes, timeout_s: float = PROPOSE_TIMEOUT_S) -> dict[str, Any]:
         fut: asyncio.Future[dict[str, Any]] = self.loop.create_future()

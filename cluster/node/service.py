@@ -5,21 +5,28 @@ the engine). Transport-free: the SSH endpoint hands requests in and writes repli
 Routing rule: only a quorum-backed leader answers anything but ``ping`` and ``status``; a
 follower answers ``redirect`` to the leader's SSH address, and a node that knows no
 quorum-backed leader answers ``unavailable``. Writes are acknowledged only once committed.
+
+Quotas (``[limits]``, ``quotas.py``): every request of a connection first takes a token of its
+rate bucket (``rate_limited`` without one); a new session needs room under the developer's
+session quota, and an intent request a slot of the developer's in-flight quota
+(``quota_exceeded``). Refusals name the ``[limits]`` field, and change nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from tetherlab.cluster import protocol as p
 from tetherlab.cluster.core import statemachine as sm
 from tetherlab.cluster.core.apply import Outcome
+from tetherlab.cluster.core.config import LoadLimits
 from tetherlab.cluster.core.engine import commands as ec
 from tetherlab.cluster.core.engine.model import IntentBody
 from tetherlab.cluster.core.errors import CommandError
@@ -28,6 +35,7 @@ from tetherlab.cluster.node.clock import Clock
 from tetherlab.cluster.node.errors import Indeterminate, Refused, Unavailable
 from tetherlab.cluster.node.keys import KEYS_NS, KeyError_, RegisteredKey, make_registered
 from tetherlab.cluster.node.metrics import NodeMetrics
+from tetherlab.cluster.node.quotas import Quotas, TokenBucket
 from tetherlab.cluster.node.replica import MEMBERS_NS, Replica, encode_command, encode_engine
 
 log = logging.getLogger("tetherlab.service")
@@ -58,6 +66,7 @@ class Peer:
     """One client connection (an SSH channel): the sessions opened on it, for notifications."""
 
     agent_ids: set[str] = field(default_factory=set)
+    rate: TokenBucket | None = None  # the connection's request budget (made on its first request)
 
 
 class Connections(Protocol):
@@ -79,6 +88,7 @@ class ServiceSettings:
     remote: str = ""  # the git remote from the node config ("" = set by the first session)
     session_ttl_s: int = 30
     healthy_window_s: float = 1.0  # a member that answered the leader this recently is healthy
+    limits: LoadLimits = field(default_factory=LoadLimits)
 
 
 class Service:
@@ -94,6 +104,9 @@ class Service:
         self._hb_task: asyncio.Task[None] | None = None
         self.failed_closed: dict[str, float] = {}  # agent id -> when it reported (monotonic)
         self.new_secret: Callable[[], str] = lambda: secrets.token_urlsafe(32)  # tests substitute their own
+        self.quotas = Quotas(settings.limits)
+        for name in LoadLimits.__dataclass_fields__:
+            metrics.quota_limit.labels(name).set(float(getattr(settings.limits, name)))
         replica.add_apply_listener(self._on_applied)
 
     def _on_applied(self, out: Outcome) -> None:
@@ -126,6 +139,13 @@ class Service:
                                   session_ttl_ms=self.settings.session_ttl_s * 1000))
 
     async def handle(self, who: Identity, req: p.Request, channel: Peer | None = None) -> p.Message:
+        if channel is not None and not self._take_rate(channel):
+            lim = self.settings.limits
+            self.metrics.quota_refusals.labels("requests_per_s_per_connection").inc()
+            return p.Error(id=req.id, code=p.ErrorCode.RATE_LIMITED,
+                           message=f"this connection sent more than [limits].requests_per_s_per_connection = "
+                                   f"{lim.requests_per_s_per_connection:g} requests/s (burst "
+                                   f"{lim.request_burst_per_connection}); slow down and retry")
         try:
             if isinstance(req, p.Ping):
                 return p.Result(id=req.id, payload={"pong": True, "node": self.settings.node_id})
@@ -155,6 +175,55 @@ class Service:
         except TimeoutError:
             return p.Unavailable(id=req.id, reason="timeout", retry_after_ms=RETRY_TIMEOUT_MS,
                                  message="no quorum-backed answer in time")
+
+    def _take_rate(self, channel: Peer) -> bool:
+        now = self.clock.monotonic()
+        if channel.rate is None:
+            channel.rate = self.quotas.bucket(now)
+        return channel.rate.take(now)
+
+    @contextlib.contextmanager
+    def _session_slot(self, who: Identity, agent_id: str) -> Iterator[None]:
+        """Room for one more open session of ``who``'s developer while the block opens it
+        (reopening a session that is open is free)."""
+        status = self.replica.store.engine_view(lambda e: (e.get_session(agent_id) or {}).get("status"))
+        if status == "open":
+            yield
+            return
+        limit = self.settings.limits.sessions_per_developer
+        quota = self.quotas.sessions
+        n = quota.count(who.developer, self.clock.monotonic(),
+                        lambda: self.replica.store.engine_view(lambda e: e.open_sessions_by_developer()))
+        if n >= limit:
+            self.metrics.quota_refusals.labels("sessions_per_developer").inc()
+            raise Refused(p.ErrorCode.QUOTA_EXCEEDED,
+                          f"developer {who.developer!r} has {n} open sessions, the most "
+                          f"[limits].sessions_per_developer = {limit} allows; let some end (they lapse "
+                          f"{self.settings.session_ttl_s} s after their last heartbeat) or ask an operator to "
+                          "raise the limit")
+        quota.begin(who.developer)
+        opened = False
+        try:
+            yield
+            opened = True
+        finally:
+            quota.end(who.developer, opened)
+
+    @contextlib.contextmanager
+    def _intent_slot(self, who: Identity) -> Iterator[None]:
+        """One of the developer's in-flight intent requests, for the duration of the block."""
+        limit = self.settings.limits.intents_in_flight_per_developer
+        if not self.quotas.intents.try_acquire(who.developer, limit):
+            self.metrics.quota_refusals.labels("intents_in_flight_per_developer").inc()
+            raise Refused(p.ErrorCode.QUOTA_EXCEEDED,
+                          f"developer {who.developer!r} already has {limit} intent requests in flight, the most "
+                          "[limits].intents_in_flight_per_developer allows; wait for their verdicts")
+        self.metrics.intents_in_flight.inc()
+        try:
+            yield
+        finally:
+            self.quotas.intents.release(who.developer)
+            self.metrics.intents_in_flight.dec()
 
     def _public_status(self) -> dict[str, Any]:
         st = self.replica.status()
@@ -235,10 +304,11 @@ class Service:
 
     async def _h_open_session(self, who: Identity, req: p.OpenSession, ch: Peer | None) -> dict[str, Any]:
         self._own(who, req.agent_id)
-        await self._ensure_initialised(req.repo_remote)
-        res = await self.engine(ec.OpenSession(agent_id=req.agent_id, developer=who.developer, tool=req.tool,
-                                               machine=req.machine, repo_remote=req.repo_remote,
-                                               base_commit=req.base_commit))
+        with self._session_slot(who, req.agent_id):
+            await self._ensure_initialised(req.repo_remote)
+            res = await self.engine(ec.OpenSession(agent_id=req.agent_id, developer=who.developer, tool=req.tool,
+                                                   machine=req.machine, repo_remote=req.repo_remote,
+                                                   base_commit=req.base_commit))
         if ch is not None:
             ch.agent_ids.add(req.agent_id)
         log.info("session opened", extra={"agent_id": req.agent_id})
@@ -302,6 +372,10 @@ class Service:
 
     async def _h_submit_intent(self, who: Identity, req: p.SubmitIntent, ch: Peer | None) -> dict[str, Any]:
         self._own(who, req.agent_id)
+        with self._intent_slot(who):
+            return await self._submit_intent(who, req, ch)
+
+    async def _submit_intent(self, who: Identity, req: p.SubmitIntent, ch: Peer | None) -> dict[str, Any]:
         t0 = self.clock.monotonic()
         try:
             body = IntentBody(
@@ -332,8 +406,9 @@ class Service:
     async def _end(self, who: Identity, agent_id: str, intent_id: str, trigger: str) -> dict[str, Any]:
         self._own(who, agent_id)
         tool = self.replica.store.engine_view(lambda e: (e.get_session(agent_id) or {}).get("tool")) or "unknown"
-        res = await self.engine(ec.SubmitIntent(agent_id=agent_id, tool=tool, intent=None, trigger=trigger,
-                                                intent_id=intent_id))
+        with self._intent_slot(who):
+            res = await self.engine(ec.SubmitIntent(agent_id=agent_id, tool=tool, intent=None, trigger=trigger,
+                                                    intent_id=intent_id))
         self._count_verdict(res, 0.0)
         return res
 

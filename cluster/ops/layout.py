@@ -184,7 +184,7 @@ def prepare_local_node(directory: Path, node_id: str, raft: str, ssh: str, http:
     host_line = " ".join(generate_key_pair(host_key, f"tetherlab-{node_id}").split()[:2])
     cfg = NodeConfig(node=new, peers=tuple(cluster.nodes), data_dir=node_dir / "data",
                      secret_file=template.secret_file, raft=template.raft, ssh_host_key=host_key,
-                     cluster=template.cluster)
+                     cluster=template.cluster, limits=template.limits)
     path = node_dir / "node.toml"
     write_text_atomic(path, render_node_config(cfg))
     write_client_files(directory, [*cluster.nodes, new], {**cluster.host_keys, node_id: host_line},

@@ -28,6 +28,9 @@ class ErrorCode(enum.StrEnum):
     FORBIDDEN = "forbidden"
     NOT_FOUND = "not_found"
     INTERNAL = "internal"
+    # A quota of the node's [limits] refused the request; the message names the field.
+    QUOTA_EXCEEDED = "quota_exceeded"  # do not retry at once: something must end first
+    RATE_LIMITED = "rate_limited"  # over the connection's request rate: slow down, then retry
 
 
 RequestId: TypeAlias = str | int

@@ -42,6 +42,8 @@ from tetherlab.cluster.replica.store import entry_from_json, entry_to_json
 log = logging.getLogger("tetherlab.raft")
 
 ROLE_NAMES = {0: "follower", 1: "candidate", 2: "leader"}
+REQUIRED_PATCHES = ("journal_factory", "frame_bound", "socket_timeouts", "bounded_read", "accept_limits",
+                    "handshake_deadline", "accept_queue")
 _STATUS_REFRESH_S = 0.05  # the status snapshot other threads read is at most this old
 _STATE_SYNC_INTERVAL_S = 1.0  # bound on state writes a machine crash can lose (replayed from the log)
 
@@ -118,7 +120,7 @@ class RaftNode(SyncObj):
         on_rtt: Callable[[str, float], None] | None = None,
         on_apply_seconds: Callable[[float], None] | None = None,
     ) -> None:
-        missing = {"journal_factory", "frame_bound", "socket_timeouts"} - set(pysyncobj_patches.installed())
+        missing = set(REQUIRED_PATCHES) - set(pysyncobj_patches.installed())
         if missing:
             raise RuntimeError(f"pysyncobj_patches.install() must run before a RaftNode starts "
                                f"(missing {sorted(missing)})")
@@ -254,6 +256,12 @@ class RaftNode(SyncObj):
             "snapshots_taken": self._tl_snapshots_taken,
             "snapshots_installed": self._tl_snapshots_installed,
             "fsyncs": self._tl_journal.fsyncs,
+            # Strangers on the Raft port (pysyncobj_patches: bounded_read, accept_limits, ...).
+            "transport": {
+                "unauthenticated_connections": pysyncobj_patches.unauthenticated_connections(
+                    self._SyncObj__transport),  # type: ignore[attr-defined]
+                **pysyncobj_patches.TRANSPORT_STATS.snapshot(),
+            },
             "at_monotonic": now,
         }
 

@@ -62,6 +62,19 @@ TETHERLAB_METRICS: dict[str, str] = {
     "tetherlab_ssh_redirects_total": "counter",
     "tetherlab_protocol_errors_total": "counter",
     "tetherlab_build_info": "gauge",
+    # Hostile load and quotas (docs/hardening.md).
+    "tetherlab_raft_unauthenticated_connections": "gauge",
+    "tetherlab_raft_strangers_dropped_total": "counter",
+    "tetherlab_raft_read_slices_cut_total": "counter",
+    "tetherlab_ssh_unauthenticated_connections": "gauge",
+    "tetherlab_ssh_connections_closed_by_limit_total": "counter",
+    "tetherlab_ssh_backpressure_pauses_total": "counter",
+    "tetherlab_quota_limit": "gauge",
+    "tetherlab_quota_refusals_total": "counter",
+    "tetherlab_intents_in_flight": "gauge",
+    "tetherlab_http_connections": "gauge",
+    "tetherlab_http_requests_total": "counter",
+    "tetherlab_http_connections_closed_by_limit_total": "counter",
 }
 
 EXPECTED_ALERTS = {

@@ -13,7 +13,8 @@ import pytest
 
 from tetherlab.cluster import protocol as p
 from tetherlab.cluster.core import statemachine as sm
-from tetherlab.cluster.core.config import ClusterSettings
+from tetherlab.cluster.core.config import ClusterSettings, LoadLimits
+from tetherlab.cluster.core.engine import commands as ec
 from tetherlab.cluster.node.clock import FakeClock
 from tetherlab.cluster.node.duties import EXPIRE_INTERVAL_S, LeaderDuties
 from tetherlab.cluster.node.errors import Indeterminate, Unavailable
@@ -57,16 +58,18 @@ class FakeConnections:
 
 
 class Rig:
-    def __init__(self, members: int = 3) -> None:
+    def __init__(self, members: int = 3, limits: LoadLimits | None = None) -> None:
         self.replica = FakeReplica("n1", {f"n{i}": {"raft": f"10.0.0.{i}:7100", "ssh": f"10.0.0.{i}:7200"}
                                           for i in range(1, members + 1)})
         for i in range(2, members + 1):
             self.replica.set_peer(f"n{i}", 0.1)
         self.clock = FakeClock()
         self.conns = FakeConnections()
+        self.metrics = NodeMetrics()
         self.service = Service(self.replica, self.clock, ServiceSettings("n1", "test", remote="git@x:acme/shop.git",
-                                                                         healthy_window_s=1.0),
-                               NodeMetrics(), self.conns)
+                                                                         healthy_window_s=1.0,
+                                                                         limits=limits or LoadLimits()),
+                               self.metrics, self.conns)
         self._ids = 0
 
     async def call(self, who: Identity, cls: type[p.Request], peer: Peer | None = None, **fields: Any) -> p.Message:
@@ -85,8 +88,8 @@ class Rig:
         return agent
 
 
-def run(body: Callable[[Rig], Awaitable[None]], members: int = 3) -> None:
-    asyncio.run(body(Rig(members)))
+def run(body: Callable[[Rig], Awaitable[None]], members: int = 3, limits: LoadLimits | None = None) -> None:
+    asyncio.run(body(Rig(members, limits)))
 
 
 def test_ping_and_status_are_answered_by_any_node() -> None:
@@ -398,3 +401,132 @@ def test_in_flight_changes_go_through_the_service_for_the_agents_owner_only() ->
                            files=(p.FileReport(path="/etc/passwd"),))
         assert isinstance(bad, p.Error) and bad.code == "bad_field" and "files[0].path" in bad.message
     run(body)
+
+
+# --- quotas ([limits]) ------------------------------------------------------------------------
+
+
+def _refusals(r: Rig, limit: str) -> float:
+    return r.metrics.registry.get_sample_value("tetherlab_quota_refusals_total", {"limit": limit}) or 0.0
+
+
+def test_a_connection_over_its_request_rate_is_refused_naming_the_limit() -> None:
+    async def body(r: Rig) -> None:
+        conn, other = Peer(), Peer()
+        replies = [await r.call(ALICE, p.Ping, conn) for _ in range(12)]
+        assert all(isinstance(x, p.Result) for x in replies[:10])  # the burst
+        refused = replies[10]
+        assert isinstance(refused, p.Error) and refused.code == p.ErrorCode.RATE_LIMITED
+        assert "[limits].requests_per_s_per_connection = 5" in refused.message
+        assert isinstance(await r.call(ALICE, p.Ping, other), p.Result)  # another connection is not affected
+        r.clock.advance(0.2)  # one token back at 5/s
+        assert isinstance(await r.call(ALICE, p.Ping, conn), p.Result)
+        assert isinstance(await r.call(ALICE, p.Ping, conn), p.Error)
+        assert _refusals(r, "requests_per_s_per_connection") == 3
+        r.clock.advance(10.0)  # the bucket refills to the burst, no further
+        after = [await r.call(ALICE, p.Ping, conn) for _ in range(12)]
+        assert sum(isinstance(x, p.Result) for x in after) == 10
+    run(body, limits=LoadLimits(requests_per_s_per_connection=5.0, request_burst_per_connection=10))
+
+
+def test_a_developer_over_the_session_quota_is_refused_and_nothing_is_written() -> None:
+    async def body(r: Rig) -> None:
+        agents = [await r.session(ALICE) for _ in range(3)]
+        before = len(r.replica.log)
+        reply = await r.call(ALICE, p.OpenSession, agent_id=f"alice/{uuid.uuid4()}", tool="t", machine="m",
+                             repo_remote="git@x:acme/shop.git", base_commit="abcdef1")
+        assert isinstance(reply, p.Error) and reply.code == p.ErrorCode.QUOTA_EXCEEDED
+        assert "[limits].sessions_per_developer = 3" in reply.message and "'alice'" in reply.message
+        assert len(r.replica.log) == before
+        # Reopening a session that is open (a shim reconnecting) is not a new session.
+        await r.ok(ALICE, p.OpenSession, agent_id=agents[0], tool="t", machine="m",
+                   repo_remote="git@x:acme/shop.git", base_commit="abcdef1")
+        await r.session(BOB)  # another developer has a quota of their own
+        # Sessions that lapse free their room (counted again after the recount interval).
+        r.clock.advance(31.0)
+        await r.service.engine(ec.Expire(now_ms=r.clock.now_ms()))
+        await r.session(ALICE)
+        assert _refusals(r, "sessions_per_developer") == 1
+    run(body, limits=LoadLimits(sessions_per_developer=3))
+
+
+def test_a_burst_of_opens_cannot_overshoot_the_session_quota_between_recounts() -> None:
+    async def body(r: Rig) -> None:
+        replies = await asyncio.gather(*(
+            r.call(ALICE, p.OpenSession, agent_id=f"alice/{uuid.uuid4()}", tool="t", machine="m",
+                   repo_remote="git@x:acme/shop.git", base_commit="abcdef1") for _ in range(10)))
+        assert sum(isinstance(x, p.Result) for x in replies) == 4
+        assert all(x.code == p.ErrorCode.QUOTA_EXCEEDED for x in replies if isinstance(x, p.Error))
+        counts = r.replica.store.engine_view(lambda e: e.open_sessions_by_developer())
+        assert counts == {"alice": 4}
+    run(body, limits=LoadLimits(sessions_per_developer=4))
+
+
+def test_a_developer_over_the_in_flight_intent_quota_is_refused_until_verdicts_come_back() -> None:
+    async def body(r: Rig) -> None:
+        await r.ok(ADMIN, p.ConceptsPush, toml=REGISTRY)
+        agents = [await r.session(ALICE) for _ in range(4)]
+        bob = await r.session(BOB)
+        gate = asyncio.Event()
+        propose = r.replica.propose
+
+        async def slow_propose(payload: bytes, timeout_s: float = 5.0) -> dict[str, Any]:
+            await gate.wait()
+            return await propose(payload, timeout_s)
+
+        r.replica.propose = slow_propose  # type: ignore[method-assign]
+        intent = p.Intent(summary="Tidy the route handlers", steps=("x",))
+        tasks = [asyncio.create_task(r.call(ALICE, p.SubmitIntent, agent_id=a, tool="t", intent=intent,
+                                            trigger="initial")) for a in agents]
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert r.service.quotas.intents.of("alice") == 2
+        refused = [t.result() for t in tasks if t.done()]
+        assert len(refused) == 2 and all(isinstance(x, p.Error) and x.code == p.ErrorCode.QUOTA_EXCEEDED
+                                         and "[limits].intents_in_flight_per_developer" in x.message
+                                         for x in refused)
+        bob_task = asyncio.create_task(r.call(BOB, p.SubmitIntent, agent_id=bob, tool="t", intent=intent,
+                                              trigger="initial"))
+        gate.set()
+        results = await asyncio.gather(*tasks, bob_task)
+        assert sum(isinstance(x, p.Result) for x in results) == 3  # alice's two and bob's
+        assert r.service.quotas.intents.of("alice") == 0 and r.service.quotas.intents.total() == 0
+        assert r.metrics.registry.get_sample_value("tetherlab_intents_in_flight") == 0
+        assert _refusals(r, "intents_in_flight_per_developer") == 2
+    run(body, limits=LoadLimits(intents_in_flight_per_developer=2))
+
+
+def test_the_configured_limits_are_exported() -> None:
+    async def body(r: Rig) -> None:
+        v = r.metrics.registry.get_sample_value("tetherlab_quota_limit", {"limit": "sessions_per_developer"})
+        assert v == 7
+    run(body, limits=LoadLimits(sessions_per_developer=7))
+
+
+def test_opens_under_way_at_a_recount_still_count_against_the_session_quota() -> None:
+    async def body(r: Rig) -> None:
+        gate = asyncio.Event()
+        propose = r.replica.propose
+
+        async def slow_propose(payload: bytes, timeout_s: float = 5.0) -> dict[str, Any]:
+            await gate.wait()
+            return await propose(payload, timeout_s)
+
+        await r.session(ALICE)  # the cluster is initialised before the proposals are held
+        r.replica.propose = slow_propose  # type: ignore[method-assign]
+
+        def opens(n: int) -> list[asyncio.Task[p.Message]]:
+            return [asyncio.create_task(r.call(ALICE, p.OpenSession, agent_id=f"alice/{uuid.uuid4()}", tool="t",
+                                               machine="m", repo_remote="git@x:acme/shop.git", base_commit="abcdef1"))
+                    for _ in range(n)]
+
+        first = opens(2)
+        await asyncio.sleep(0)
+        r.clock.advance(5.0)  # the next open recounts while the first two are not applied yet
+        second = opens(3)
+        await asyncio.sleep(0)
+        gate.set()
+        replies = await asyncio.gather(*first, *second)
+        assert sum(isinstance(x, p.Result) for x in replies) == 3  # 1 + 3 = the quota of 4
+        assert r.replica.store.engine_view(lambda e: e.open_sessions_by_developer()) == {"alice": 4}
+    run(body, limits=LoadLimits(sessions_per_developer=4))

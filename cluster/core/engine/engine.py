@@ -1260,6 +1260,14 @@ class Engine:
     def view_graph(self) -> dict[str, Any]:
         return view.graph(self._registry)
 
+    def open_sessions_by_developer(self) -> dict[str, int]:
+        """Open sessions per developer (the node's per-developer session quota)."""
+        out: dict[str, int] = {}
+        for s in self._sessions.values():
+            if s.status == SESSION_OPEN:
+                out[s.developer] = out.get(s.developer, 0) + 1
+        return out
+
     def stats(self) -> dict[str, Any]:
         """Counts for metrics."""
         open_sessions = sum(1 for s in self._sessions.values() if s.status == SESSION_OPEN)
