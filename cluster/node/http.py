@@ -179,8 +179,10 @@ class HttpApi:
         loop = self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         self._handlers = asyncio.Semaphore(HANDLERS_MAX)
-        # aiohttp closes a keep-alive connection idle this long; the guard bounds the head's time.
-        runner = web.AppRunner(self.app(), access_log=None, keepalive_timeout=self.limits.http_header_timeout_s)
+        # The guard closes idle and slow connections at the header timeout (with a 408 and a count);
+        # aiohttp's own keep-alive timer is only a backstop behind it.
+        runner = web.AppRunner(self.app(), access_log=None,
+                               keepalive_timeout=self.limits.http_header_timeout_s + 1.0)
         await runner.setup()
         infos = await loop.getaddrinfo(self.address.host, self.address.port, type=socket.SOCK_STREAM,
                                        flags=socket.AI_PASSIVE)
@@ -405,6 +407,9 @@ class HttpApi:
         return True, ""
 
     async def _cached_readiness(self) -> tuple[bool, str]:
+        if not self.replica.status().get("leader"):
+            return False, "RAFT NO LEADER"  # cheap to know, and must not linger once a leader is known
+
         async def render() -> web.Response:
             ok, reason = await self.readiness()
             # Cached as data whatever the answer: a flood of probes must not become a flood of barriers.

@@ -23,7 +23,7 @@ class Rig:
         self.metrics = NodeMetrics()
         self.scrapes = 0
         self.api = HttpApi(Address("127.0.0.1", 0), "n1", self.replica, self.metrics, self.replica.status,
-                           self._before_scrape, limits)
+                           self._before_scrape, limits=limits)
 
     def _before_scrape(self) -> None:
         self.scrapes += 1
@@ -70,7 +70,7 @@ def _closed_within(s: socket.socket, timeout_s: float) -> tuple[bool, bytes]:
 def test_endpoints_answer_and_bad_requests_name_what_is_wrong() -> None:
     async def body(r: Rig) -> None:
         code, data = await asyncio.to_thread(r.get, "/livez")
-        assert code == 200 and json.loads(data) == {"live": True, "node": "n1"}
+        assert code == 200 and json.loads(data)["live"] is True and json.loads(data)["node"] == "n1"
         code, data = await asyncio.to_thread(r.get, "/v1/status")
         assert code == 200 and json.loads(data)["role"] == "leader"
         code, data = await asyncio.to_thread(r.get, "/v1/intents?status=active&limit=5")
