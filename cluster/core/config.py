@@ -130,7 +130,7 @@ class LoadLimits:
     # HTTP: connections at once (over this, the oldest one still sending its request is
     # closed, or the new one refused), the time a request's head and body may take, and how
     # stale a cached /metrics or /v1 list may be.
-    http_connections_max: int = 64
+    http_connections_max: int = 128  # above the world view's 64 live streams (busy for as long as they watch)
     # New HTTP connections accepted per second (a connection flood waits in the kernel's queue
     # instead of costing the node a setup and a teardown each).
     http_accepts_per_s: float = 200.0

@@ -197,8 +197,9 @@ class Service:
         if n >= limit:
             self.metrics.quota_refusals.labels("sessions_per_developer").inc()
             raise Refused(p.ErrorCode.QUOTA_EXCEEDED,
-                          f"developer {who.developer!r} has {n} open sessions, the most "
-                          f"[limits].sessions_per_developer = {limit} allows; let some end (they lapse "
+                          f"developer {who.developer!r} has the most open sessions "
+                          f"[limits].sessions_per_developer = {limit} allows ({n} with those being opened); "
+                          f"let some end (they lapse "
                           f"{self.settings.session_ttl_s} s after their last heartbeat) or ask an operator to "
                           "raise the limit")
         quota.begin(who.developer)
