@@ -1094,8 +1094,9 @@ class Shim:
             decision, reason = self.machine.edit_decision(self.now())
             if decision == "pending":
                 decision = "deny"
-        return {"decision": decision, "reason": reason, "context": self.machine.take_notes() if decision == "allow"
-                else ""}
+        # News for the agent goes with PostToolUse and the context events, which every agent
+        # shows the model (OpenCode's before-hook has no place for it).
+        return {"decision": decision, "reason": reason, "context": ""}
 
 
 def failures_file() -> Path:

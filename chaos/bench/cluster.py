@@ -54,6 +54,7 @@ from tetherlab.shim.client import MasterClient, masters_from_cluster_file
 
 PHASE_TIMEOUT_S = 120.0
 HB_INTERVAL_S = [bl.HEARTBEAT_INTERVAL_S]
+REPORT_INTERVAL_S = [bl.REPORT_INTERVAL_S]
 LEADER_POLL_S = 0.02
 TARGETS = {
     "saturation_verdicts_per_s": (">=", 2000.0),
@@ -251,6 +252,8 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
         "heartbeats_per_s": round(sum(r["hb_agents"] for r in results) / dur, 1),
         "heartbeat_rpcs_per_s": round(sum(r["hb_rpcs"] for r in results) / dur, 1),
         "heartbeat_p99_ms": _pct(hb, 0.99),
+        "reports_per_s": round(sum(r.get("reports", 0) for r in results) / dur, 1),
+        "report_p99_ms": _pct([x for r in results for x in r.get("report_lat", [])], 0.99),
         "actions": dict(sorted(actions.items())),
         "errors": dict(errors),
         "dropped": sum(r["dropped"] for r in results),
@@ -270,7 +273,8 @@ def run_load(workers: Workers, server_pids: list[int], rate: float | None, warmu
     cpu0 = [cpu_s(p) for p in server_pids]
     per_worker_rate = rate / len(workers.conns) if rate else None
     req = {"op": "load", "rate": per_worker_rate, "warmup_s": warmup_s, "duration_s": duration_s,
-           "concurrency": concurrency, "hb_interval_s": HB_INTERVAL_S[0], **extra}
+           "concurrency": concurrency, "hb_interval_s": HB_INTERVAL_S[0], "report_interval_s": REPORT_INTERVAL_S[0],
+           **extra}
     res = merge(workers.run(req))
     wall = warmup_s + duration_s
     res["server_cpu_pct"] = [round(100 * (cpu_s(p) - c) / wall) for p, c in zip(server_pids, cpu0, strict=True)]
@@ -278,7 +282,8 @@ def run_load(workers: Workers, server_pids: list[int], rate: float | None, warmu
     res["offered_per_s"] = rate
     res["loadavg"] = loadavg()
     _say(f"{label}: {res['verdicts_per_s']:.0f} verdicts/s, p50 {res['p50_ms']} ms, p99 {res['p99_ms']} ms, "
-         f"p999 {res['p999_ms']} ms, {res['heartbeats_per_s']:.0f} heartbeats/s, errors {res['errors'] or 0}, "
+         f"p999 {res['p999_ms']} ms, {res['heartbeats_per_s']:.0f} heartbeats/s, {res['reports_per_s']:.0f} reports/s, "
+         f"errors {res['errors'] or 0}, "
          f"server cpu% {res['server_cpu_pct']}, loadavg {res['loadavg']}")
     return res
 
@@ -650,9 +655,11 @@ def bench_cluster(args: argparse.Namespace) -> dict[str, Any]:
         "machine": {"cpus": os.cpu_count(), "loadavg_at_start": loadavg(), "python": sys.version.split()[0]},
         "workload": {"developers": args.developers, "agents_per_developer": args.agents, "workers": args.workers,
                      "concepts": args.concepts, "closed_loop_concurrency_per_developer": args.concurrency,
-                     "warmup_s": args.warmup, "duration_s": args.duration},
+                     "warmup_s": args.warmup, "duration_s": args.duration,
+                     "report_interval_s": args.report_interval},
     }
     HB_INTERVAL_S[0] = args.heartbeat_interval
+    REPORT_INTERVAL_S[0] = args.report_interval
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="tetherlab-benchcluster-") as tmp:
         work = Path(tmp)
@@ -695,6 +702,8 @@ def add_bench_cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--concurrency", type=int, default=24, help="closed loop: commands in flight per developer")
     g.add_argument("--heartbeat-interval", type=float, default=bl.HEARTBEAT_INTERVAL_S,
                    help="seconds between one developer's heartbeats (default: tether run's 1 s)")
+    g.add_argument("--report-interval", type=float, default=bl.REPORT_INTERVAL_S,
+                   help="seconds between one holding agent's change reports (default: tether run's 5 s; 0: none)")
     g.add_argument("--failover-runs", type=int, default=3)
     g.add_argument("--failover-rate", type=float, default=200.0)
     g.add_argument("--hook-calls", type=int, default=60)

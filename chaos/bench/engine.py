@@ -7,6 +7,11 @@ phrases, a path glob, a symbol and up to three dependencies on earlier concepts;
 intent commands from a further pool of agents, each decoded from JSON and applied: an initial
 plan, a replan or a completion in turn, with text that names a few random concepts by alias,
 symbol or path, so verdicts are a realistic mix of continue and stop.
+
+Then, timed separately: ``reports`` in-flight change reports (``report_changes``) from the
+set-up agents, each naming ``report_files`` changed files with their symbols and hunks: mostly
+files of the agent's own concept, some shared by many agents (soft conflicts), now and then one
+of a free concept (drift, claimed), the mix a busy team produces.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ _FILLER = (
     "around", "it",
 )
 POOL_AGENTS = 500
+SHARED_FILES = 500  # files outside any concept that agents' reports share (soft conflicts)
 REMOTE = "git@example.com:bench/repo.git"
 
 
@@ -69,7 +75,31 @@ def _plan_text(rng: random.Random, concepts: int) -> dict[str, Any]:
     return {"summary": " ".join(rng.sample(_FILLER, 10)), "steps": steps}
 
 
-def run_bench(concepts: int = 10000, active_intents: int = 5000, verdicts: int = 20000, seed: int = 1) -> dict:
+def _report(rng: random.Random, k: int, concepts: int, files: int) -> list[dict[str, Any]]:
+    """One agent's working state: its own concept's files, a shared file or two, rarely a file of
+    another (free) concept."""
+    dom = f"d{k % 100:02d}"
+    out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for j in range(files):
+        roll = rng.random()
+        if roll < 0.10:  # shared modules: each one changed by a handful of agents at a time
+            path, symbol = f"src/shared/util{rng.randrange(SHARED_FILES)}.py", f"helper_{rng.randrange(5)}"
+        elif roll < 0.12:
+            other = rng.randrange(5000, concepts) if concepts > 5000 else rng.randrange(concepts)
+            path, symbol = f"src/d{other % 100:02d}/c{other}/extra.py", f"C{other}Service"
+        else:
+            path, symbol = f"src/{dom}/c{k}/part{j}.py", f"C{k}Service"
+        if path in seen:
+            continue
+        seen.add(path)
+        out.append({"path": path, "change": "modified", "hunks": [[10 * j + 1, 10 * j + 6]],
+                    "symbols": [{"name": symbol, "change": "modified"}, {"name": f"{symbol}.run", "change": "added"}]})
+    return out
+
+
+def run_bench(concepts: int = 10000, active_intents: int = 5000, verdicts: int = 20000, seed: int = 1,
+              reports: int = 5000, report_files: int = 6) -> dict:
     """Returns ``{"verdicts_per_s", "p99_us", "concepts", "active_intents"}`` (plus a few
     figures for context); ``active_intents`` is the number active when timing starts."""
     rng = random.Random(seed)
@@ -119,6 +149,7 @@ def run_bench(concepts: int = 10000, active_intents: int = 5000, verdicts: int =
     elapsed_s = (time.perf_counter_ns() - t_start) / 1e9
     times_ns.sort()
     p99 = times_ns[min(len(times_ns) - 1, int(len(times_ns) * 0.99))]
+    report_stats = _time_reports(eng, rng, concepts, n_setup, reports, report_files, index, now)
     return {
         "verdicts_per_s": round(verdicts / elapsed_s),
         "p99_us": round(p99 / 1000, 1),
@@ -126,6 +157,47 @@ def run_bench(concepts: int = 10000, active_intents: int = 5000, verdicts: int =
         "active_intents": active_at_start,
         "p50_us": round(times_ns[len(times_ns) // 2] / 1000, 1),
         "actions": dict(sorted(actions.items())),
+        **report_stats,
+    }
+
+
+def _time_reports(eng: Engine, rng: random.Random, concepts: int, n_setup: int, reports: int, files: int,
+                  index: int, now: int) -> dict[str, Any]:
+    """The cost of in-flight change reports against the same engine (set-up agents that still
+    hold their intent)."""
+    sessions = eng.view_sessions([f"dev{k % 50}/a{k}" for k in range(n_setup)])
+    live = [(k, s["intent_id"]) for k in range(n_setup)
+            if (s := sessions.get(f"dev{k % 50}/a{k}")) is not None and s.get("intent_id")]
+    if not live or reports <= 0:
+        return {"reports": 0}
+    cmds = []
+    for i in range(reports):
+        k, intent = live[i % len(live)]
+        cmds.append({"type": "report_changes", "agent_id": f"dev{k % 50}/a{k}", "intent_id": intent,
+                     "files": _report(rng, k, concepts, files), "truncated": False})
+    times_ns: list[int] = []
+    outcomes: dict[str, int] = {}
+    t_start = time.perf_counter_ns()
+    for cmd in cmds:
+        t0 = time.perf_counter_ns()
+        index += 1
+        try:
+            out = eng.apply(decode_command(cmd), index=index, now_ms=now).result
+            kind = out.get("action", "error") + ("+drift" if (out.get("drift") or {}).get("claimed") else "") + \
+                ("+soft" if out.get("soft_conflicts") else "")
+        except Exception as e:  # an intent the mix stopped earlier: counted, not fatal
+            kind = f"refused:{getattr(e, 'code', type(e).__name__)}"
+        times_ns.append(time.perf_counter_ns() - t0)
+        outcomes[kind] = outcomes.get(kind, 0) + 1
+    elapsed_s = (time.perf_counter_ns() - t_start) / 1e9
+    times_ns.sort()
+    return {
+        "reports": reports,
+        "report_files": files,
+        "reports_per_s": round(reports / elapsed_s),
+        "report_p50_us": round(times_ns[len(times_ns) // 2] / 1000, 1),
+        "report_p99_us": round(times_ns[min(len(times_ns) - 1, int(len(times_ns) * 0.99))] / 1000, 1),
+        "report_outcomes": dict(sorted(outcomes.items())),
     }
 
 
@@ -135,9 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--active-intents", type=int, default=5000)
     p.add_argument("--verdicts", type=int, default=20000)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--reports", type=int, default=5000, help="in-flight change reports timed after the verdicts")
+    p.add_argument("--report-files", type=int, default=6, help="changed files per report")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
-    result = run_bench(a.concepts, a.active_intents, a.verdicts, a.seed)
+    result = run_bench(a.concepts, a.active_intents, a.verdicts, a.seed, a.reports, a.report_files)
     if a.json:
         print(json.dumps(result))
     else:

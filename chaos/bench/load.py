@@ -6,7 +6,10 @@ an HTTP connection pool for etcd) and many agents. Every agent cycles through th
 coordination steps: submit an ``initial`` intent naming the concepts it will modify and depend
 on; if the verdict is ``continue`` it holds the claims until its next turn, when it completes
 the intent (releasing them); after a ``stop`` its next turn submits a new intent. Each
-developer heartbeats all its agents once a second, as ``tether run`` does.
+developer heartbeats all its agents once a second, as ``tether run`` does, and every
+``report_interval_s`` each agent holding an intent reports its in-flight changes (files of its
+concept, now and then a shared one): Tetherlab and bare pysyncobj apply ``report_changes``
+(footprints, drift, soft conflicts); the etcd design stores the report under the agent's lease.
 
 A *verdict* is the answer to an intent command (an ``initial`` submission or a ``complete``),
 as in ``tetherlab bench engine`` and the node's ``tetherlab_verdicts_total`` metric.
@@ -49,6 +52,9 @@ TOOL = "claude-code"
 IN_FLIGHT_MAX = 56  # per connection: the protocol allows 64; heartbeats need room
 HEARTBEAT_INTERVAL_S = 1.0  # tether run's interval (shim/run.py HEARTBEAT_INTERVAL_MAX_S)
 HEARTBEAT_CHUNK = 256  # the protocol's list bound
+REPORT_INTERVAL_S = 5.0  # tether run's interval for agents without hooks (shim/run.py)
+REPORT_FILES = 4  # changed files in one report
+SHARED_FILES = 500  # files outside any concept agents share (soft conflicts now and then)
 REQUEST_DEADLINE_S = 20.0
 SESSION_TTL_S = 30
 ETCD_TXN_RETRIES = 8
@@ -141,6 +147,21 @@ class Backend:
         """Heartbeats all ``agents``; returns how many were confirmed."""
         raise NotImplementedError
 
+    async def report(self, agent: str, intent_id: str, files: list[dict[str, Any]]) -> None:
+        """An in-flight change report of an agent holding ``intent_id``."""
+        raise NotImplementedError
+
+
+def report_files(rng: random.Random, concept_path: str) -> list[dict[str, Any]]:
+    """What an agent working on a concept (its path prefix) has changed: a few of its files and,
+    one report in ten, a shared module."""
+    out = [{"path": f"{concept_path}part{j}.py", "change": "modified", "hunks": [[3 * j + 1, 3 * j + 2]],
+            "symbols": [{"name": f"Part{j}.run", "change": "modified"}]} for j in range(REPORT_FILES)]
+    if rng.random() < 0.1:
+        out[-1] = {"path": f"src/shared/util{rng.randrange(SHARED_FILES)}.py", "change": "modified",
+                   "hunks": [[1, 4]], "symbols": [{"name": "helper", "change": "modified"}]}
+    return out
+
 
 class TetherBackend(Backend):
     def __init__(self, developer: str, key_path: str, cluster_file: str) -> None:
@@ -182,6 +203,15 @@ class TetherBackend(Backend):
             n += len(chunk) - len(res.get("lapsed", [])) - len(res.get("unknown", []))
         self.served_by = self.client.leader_id
         return n
+
+    async def report(self, agent: str, intent_id: str, files: list[dict[str, Any]]) -> None:
+        reports = tuple(p.FileReport(path=f["path"], change=f["change"], hunks=tuple(tuple(h) for h in f["hunks"]),
+                                     symbols=tuple(p.SymbolReport(**x) for x in f["symbols"])) for f in files)
+        try:
+            await self.client.call(p.ReportChanges, REQUEST_DEADLINE_S, agent_id=agent, intent_id=intent_id,
+                                   files=reports)
+        except RequestError as e:
+            raise Refusal(e.code) from None
 
 
 class BareBackend(Backend):
@@ -252,6 +282,9 @@ class BareBackend(Backend):
             res = await self.cmd({"type": "heartbeat", "agent_ids": agents[i : i + HEARTBEAT_CHUNK]})
             n += int(res.get("refreshed", 0))
         return n
+
+    async def report(self, agent: str, intent_id: str, files: list[dict[str, Any]]) -> None:
+        await self.cmd({"type": "report_changes", "agent_id": agent, "intent_id": intent_id, "files": files})
 
 
 def _b64(s: str | bytes) -> str:
@@ -351,6 +384,11 @@ class EtcdBackend(Backend):
 
         return sum(await asyncio.gather(*(one(a) for a in agents)))
 
+    async def report(self, agent: str, intent_id: str, files: list[dict[str, Any]]) -> None:
+        # What a team on etcd would keep: the agent's footprint under its lease, for others to read.
+        await self._post("/v3/kv/put", {"key": _b64(f"f/{agent}"), "value": _b64(json.dumps(files)),
+                                        "lease": self.leases[agent]})
+
 
 def make_backend(spec: dict[str, Any], developer: str, index: int) -> Backend:
     kind = spec["kind"]
@@ -371,6 +409,7 @@ def make_backend(spec: dict[str, Any], developer: str, index: int) -> Backend:
 class Agent:
     id: str
     intent_id: str | None = None  # an active intent to complete on the next turn
+    concept: str = ""  # the concept that intent modifies (its files are what the agent changes)
 
 
 @dataclass
@@ -382,6 +421,8 @@ class Stats:
     hb_agents: int = 0
     hb_rpcs: int = 0
     hb_lat: list[float] = field(default_factory=list)
+    reports: int = 0
+    report_lat: list[float] = field(default_factory=list)
     dropped: int = 0  # due commands that found no idle agent
     # (monotonic time answered, node that answered) of every verdict, for failover timing
     verdict_times: list[tuple[float, str | None]] = field(default_factory=list)
@@ -424,7 +465,7 @@ class Developer:
                 cid = self.workload.concept_id(k)
                 action, iid = await self.backend.submit(a.id, [cid], [], f"own work {k}", [f"Change {cid}"])
                 if action == "continue":
-                    a.intent_id = iid
+                    a.intent_id, a.concept = iid, cid
                     granted += 1
 
         await asyncio.gather(*(one(base + i, a) for i, a in enumerate(self.agents)))
@@ -447,6 +488,7 @@ class Developer:
                     modify, depend, summary, steps = self.workload.intent(self.rng)
                     action, iid = await self.backend.submit(a.id, modify, depend, summary, steps)
                     a.intent_id = iid if action == "continue" else None
+                    a.concept = modify[0]
             now = time.monotonic()
             self.stats.verdict_times.append((now, self.backend.served_by))
             if self.measuring and due >= self.t_measure:
@@ -486,6 +528,39 @@ class Developer:
                 self.stats.hb_lat.append(t1 - t0)
 
 
+    async def reports(self, stop: asyncio.Event, interval_s: float) -> None:
+        """Every ``interval_s``, each agent holding an intent reports its changes (spread over the
+        interval, as independent shims would)."""
+        while not stop.is_set():
+            holding = [a for a in self.agents if a.intent_id is not None]
+            gap_s = interval_s / max(1, len(holding))
+            for a in holding:
+                if stop.is_set():
+                    return
+                await asyncio.sleep(gap_s)
+                if a.intent_id is None:
+                    continue
+                k = a.concept.rsplit(".c", 1)[-1]
+                files = report_files(self.rng, f"src/{a.concept.split('.')[0]}/c{k}/")
+                t0 = time.monotonic()
+                try:
+                    async with self.sem:
+                        await self.backend.report(a.id, a.intent_id, files)
+                except Refusal as e:  # the intent ended meanwhile (completed by its own turn): counted
+                    if self.measuring:
+                        self.stats.errors[f"report:{str(e)[:40]}"] += 1
+                    continue
+                except Exception as e:
+                    if self.measuring:
+                        self.stats.errors[f"report:{type(e).__name__}"] += 1
+                    continue
+                if self.measuring and t0 >= self.t_measure:
+                    self.stats.reports += 1
+                    self.stats.report_lat.append(time.monotonic() - t0)
+            if not holding:
+                await asyncio.sleep(interval_s)
+
+
 # --- a worker process -----------------------------------------------------------------------------
 
 
@@ -516,6 +591,9 @@ async def _run_phase(all_devs: list[Developer], passive: set[str], req: dict[str
     stop = asyncio.Event()
     hb_tasks = [asyncio.create_task(d.heartbeats(stop, float(req.get("hb_interval_s", HEARTBEAT_INTERVAL_S))))
                 for d in all_devs]
+    report_interval_s = float(req.get("report_interval_s", REPORT_INTERVAL_S))
+    if report_interval_s > 0:
+        hb_tasks += [asyncio.create_task(d.reports(stop, report_interval_s)) for d in all_devs]
     tasks: set[asyncio.Task[None]] = set()
     if rate:
         # Open loop: due times are fixed in advance; round-robin over developers.
@@ -561,6 +639,8 @@ async def _run_phase(all_devs: list[Developer], passive: set[str], req: dict[str
         "hb_agents": sum(d.stats.hb_agents for d in devs),
         "hb_rpcs": sum(d.stats.hb_rpcs for d in devs),
         "hb_lat": [x for d in devs for x in d.stats.hb_lat],
+        "reports": sum(d.stats.reports for d in devs),
+        "report_lat": [x for d in devs for x in d.stats.report_lat],
         "dropped": sum(d.stats.dropped for d in devs),
         "duration_s": duration,
         "cpu_s": (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime),

@@ -45,6 +45,13 @@ CONCEPTS = {
     "payments.refunds": "src/payments/**",
     "reports.exports": "src/reports/**",
     "notifications.email": "src/notifications/**",
+    # test_changes.py: in-flight changes
+    "orders.cart": "src/orders/**",
+    "inventory.stock": "src/inventory/**",
+    "pricing.rules": "src/pricing/**",
+    "wishlist.items": "src/wishlist/**",
+    "warehouse.stock": "src/warehouse/**",
+    "giftwrap.orders": "src/giftwrap/**",
 }
 REGISTRY = "".join(f'[[concept]]\nid = "{cid}"\ntitle = "{cid}"\npaths = ["{path}"]\n\n'
                    for cid, path in CONCEPTS.items())

@@ -48,6 +48,11 @@ paths = ["src/search/**"]
 id = "catalog.products"
 title = "Products"
 paths = ["src/catalog/**"]
+
+[[concept]]
+id = "money.format"
+title = "Money formatting"
+symbols = ["format_money"]
 """
 AGENT = textwrap.dedent('''
     import json, os, signal, sys, time
@@ -579,3 +584,34 @@ def test_changes_reaching_a_free_concept_claim_it_with_a_new_fencing_token(
     assert claimed[0]["drift"]["claimed"] == ["auth.session-store-contract"]
     assert claimed[0]["fencing_token"] > vs[0]["fencing_token"]
     assert "auth.session-store-contract" in {m["concept"] for m in claimed[0]["claims"]["modify"]}
+
+
+def test_renaming_a_function_another_intent_depends_on_is_reported_and_stops_the_renamer(
+        env: tuple[LocalCluster, dict[str, Path], Path]) -> None:
+    c, keys, tmp = env
+    a_repo, b_repo = make_repo(tmp / "repo-rename-a"), make_repo(tmp / "repo-rename-b")
+    for repo in (a_repo, b_repo):
+        (repo / "src" / "util").mkdir(parents=True)
+        (repo / "src" / "util" / "money.py").write_text("def format_money(cents):\n    return f'{cents / 100:.2f}'\n")
+        subprocess.run(["git", "-C", str(repo), "add", "-A"], check=True, timeout=30)
+        subprocess.run(["git", "-C", str(repo), "-c", "user.email=a@b", "-c", "user.name=dev", "commit", "-qm",
+                        "money"], check=True, timeout=30)
+    user = Tether(c, keys["alice"], "alice", a_repo, {
+        "plan": {"summary": "Show prices on receipts", "steps": ["call format_money"],
+                 "concepts": {"modify": ["billing.invoices"], "depend": ["money.format"]}}, "work_s": 40})
+    active_intent(c, "Show prices on receipts")
+    renamer = Tether(c, keys["bob"], "bob", b_repo, {
+        "plan": {"summary": "Catalog price labels", "steps": ["labels"],
+                 "concepts": {"modify": ["catalog.products"], "depend": []}},
+        "writes": {"src/util/money.py": "def format_amount(cents):\n    return f'{cents / 100:.2f}'\n"},
+        "work_s": 40}, env={"TETHER_REPORT_INTERVAL_S": "0.5"})
+    code, _, events = renamer.wait(timeout_s=60)
+    user.proc.terminate()
+    user.wait()
+    assert code == 4, events  # stopped: it changes what alice's intent relies on (dependents = "stop")
+    stop = [v for v in verdicts(events) if v["action"] == "stop"]
+    assert stop and stop[0]["drift"]["blocked"] == ["money.format"], events
+    assert stop[0]["conflicts"][0]["holder_agent_id"].startswith("alice/")
+    assert stop[0]["conflicts"][0]["kind"] == "modify_depended"
+    logged = [x for x in conflicts(c) if x["kind"] == "drift_stop" and x["concept"] == "money.format"]
+    assert logged and "format_money" in json.dumps(logged[0]), logged

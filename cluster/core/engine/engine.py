@@ -156,6 +156,9 @@ class Engine:
         # Footprints of active intents (core/engine/footprint.py): path and path::symbol -> intents.
         self._foot_files: dict[str, dict[str, None]] = {}
         self._foot_syms: dict[str, dict[str, None]] = {}
+        # intent -> the active intents whose soft conflicts name it (a report updates both sides
+        # without scanning every intent)
+        self._soft_by: dict[str, dict[str, None]] = {}
         self._conflict_log: list[dict[str, Any]] = []  # recent drifts and soft conflicts, bounded
         # Finished (and lapsed) intents, oldest first: compaction pops from the front.
         self._finished: dict[str, None] = {}
@@ -333,6 +336,8 @@ class Engine:
                 self._foot_files.setdefault(path, {})[it.intent_id] = None
             for key in fp.symbol_keys():
                 self._foot_syms.setdefault(key, {})[it.intent_id] = None
+            for x in it.soft:
+                self._soft_by.setdefault(x["other_intent_id"], {})[it.intent_id] = None
         else:
             for c in it.modifies:
                 self._lmod.setdefault(c, {})[it.intent_id] = None
@@ -346,7 +351,8 @@ class Engine:
                     del self._mod[c]
             fp = Footprint.from_json(it.footprint)
             deps: list[tuple[dict[str, dict[str, None]], list[str]]] = [
-                (self._dep, it.depends), (self._foot_files, list(fp.files)), (self._foot_syms, fp.symbol_keys())]
+                (self._dep, it.depends), (self._foot_files, list(fp.files)), (self._foot_syms, fp.symbol_keys()),
+                (self._soft_by, [x["other_intent_id"] for x in it.soft])]
         elif it.status == LAPSED:
             deps = [(self._lmod, it.modifies), (self._ldep, it.depends)]
         else:
@@ -985,36 +991,47 @@ class Engine:
         new_pairs = {(m["other_intent_id"], m["kind"], m.get("symbol", m["path"])) for m in mine} - \
             {(m["other_intent_id"], m["kind"], m.get("symbol", m["path"])) for m in it.soft}
         if mine != it.soft:
-            it.soft = mine[-SOFT_PER_INTENT_MAX:]
-            it.soft_changed_index = index
+            self._set_soft(it, mine[-SOFT_PER_INTENT_MAX:], index)
         # The other side of every pair: replace what this intent contributed to their lists.
         for oid in sorted(set(touched_others) | {x["other_intent_id"] for x in mine} |
-                          {s for s, o in self._intents.items() if o.status == ACTIVE and any(
-                              x["other_intent_id"] == it.intent_id for x in o.soft)}):
+                          set(self._soft_by.get(it.intent_id, {})), key=_index_of):
             o = self._intents.get(oid)
             if o is None or o.status != ACTIVE:
                 continue
             kept = [x for x in o.soft if x["other_intent_id"] != it.intent_id]
             updated = (kept + touched_others.get(oid, []))[-SOFT_PER_INTENT_MAX:]
             if updated != o.soft:
-                o.soft = updated
-                o.soft_changed_index = index
+                self._set_soft(o, updated, index)
                 self._touch(NS_INTENTS, oid)
         if new_pairs:
             self._log_conflicts([{"kind": f"soft_{k}", "intent_id": it.intent_id, "agent_id": it.agent_id,
                                   "other_intent_id": oid, "other_agent_id": self._intents[oid].agent_id, "what": w}
                                  for oid, k, w in sorted(new_pairs)][:5], index, now)
 
+    def _set_soft(self, o: Intent, soft: list[dict[str, Any]], index: int) -> None:
+        """The one place an intent's soft conflicts change: keeps ``_soft_by`` in step."""
+        if o.status == ACTIVE:
+            for x in o.soft:
+                refs = self._soft_by.get(x["other_intent_id"])
+                if refs is not None:
+                    refs.pop(o.intent_id, None)
+                    if not refs:
+                        del self._soft_by[x["other_intent_id"]]
+            for x in soft:
+                self._soft_by.setdefault(x["other_intent_id"], {})[o.intent_id] = None
+        o.soft = soft
+        o.soft_changed_index = index
+
     def _drop_soft_refs(self, it: Intent) -> None:
         """An intent leaves ACTIVE: its soft conflicts end for the others too."""
-        for x in it.soft:
-            o = self._intents.get(x["other_intent_id"])
+        for oid in sorted({x["other_intent_id"] for x in it.soft} | set(self._soft_by.get(it.intent_id, {})),
+                          key=_index_of):
+            o = self._intents.get(oid)
             if o is None:
                 continue
             kept = [y for y in o.soft if y["other_intent_id"] != it.intent_id]
             if kept != o.soft:
-                o.soft = kept
-                o.soft_changed_index = it.updated_index
+                self._set_soft(o, kept, it.updated_index)
                 self._touch(NS_INTENTS, o.intent_id)
 
     def _log_conflicts(self, events: list[dict[str, Any]], index: int, now: int) -> None:
@@ -1296,4 +1313,5 @@ class Engine:
             "counts": dict(self._counts),
             "foot_files": {k: sorted(v) for k, v in sorted(self._foot_files.items())},
             "foot_syms": {k: sorted(v) for k, v in sorted(self._foot_syms.items())},
+            "soft_by": {k: sorted(v) for k, v in sorted(self._soft_by.items())},
         }
