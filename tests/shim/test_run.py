@@ -615,3 +615,89 @@ def test_renaming_a_function_another_intent_depends_on_is_reported_and_stops_the
     assert stop[0]["conflicts"][0]["kind"] == "modify_depended"
     logged = [x for x in conflicts(c) if x["kind"] == "drift_stop" and x["concept"] == "money.format"]
     assert logged and "format_money" in json.dumps(logged[0]), logged
+
+
+def test_a_git_remote_with_the_pre_receive_hook_and_two_tether_run_agents(
+        env: tuple[LocalCluster, dict[str, Path], Path]) -> None:
+    """Issue 14 end to end: a bare repository with `tetherlab git install-hook`, two clones whose
+    agents run under `tether run`. Work under a valid claim lands; after the first agent's claim
+    is revoked and granted to the second, the first's commits are refused naming the new holder;
+    a commit made outside any claim that touches a held concept is refused; one that touches no
+    concept lands."""
+    c, keys, tmp = env
+    bare = tmp / "shop-fenced.git"
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(bare)], check=True, timeout=30)
+    verifier = keygen(tmp / "git-server", "git-server")
+    r = tl(c, "keys", "add", "git-server", str(verifier) + ".pub", "--role", "verifier")
+    assert r.returncode == 0, r.stderr
+    seed = make_repo(tmp / "repo-fenced-seed")
+    subprocess.run(["git", "-C", str(seed), "push", "-q", str(bare), "HEAD:main"], check=True, timeout=30)
+    r = subprocess.run([sys.executable, "-m", "tetherlab.cluster.cli", "git", "install-hook", "--repo", str(bare),
+                        "--cluster", str(c.dir / "cluster.toml"), "--key", str(verifier), "--developer", "git-server"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+    def clone(name: str) -> Path:
+        repo = tmp / name
+        subprocess.run(["git", "clone", "-q", str(bare), str(repo)], check=True, timeout=30)
+        # The cluster coordinates REMOTE; pushes go to the local bare repository.
+        for args in (["remote", "set-url", "origin", REMOTE], ["remote", "set-url", "--push", "origin", str(bare)]):
+            subprocess.run(["git", "-C", str(repo), *args], check=True, timeout=30)
+        return repo
+
+    def push(repo: Path, ref: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["git", "-C", str(repo), "push", "origin", f"HEAD:refs/heads/{ref}"],
+                              capture_output=True, text=True, timeout=120)
+
+    def commit(repo: Path, path: str, text: str) -> None:
+        (repo / path).parent.mkdir(parents=True, exist_ok=True)
+        (repo / path).write_text(text)
+        subprocess.run(["git", "-C", str(repo), "add", "-A"], check=True, timeout=30)
+        subprocess.run(["git", "-C", str(repo), "-c", "user.email=d@e", "-c", "user.name=dev", "commit", "-qm",
+                        f"edit {path}"], check=True, timeout=30)
+
+    a_repo, b_repo = clone("clone-fenced-a"), clone("clone-fenced-b")
+    summary_a = "Invoice rounding rules"
+    alice = Tether(c, keys["alice"], "alice", a_repo, {
+        "plan": {"summary": summary_a, "steps": ["round"], "concepts": {"modify": ["billing.invoices"], "depend": []}},
+        "writes": {"src/billing/rounding.py": "R = 2\n"}, "commit": True, "work_s": 60})
+    intent_a = active_intent(c, summary_a)
+    deadline = time.monotonic() + 30
+    while "agent-work" not in git_out(a_repo, "log", "--oneline") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "Tetherlab-Fence:" in git_out(a_repo, "log", "-1", "--format=%B")
+    r = tl(c, "intents", "revoke", intent_a["intent_id"])
+    assert r.returncode == 0, r.stderr
+    code, _, events = alice.wait()
+    assert code == 4, events  # stopped by the revoke; its commit stays in the clone
+
+    bob = Tether(c, keys["bob"], "bob", b_repo, {
+        "plan": {"summary": "Invoice numbering v2", "steps": ["renumber"],
+                 "concepts": {"modify": ["billing.invoices"], "depend": []}},
+        "writes": {"src/billing/numbering.py": "N = 2\n"}, "commit": True, "push": True,
+        "push_file": str(tmp / "fenced-bob.push"), "work_s": 30})
+    try:
+        bob.agent_pid()
+        deadline = time.monotonic() + 30
+        while not (tmp / "fenced-bob.push").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        # Work under a valid claim lands (the pre-push check and the remote's pre-receive agree).
+        assert (tmp / "fenced-bob.push").read_text() == "0", (tmp / "fenced-bob.push.err").read_text()
+        assert git_out(bare, "rev-parse", "main") == git_out(b_repo, "rev-parse", "HEAD")
+        # The first agent's commit, pushed by its developer later: refused, naming the new holder.
+        refused = push(a_repo, "alice-rounding")
+        assert refused.returncode != 0
+        assert "claim_revoked" in refused.stderr and "held_by_other" in refused.stderr, refused.stderr
+        assert "bob/" in refused.stderr and "billing.invoices" in refused.stderr, refused.stderr
+        # A commit outside any claim touching the held concept: refused too.
+        plain = clone("clone-fenced-c")
+        commit(plain, "src/billing/hotfix.py", "H = 1\n")
+        hotfix = push(plain, "hotfix")
+        assert hotfix.returncode != 0 and "held_by_other" in hotfix.stderr, hotfix.stderr
+        # One that touches no concept lands (uncoordinated commits are accepted by default).
+        docs = clone("clone-fenced-d")
+        commit(docs, "docs/notes.md", "notes\n")
+        assert push(docs, "docs").returncode == 0
+    finally:
+        bob.proc.terminate()
+        bob.wait()
