@@ -131,8 +131,10 @@ def _report(args: argparse.Namespace, what: str, res: dict[str, Any]) -> int:
     if args.json:
         print(json.dumps(res))
     else:
+        gap = f"; its log starts at index {res['log_start_index']} (a gap of {res['gap']})" \
+            if "log_start_index" in res else ""
         print(f"{what} cluster in {res['dir']} at raft index {res['restored_index']} "
-              f"(registry version {res.get('registry_version')}); start it with: tetherlab up --dir {res['dir']}")
+              f"(registry version {res.get('registry_version')}){gap}; start it with: tetherlab up --dir {res['dir']}")
     return EXIT_OK
 
 
@@ -148,10 +150,12 @@ def _cmd_restore(args: argparse.Namespace) -> int:
         if args.config:
             from tetherlab.cluster.ops.backup import restore_node
 
-            return _report(args, "seeded node data", restore_node(Path(args.file), Path(args.config)))
+            return _report(args, "seeded node data", restore_node(Path(args.file), Path(args.config),
+                                                                  above_index=args.above_index))
         return _report(args, "restored", restore(Path(args.file), Path(args.dir), args.nodes, host=args.host,
                                                  base_port=args.base_port,
-                                                 admin_key=Path(args.admin_key) if args.admin_key else None))
+                                                 admin_key=Path(args.admin_key) if args.admin_key else None,
+                                                 above_index=args.above_index))
     except (ConfigError, SnapshotError, OSError) as e:
         print(f"tetherlab restore: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -164,7 +168,7 @@ def _cmd_recover(args: argparse.Namespace) -> int:
     try:
         return _report(args, "recovered a single-node", recover(
             Path(args.config), Path(args.dir), host=args.host, base_port=args.base_port,
-            admin_key=Path(args.admin_key) if args.admin_key else None))
+            admin_key=Path(args.admin_key) if args.admin_key else None, above_index=args.above_index))
     except (ConfigError, SnapshotError, OSError) as e:
         print(f"tetherlab recover: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -282,17 +286,21 @@ BENCHES = {
 }
 
 
-PASSTHROUGH = ("bench", "drill")  # commands whose tool parses its own arguments
+PASSTHROUGH = ("bench", "drill", "sim")  # commands whose tool parses its own arguments
 
 
 def _passthrough(command: str, rest: list[str]) -> int:
-    """``tetherlab bench NAME ARGS`` and ``tetherlab drill ARGS``: the tool's own parser."""
+    """``tetherlab bench NAME ARGS``, ``tetherlab drill ARGS``, ``tetherlab sim ARGS``: the tool's own parser."""
     import importlib
 
     if command == "drill":
         from tetherlab.chaos import drill
 
         return drill.main(rest)
+    if command == "sim":
+        from tetherlab.chaos.sim import cli as sim_cli
+
+        return sim_cli.main(rest)
     if not rest or rest[0] in ("-h", "--help") or rest[0] not in BENCHES:
         out = sys.stdout if rest and rest[0] in ("-h", "--help") else sys.stderr
         print("usage: tetherlab bench NAME [--help | ARGS...]\n\nbenchmarks that print figures:", file=out)
@@ -353,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dir", help="new local cluster directory (must not exist yet)")
     s.add_argument("--nodes", type=int, default=3)
     s.add_argument("--base-port", type=int, default=DEFAULT_BASE_PORT)
+    s.add_argument("--above-index", type=int, default=0,
+                   help="the old cluster's last Raft index, if known and above the next epoch: the restored log "
+                        "starts past it (fencing tokens never repeat)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_restore)
 
@@ -362,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address the recovered node listens on")
     s.add_argument("--dir", required=True, help="new cluster directory (must not exist yet)")
     s.add_argument("--base-port", type=int, default=DEFAULT_BASE_PORT)
+    s.add_argument("--above-index", type=int, default=0,
+                   help="the old cluster's last Raft index, if known and above the next epoch")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_recover)
 
@@ -412,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench", help="benchmarks that print figures (tetherlab bench --help)")
     sub.add_parser("drill", help="fault drills: partitions, kills, pauses, latency, with checked histories "
                                  "(tetherlab drill --help)")
+    sub.add_parser("sim", help="deterministic simulation of the cluster: seeded fault schedules, every one "
+                               "checked (tetherlab sim --help)")
     return p
 
 

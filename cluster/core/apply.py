@@ -8,11 +8,19 @@
   "now_ms", "cmd"}``), or neither (a refusal that every replica makes the same way);
 - the writes, which the store commits atomically together with ``index``.
 
-Pure: the view is read, never written; the caller persists the :class:`Outcome`. A failure of
-*this node* (out of memory) is raised, so the node stops instead of diverging from its peers;
-an exception from the engine on a valid entry is a bug every replica hits identically, so it is
-answered as a deterministic ``internal`` refusal and the store rebuilds its engine from the
-records it had (``Outcome.reset_engine``).
+Pure: the view is read, never written; the caller persists the :class:`Outcome`.
+
+Two kinds of failure, told apart here once:
+
+- a failure of *this node*: out of memory, the recursion limit, or anything raised by the
+  view's storage while it is read (wrapped in :class:`NodeFailure`). It is raised, so the node
+  stops (and replays the entry after a restart) instead of carrying on with a state its peers
+  do not have;
+- anything else raised while decoding or applying the command is a property of the entry, which
+  every replica holds byte for byte: a bug they all hit identically. It is answered as a
+  deterministic ``internal`` refusal that changes nothing (an engine that failed midway is
+  rebuilt from the records it had: ``Outcome.reset_engine``), so one malformed entry cannot stop
+  every replica in turn.
 """
 
 from __future__ import annotations
@@ -31,8 +39,14 @@ log = logging.getLogger("tetherlab.apply")
 
 EngineWrite = tuple[str, str, bytes | None]
 
+
+
+class NodeFailure(RuntimeError):
+    """Returned when this node's storage failed while an entry was applied (not the entry's fault)."""
+
+
 # A failure of this process, not of the entry: re-raised so the node stops (its peers carry on).
-NODE_FAILURES = (MemoryError, RecursionError, OSError)
+NODE_FAILURES = (MemoryError, RecursionError, OSError, NodeFailure)
 
 
 class StateView(Protocol):
@@ -59,18 +73,28 @@ class Outcome:
     reset_engine: bool = False  # the engine failed mid-command: rebuild it from the stored records
 
 
+def _internal(index: int, revision: int, what: str) -> Outcome:
+    log.exception("%s failed on raft index %d; every replica refuses it the same way", what, index)
+    err = CommandError("internal", f"the {what} failed on this command; nothing changed")
+    return Outcome(index, {**err.to_json(), "index": index}, revision=revision)
+
+
 def apply(index: int, payload: bytes, view: StateView) -> Outcome:
-    applied = view.applied_index_now()
+    try:
+        applied = view.applied_index_now()
+        revision = view.revision_now()
+    except NODE_FAILURES:
+        raise
+    except Exception as e:
+        raise NodeFailure(f"cannot read the applied index: {e}") from e
     if index <= applied:
-        return Outcome(index, {"ok": True, "replayed": True, "index": index}, replayed=True,
-                       revision=view.revision_now())
-    revision = view.revision_now()
+        return Outcome(index, {"ok": True, "replayed": True, "index": index}, replayed=True, revision=revision)
     obj: Any = None
     parse_error: str | None = None
     try:
         obj = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as e:
-        parse_error = str(e)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # the same bytes on every replica
+        parse_error = str(e) or type(e).__name__
     if isinstance(obj, dict) and obj.get("op") == "engine":
         return _apply_engine(index, obj, view, revision)
     try:
@@ -79,7 +103,25 @@ def apply(index: int, payload: bytes, view: StateView) -> Outcome:
         cmd = sm.decode_command(obj)
     except CommandError as e:
         return Outcome(index, {**e.to_json(), "index": index}, revision=revision)
-    out = sm.apply(cmd, revision=revision, read=view.read)
+    except NODE_FAILURES:
+        raise
+    except Exception:
+        return _internal(index, revision, "command decoder")
+
+    def read(ns: str, key: str) -> sm.Record | None:
+        try:
+            return view.read(ns, key)
+        except NODE_FAILURES:
+            raise
+        except Exception as e:  # the storage of this node, not the command
+            raise NodeFailure(f"cannot read {ns}/{key}: {e}") from e
+
+    try:
+        out = sm.apply(cmd, revision=revision, read=read)
+    except NODE_FAILURES:
+        raise
+    except Exception:
+        return _internal(index, revision, "state machine")
     return Outcome(index, {**out.result, "index": index}, kv_writes=out.writes, revision=out.revision, command=cmd)
 
 
@@ -92,12 +134,15 @@ def _apply_engine(index: int, obj: dict[str, Any], view: StateView, revision: in
         cmd = decode_engine_command(obj.get("cmd"))
     except CommandError as e:
         return Outcome(index, {**e.to_json(), "index": index}, revision=revision)
+    except NODE_FAILURES:
+        raise
+    except Exception:
+        return _internal(index, revision, "command decoder")
     try:
         applied = view.engine.apply(cmd, index=index, now_ms=now_ms)
     except NODE_FAILURES:
         raise
     except Exception:
-        log.exception("engine failed on raft index %d; every replica refuses it the same way", index)
-        err = CommandError("internal", "the engine failed on this command; nothing changed")
-        return Outcome(index, {**err.to_json(), "index": index}, revision=revision, reset_engine=True)
+        out = _internal(index, revision, "engine")
+        return Outcome(index, out.result, revision=revision, reset_engine=True)
     return Outcome(index, {**applied.result, "index": index}, engine_writes=tuple(applied.writes), revision=revision)

@@ -28,7 +28,8 @@ from tetherlab.cluster.node.errors import Indeterminate, Unavailable
 from tetherlab.cluster.node.metrics import NodeMetrics
 from tetherlab.cluster.node.replica import MEMBERS_NS, PROPOSE_TIMEOUT_S, READ_TIMEOUT_S, ApplyListener
 from tetherlab.cluster.replica.lmdbstore import LmdbStore
-from tetherlab.cluster.replica.raft import FailReason, RaftNode
+from tetherlab.cluster.replica.raft import FailReason, RaftIO, RaftNode
+from tetherlab.cluster.replica.store import Store
 
 log = logging.getLogger("tetherlab.node")
 
@@ -42,13 +43,18 @@ _Result = tuple[asyncio.Future[dict[str, Any]], Any, int]
 
 
 class RaftReplica:
-    def __init__(self, cfg: NodeConfig, secret: bytes, metrics: NodeMetrics) -> None:
+    def __init__(self, cfg: NodeConfig, secret: bytes, metrics: NodeMetrics, store: Store | None = None,
+                 io: RaftIO | None = None) -> None:
+        """Production opens the LMDB store and journal under ``cfg.data_dir``; the simulator
+        passes its in-memory store and a :class:`RaftIO` of twins."""
         self.cfg = cfg
         self.node_id = cfg.id
         self.loop = asyncio.get_running_loop()
         self.metrics = metrics
-        cfg.data_dir.mkdir(parents=True, exist_ok=True)
-        self.store = LmdbStore(cfg.data_dir / "state", cfg.raft.state_map_size_bytes)
+        if store is None:
+            cfg.data_dir.mkdir(parents=True, exist_ok=True)
+            store = LmdbStore(cfg.data_dir / "state", cfg.raft.state_map_size_bytes, batch_applies=True)
+        self.store = store
         self.store.on_apply = self._on_apply
         m = metrics
         self.raft = RaftNode(
@@ -59,8 +65,10 @@ class RaftReplica:
             on_state_changed=self._on_role_changed,
             on_rtt=lambda peer, s: m.peer_rtt_seconds.labels(peer).observe(s),
             on_apply_seconds=m.apply_seconds.observe,
+            io=io,
         )
-        self._pending: set[asyncio.Future[dict[str, Any]]] = set()
+        # Ordered (a dict, not a set): failing them goes in proposal order, the same on every run.
+        self._pending: dict[asyncio.Future[dict[str, Any]], None] = {}
         self._results: collections.deque[_Result] = collections.deque()
         self.raft.addOnTickCallback(self._deliver_results)
         self._listeners: list[ApplyListener] = []
@@ -120,8 +128,8 @@ class RaftReplica:
 
         m = self.metrics
         m.proposals_pending.inc()
-        self._pending.add(fut)
-        fut.add_done_callback(self._pending.discard)
+        self._pending[fut] = None
+        fut.add_done_callback(lambda f: self._pending.pop(f, None))
         self.raft.tl_submit(payload, done)
         try:
             res = await asyncio.wait_for(fut, timeout_s)
@@ -138,6 +146,9 @@ class RaftReplica:
 
     async def read_barrier(self, timeout_s: float = READ_TIMEOUT_S) -> None:
         fut: asyncio.Future[None] = self.loop.create_future()
+        # A reader that gave up (its own timeout) leaves the future behind: its outcome is read
+        # here, so asyncio does not report an exception nobody retrieved.
+        fut.add_done_callback(_retrieve)
         self._barrier_next.append(fut)
         if not self._barrier_running:
             self.loop.create_task(self._run_barriers(timeout_s))
@@ -231,6 +242,11 @@ def _resolve(fut: asyncio.Future[dict[str, Any]], res: Any, err: int) -> None:
         fut.set_exception(Unavailable(FailReason.NAMES.get(err, str(err))))
     else:
         fut.set_exception(Indeterminate(FailReason.NAMES.get(err, str(err))))
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _resolve_all(batch: list[_Result]) -> None:

@@ -37,6 +37,7 @@ from tetherlab.cluster.node.keys import KEYS_NS, KeyError_, RegisteredKey, make_
 from tetherlab.cluster.node.metrics import NodeMetrics
 from tetherlab.cluster.node.quotas import Quotas, TokenBucket
 from tetherlab.cluster.node.replica import MEMBERS_NS, Replica, encode_command, encode_engine
+from tetherlab.cluster.replica.store import Store
 
 log = logging.getLogger("tetherlab.service")
 
@@ -79,6 +80,19 @@ class Connections(Protocol):
     def drop_key(self, key_id: str, reason: str) -> None:
         """Close every connection authenticated with ``key_id``."""
         ...
+
+
+def authenticate(store: Store, username: str, key_id: str) -> Identity | str:
+    """Who the public key with fingerprint ``key_id`` logs in as, from this node's key registry;
+    or why it may not (``unknown_key``, ``wrong_user``). The SSH user name is the developer the
+    key belongs to (like a git host's user)."""
+    rec = store.get(KEYS_NS, key_id)
+    if rec is None:
+        return "unknown_key"
+    rk = RegisteredKey.decode(rec.value)
+    if rk.developer != username:
+        return "wrong_user"
+    return Identity(rk.developer, rk.role, rk.id)
 
 
 @dataclass(frozen=True)
@@ -158,6 +172,7 @@ class Service:
             routed = self._route(req)
             if routed is not None:
                 return routed
+            self._check_key(who)
             handler = getattr(self, f"_h_{req.type}", None)
             if handler is None:
                 raise Refused("not_implemented", f"{req.type} is not served by this node version")
@@ -225,6 +240,19 @@ class Service:
         finally:
             self.quotas.intents.release(who.developer)
             self.metrics.intents_in_flight.dec()
+
+    def _check_key(self, who: Identity) -> None:
+        """The key that authenticated the connection must still be registered now.
+
+        The SSH layer checked it when the connection opened, against this node's state then; a
+        revocation applied since (or a registry this node had not caught up on when it became
+        leader: a quorum-backed leader has applied every earlier term's entries) ends it here.
+        Before the cluster is bootstrapped there is no registry (and nobody can log in)."""
+        store = self.replica.store
+        if store.get("meta", "bootstrapped") is None:
+            return
+        if store.get(KEYS_NS, who.key_id) is None:
+            raise Refused("key_revoked", f"the SSH key {who.key_id} is no longer registered")
 
     def _public_status(self) -> dict[str, Any]:
         st = self.replica.status()

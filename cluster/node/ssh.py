@@ -27,10 +27,10 @@ import asyncssh
 
 from tetherlab.cluster import protocol as p
 from tetherlab.cluster.core.config import Address, LoadLimits
-from tetherlab.cluster.node.keys import KEYS_NS, RegisteredKey, fingerprint
+from tetherlab.cluster.node.keys import fingerprint
 from tetherlab.cluster.node.metrics import NodeMetrics
 from tetherlab.cluster.node.quotas import TokenBucket
-from tetherlab.cluster.node.service import Identity, Peer, Service
+from tetherlab.cluster.node.service import Identity, Peer, Service, authenticate
 from tetherlab.cluster.replica.store import Store
 
 log = logging.getLogger("tetherlab.ssh")
@@ -91,17 +91,13 @@ class _Server(asyncssh.SSHServer):
         return True
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
-        fp = fingerprint(key)
-        rec = self.ep.store.get(KEYS_NS, fp)
-        if rec is None:
-            self.ep.auth_failure("unknown_key")
+        # This node's registry may lag (a follower, or a new leader catching up): every request a
+        # quorum-backed leader serves checks the key again (Service._check_key).
+        who = authenticate(self.ep.store, username, fingerprint(key))
+        if isinstance(who, str):
+            self.ep.auth_failure(who)
             return False
-        rk = RegisteredKey.decode(rec.value)
-        if rk.developer != username:
-            # The SSH user name is the developer the key belongs to (like a git host's user).
-            self.ep.auth_failure("wrong_user")
-            return False
-        self.info.identity = Identity(rk.developer, rk.role, rk.id)
+        self.info.identity = who
         return True
 
 

@@ -122,6 +122,10 @@ class LmdbJournal(Journal):
     def dirty(self) -> bool:
         return self._txn is not None
 
+    @property
+    def last_index(self) -> int | None:
+        return self._last
+
     def add(self, command: Any, idx: int, term: int) -> None:
         if self._last is not None and idx != self._last + 1:
             raise JournalError(f"append of index {idx} after {self._last}: the log must stay contiguous")

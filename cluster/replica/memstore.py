@@ -3,16 +3,16 @@
 It passes the same conformance tests as the LMDB store and adds what a simulation needs: an
 explicit split between the state applied so far and the state made durable by :meth:`sync`
 (or by writing a snapshot), and :meth:`crash`, which drops everything that was not durable,
-like a machine crash with an un-synced LMDB environment.
+like a machine crash with an un-synced LMDB environment. ``step(name)`` runs before each
+durable step (a simulator raises from it to crash the machine exactly there).
 
-Snapshots are files like the LMDB store's, with magic ``TLSNAPM1`` and a JSON body.
+Snapshots are files like the LMDB store's, with magic ``TLSNAPM1`` and a JSON body, written and
+read through a ``replica.files.Files`` (the real file system unless a simulator gives its own).
 """
 
 from __future__ import annotations
 
-import copy
 import json
-import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +21,7 @@ from typing import Any
 from tetherlab.cluster.core import statemachine as sm
 from tetherlab.cluster.core.apply import apply as core_apply
 from tetherlab.cluster.core.engine.engine import Engine
+from tetherlab.cluster.replica.files import Files, OsFiles
 from tetherlab.cluster.replica.store import OnApply, read_snapshot_header, write_header
 
 SNAPSHOT_MAGIC = b"TLSNAPM1"  # the body is the memory store's JSON image
@@ -34,6 +35,12 @@ class _Image:
         self.revision = 0
         self.kv: dict[tuple[str, str], sm.Record] = {}
         self.engine: dict[tuple[str, str], bytes] = {}
+
+    def copy(self) -> _Image:
+        # Records are frozen and engine values are bytes: copying the dicts copies the state.
+        c = _Image()
+        c.applied, c.revision, c.kv, c.engine = self.applied, self.revision, dict(self.kv), dict(self.engine)
+        return c
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -56,13 +63,16 @@ class _Image:
 class MemoryStore:
     """The state in memory (see ``replica.store.Store``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, files: Files | None = None, step: Callable[[str], None] | None = None) -> None:
         self._lock = threading.RLock()
         self._live = _Image()
         self._durable = _Image()
         self.engine = Engine()
         self.on_apply: OnApply | None = None
         self.syncs = 0
+        self.files = files or OsFiles()
+        self.step = step
+        self._unsynced = False
 
     # --- StateView (read by core.apply) -------------------------------------------------------
 
@@ -105,6 +115,7 @@ class MemoryStore:
                     live.engine[(ns, key)] = value
             live.applied = index
             live.revision = out.revision
+            self._unsynced = True
             if out.reset_engine:
                 self.engine = self._engine_from(live)
         if self.on_apply is not None:
@@ -139,9 +150,17 @@ class MemoryStore:
             return {"applied_index": self._live.applied, "revision": self._live.revision,
                     "records": records, "engine": engine}
 
+    def flush_applied(self) -> None:
+        """The LMDB store commits a batch of applies with fsync here: make them durable."""
+        if self._unsynced:
+            self.sync()
+
     def sync(self) -> None:
         with self._lock:
-            self._durable = copy.deepcopy(self._live)
+            if self.step is not None:
+                self.step("state_sync")
+            self._durable = self._live.copy()
+            self._unsynced = False
             self.syncs += 1
 
     def close(self) -> None:
@@ -150,7 +169,7 @@ class MemoryStore:
     def crash(self) -> None:
         """Lose everything applied since the last sync, as a machine crash would."""
         with self._lock:
-            self._live = copy.deepcopy(self._durable)
+            self._live = self._durable.copy()
             self.engine = self._engine_from(self._live)
 
     def write_snapshot(self, path: Path, header: dict[str, Any]) -> dict[str, Any]:
@@ -158,16 +177,14 @@ class MemoryStore:
             self.sync()  # like the LMDB store: the state is durable before its snapshot exists
             header = {**header, "applied_index": self._live.applied, "revision": self._live.revision}
             body = json.dumps(self._live.to_json(), sort_keys=True).encode()
-        with open(path, "wb") as out:
+        with self.files.open(str(path), "wb") as out:
             write_header(out, SNAPSHOT_MAGIC, header)
             out.write(body)
-            out.flush()
-            os.fsync(out.fileno())
+            self.files.fsync(out)
         return header
 
-    @staticmethod
-    def read_snapshot_header(path: Path) -> tuple[dict[str, Any], int]:
-        header, offset, _ = read_snapshot_header(path, SNAPSHOT_MAGIC)
+    def read_snapshot_header(self, path: Path) -> tuple[dict[str, Any], int]:
+        header, offset, _ = read_snapshot_header(path, SNAPSHOT_MAGIC, self.files)
         return header, offset
 
     def install_snapshot(self, path: Path, force: bool = False) -> bool:
@@ -175,10 +192,12 @@ class MemoryStore:
         with self._lock:
             if not force and header["applied_index"] <= self._live.applied:
                 return False
-            with open(path, "rb") as f:
+            with self.files.open(str(path), "rb") as f:
                 f.seek(offset)
                 img = _Image.from_json(json.loads(f.read()))
+            if self.step is not None:
+                self.step("state_install")
             self._live = img
-            self._durable = copy.deepcopy(img)
+            self._durable = img.copy()
             self.engine = self._engine_from(img)
         return True

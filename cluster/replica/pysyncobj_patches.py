@@ -41,13 +41,87 @@ to freeze the node's one Raft thread, grow its memory, or hold its sockets.
   :data:`RAFT_ACCEPTS_PER_S` a second (the listening socket leaves the poller until the next tick
   with room), so a connection flood neither crowds a reconnecting peer out of the accept queue
   nor spends the Raft thread on accepting.
+
+Safety patches (issue 19; docs/design.md, "What pysyncobj gets wrong"), most found by the
+deterministic simulator (``tetherlab sim``):
+
+- ``accept_unknown_peers``: a node drops an incoming Raft connection from an address that is
+  not in its member list. A member that missed the entry adding a node (it was down) then
+  refuses that node's connection; if the new node leads, the lagging member never hears the
+  leader and never learns the entry that would let it: it stays behind until leadership moves.
+  Accept such a connection (it is authenticated by the cluster secret like any other) without
+  making the peer a member: the log decides membership, and the member can then catch up.
+- ``removal_on_commit``: pysyncobj applies a membership change when the entry enters the log
+  (as Raft does) and, for a removal, drops its connection to the removed node at once. A node
+  whose log holds an uncommitted entry removing the node that then leads can no longer answer
+  that leader, so the leader never learns where their logs diverge and never repairs it: the
+  node is stuck for good. The node leaves the member list at once, but its connection is
+  dropped only when the removal is committed (applied), and a rolled-back removal reuses it.
+- ``clock_and_rng``: pysyncobj reads time through ``monotonicTime`` and election timeouts through
+  ``random``, module-level names of ``pysyncobj.syncobj``; route both through
+  :func:`use_clock_and_rng` (the real ones unless a simulator sets its own), so a whole cluster
+  can run in one process, deterministic for a seed.
+- ``snapshot_files``: pysyncobj's Serializer opens, writes and renames snapshot files itself and
+  never fsyncs a received one; route that I/O through a ``replica.files.Files`` (the real file
+  system unless one is registered for the path) and make every rename durable (file fsynced
+  before, directory fsynced after), so a crash leaves the old snapshot or the whole new one and
+  the log is never compacted past a snapshot that is not on disk.
+- ``load_dump_keeps_log`` (the compaction window): the snapshot is written and the log prefix
+  deleted a tick later; pysyncobj's ``__loadDumpFile`` clears the journal down to the snapshot's
+  two entries whenever the log does not start exactly there, so a crash between the two steps
+  dropped fsynced, acknowledged entries after the snapshot. Keep every entry from the snapshot on
+  when the log holds the snapshot's entries; only delete the prefix the crash left behind. The
+  same for a snapshot received from the leader (Raft: retain the entries following it).
+- ``snapshot_commit``: an append-entries carrying ``serialized`` (a snapshot chunk, or ``None``
+  while the leader is snapshotting) skips log matching and then set the commit index to
+  ``min(leaderCommit, own last index)``, committing (and applying) a deposed leader's divergent
+  entries. Such a message may only commit what is verified: up to the applied index, which
+  after a snapshot install is the snapshot's last entry.
+- ``keep_committed_entries``: a follower deletes every entry after an append-entries' ``prevLogIdx``
+  and re-adds the ones the message carries, even when they match; a leader whose view of the
+  follower is behind (after a reset) makes it drop committed, applied entries. With a snapshot
+  taken meanwhile, the compaction a tick later can then delete the whole log (an empty journal
+  crashes every tick after). Entries up to the follower's commit index are the leader's (Log
+  Matching): such a message is read as starting at the commit index, so nothing committed is
+  ever deleted.
+- ``next_index_monotonic``: a leader sets a follower's next index to whatever a success answer
+  says, so a burst of late answers to old append-entries walks it back below entries already
+  sent, and past the compacted log start: the leader then sends a whole snapshot the follower
+  does not need. A success answer only ever moves the next index forward.
+- ``older_snapshot_ignored``: a follower installs whatever snapshot arrives, even one older than
+  what it has applied: the older file replaces its own snapshot, its log is cleared back to the
+  older one and its applied index goes backwards (Raft: a snapshot the follower has already
+  passed is ignored). Such a snapshot is dropped and acknowledged.
+- ``compaction_guard``: compaction deletes the log up to the snapshot taken a tick earlier even
+  if the log was replaced meanwhile (a snapshot installed from the leader): it could delete every
+  entry, and an empty journal crashes every later tick. Compaction needs the log to hold the
+  snapshot's last entry, else it waits for the next snapshot.
+- ``snapshot_send_no_spin``: right after a snapshot (until the next tick notices it is done) the
+  Serializer answers ``None`` to "next chunk", and the leader's append-entries loop then sends
+  ``serialized: None`` to a follower that needs the snapshot, over and over, until a whole
+  heartbeat period has passed on the clock. Without fork the snapshot is complete when
+  ``serialize`` returns: send it.
+- ``pre_vote``: a node whose election timer fires first asks whether it could win (a pre-vote at
+  term + 1 that changes no one's term or vote) and starts an election only with a majority, so
+  a node that was paused or cut off cannot depose a healthy leader by bumping the term.
+- ``term_notice``: pysyncobj's answers to append-entries carry no term, and a node ignores
+  append-entries from a lower term silently; a node whose term got ahead (an election it could
+  not finish) then never rejoins once pre-vote and stickiness stop it from disrupting the leader.
+  It answers a stale leader with its term, and a node told of a higher term adopts it (as Raft
+  requires of any message with a higher term) and steps down.
+- ``leader_stickiness`` (CheckQuorum-like): a node that heard from a leader within the minimum
+  election timeout (or is the leader) refuses votes and pre-votes, except for a leadership
+  transfer the leader asked for (its campaign is marked ``tl_transfer``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
+import os
+import random
 import select
 import socket
 import struct
@@ -55,16 +129,23 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import pysyncobj.serializer as _serializer_mod
 import pysyncobj.syncobj as _syncobj_mod
 import pysyncobj.tcp_connection as _tcp_mod
 import pysyncobj.transport as _transport_mod
+from pysyncobj.node import TCPNode
 from pysyncobj.poller import POLL_EVENT_TYPE
+from pysyncobj.syncobj import SyncObj
 from pysyncobj.tcp_connection import TcpConnection
 from pysyncobj.tcp_server import SERVER_STATE, TcpServer
 from pysyncobj.transport import TCPTransport
 from pysyncobj.version import VERSION
+
+from tetherlab.cluster.replica.files import Files, OsFiles
+from tetherlab.cluster.replica.store import read_snapshot_header
 
 log = logging.getLogger("tetherlab.raft")
 
@@ -490,6 +571,557 @@ def _revert_accept_queue() -> None:
     TCPTransport._createServer = _original_create_server  # type: ignore[method-assign]
 
 
+# --- accept_unknown_peers ----------------------------------------------------------------------
+
+_original_incoming = TCPTransport._onIncomingMessageReceived
+
+
+def _looks_like_address(message: Any) -> bool:
+    if not isinstance(message, str) or message == "readonly" or ":" not in message or len(message) > 300:
+        return False
+    port = message.rsplit(":", 1)[1]
+    return port.isdigit() and 0 < int(port) < 65536
+
+
+def _incoming_accepting_unknown(self: Any, conn: Any, message: Any) -> None:
+    encrypted_ready = not self._syncObj.encryptor or conn.sendRandKey
+    if encrypted_ready and _looks_like_address(message) and message not in self._nodeAddrToNode:
+        node = TCPNode(message)
+        self._unknownConnections.discard(conn)
+        self._connections[node] = conn
+        conn.setOnMessageReceivedCallback(functools.partial(self._onMessageReceived, node))
+        self._onNodeConnected(node)
+        return
+    _original_incoming(self, conn, message)
+
+
+def _install_accept_unknown_peers() -> None:
+    TCPTransport._onIncomingMessageReceived = _incoming_accepting_unknown  # type: ignore[method-assign]
+
+
+def _revert_accept_unknown_peers() -> None:
+    TCPTransport._onIncomingMessageReceived = _original_incoming  # type: ignore[method-assign]
+
+
+# --- removal_on_commit -------------------------------------------------------------------------
+
+_original_change_cluster = SyncObj._SyncObj__doChangeCluster  # type: ignore[attr-defined]
+_original_apply_command = SyncObj._SyncObj__doApplyCommand  # type: ignore[attr-defined]
+
+
+def _change_cluster_dropping_on_commit(self: Any, request: Any, reverse: bool = False) -> Any:
+    pending: dict[Any, Any] = self.__dict__.setdefault("_tlp_pending_drops", {})
+    kind = request[0]
+    node_id = request[1]
+    removing = (kind == "rem" and not reverse) or (kind == "add" and reverse)
+    if self.__dict__.get("_tlp_applying") and kind == "rem" and not reverse and node_id in pending:
+        self._SyncObj__transport.dropNode(pending.pop(node_id))  # the removal is committed now
+        return True
+    if not removing and node_id in pending:
+        # A removal rolled back (a truncated entry): the node is back, on the connection it kept.
+        node = pending.pop(node_id)
+        self._SyncObj__otherNodes.add(node)
+        self._SyncObj__raftNextIndex[node] = self._SyncObj__getCurrentLogIndex() + 1
+        self._SyncObj__raftMatchIndex[node] = 0
+        return True
+    if kind == "rem" and not reverse and not self.__dict__.get("_tlp_applying"):
+        transport = self._SyncObj__transport
+        dropped: list[Any] = []
+        transport.dropNode = dropped.append  # keep the connection: the entry is not committed yet
+        try:
+            done = _original_change_cluster(self, request, reverse)
+        finally:
+            del transport.dropNode
+        for node in dropped:
+            pending[node.id] = node
+        return done
+    return _original_change_cluster(self, request, reverse)
+
+
+def _apply_command_marked(self: Any, command: Any) -> Any:
+    self.__dict__["_tlp_applying"] = True
+    try:
+        return _original_apply_command(self, command)
+    finally:
+        self.__dict__["_tlp_applying"] = False
+
+
+def _install_removal_on_commit() -> None:
+    SyncObj._SyncObj__doChangeCluster = _change_cluster_dropping_on_commit  # type: ignore[attr-defined]
+    SyncObj._SyncObj__doApplyCommand = _apply_command_marked  # type: ignore[attr-defined]
+
+
+def _revert_removal_on_commit() -> None:
+    SyncObj._SyncObj__doChangeCluster = _original_change_cluster  # type: ignore[attr-defined]
+    SyncObj._SyncObj__doApplyCommand = _original_apply_command  # type: ignore[attr-defined]
+
+
+# --- clock_and_rng ----------------------------------------------------------------------------
+
+_original_monotonic = _syncobj_mod.monotonicTime
+_original_random_module = _syncobj_mod.random
+
+
+class _ClockAndRng:
+    def __init__(self) -> None:
+        self.monotonic: Callable[[], float] = _original_monotonic
+        self.rng: Any = random
+
+
+_CLOCK = _ClockAndRng()
+
+
+def use_clock_and_rng(monotonic: Callable[[], float] | None = None, rng: Any = None) -> None:
+    """Give pysyncobj this clock and this random source (``None``: the real ones).
+
+    One process-wide setting: a simulator runs every node on one thread and sets it once."""
+    _CLOCK.monotonic = monotonic or _original_monotonic
+    _CLOCK.rng = rng or random
+
+
+def _routed_monotonic() -> float:
+    return _CLOCK.monotonic()
+
+
+class _RoutedRandom:
+    """Stands in for the ``random`` module inside pysyncobj.syncobj."""
+
+    def random(self) -> float:
+        return float(_CLOCK.rng.random())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(_CLOCK.rng, name)
+
+
+def _install_clock_and_rng() -> None:
+    _syncobj_mod.monotonicTime = _routed_monotonic
+    _syncobj_mod.random = _RoutedRandom()  # type: ignore[assignment]
+
+
+def _revert_clock_and_rng() -> None:
+    _syncobj_mod.monotonicTime = _original_monotonic
+    _syncobj_mod.random = _original_random_module
+
+
+# --- snapshot_files ---------------------------------------------------------------------------
+
+_FILES: dict[str, Files] = {}  # path prefix -> the files behind it
+_OS_FILES = OsFiles()
+_original_atomic_replace = _serializer_mod.atomicReplace
+
+
+def register_files(prefix: str, files: Files) -> None:
+    """pysyncobj's snapshot I/O on paths starting with ``prefix`` goes to ``files``."""
+    _FILES[prefix] = files
+
+
+def unregister_files(prefix: str) -> None:
+    _FILES.pop(prefix, None)
+
+
+def files_for(path: str) -> Files:
+    best: tuple[int, Files] | None = None
+    for prefix, files in _FILES.items():
+        if path.startswith(prefix) and (best is None or len(prefix) > best[0]):
+            best = (len(prefix), files)
+    return best[1] if best is not None else _OS_FILES
+
+
+def _serializer_open(path: str, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+    return files_for(str(path)).open(str(path), mode)
+
+
+def durable_replace(src: str, dst: str) -> None:
+    """Rename ``src`` over ``dst`` so that a crash leaves the old file or the whole new one."""
+    files = files_for(dst)
+    files.fsync_path(src)
+    files.replace(src, dst)
+    files.fsync_dir(os.path.dirname(dst))
+
+
+class _PathProxy:
+    """``os.path`` inside pysyncobj.syncobj, with ``isfile`` asking the registered files."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os.path, name)
+
+    @staticmethod
+    def isfile(path: Any) -> bool:
+        return files_for(str(path)).isfile(str(path))
+
+
+class _OsProxy:
+    path = _PathProxy()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+
+def _install_snapshot_files() -> None:
+    _serializer_mod.open = _serializer_open  # type: ignore[attr-defined]  # shadows the builtin
+    _serializer_mod.atomicReplace = durable_replace
+    _syncobj_mod.os = _OsProxy()  # type: ignore[assignment]
+
+
+def _revert_snapshot_files() -> None:
+    if "open" in vars(_serializer_mod):
+        del _serializer_mod.open  # type: ignore[attr-defined]
+    _serializer_mod.atomicReplace = _original_atomic_replace
+    _syncobj_mod.os = os
+
+
+# --- load_dump_keeps_log -------------------------------------------------------------------------
+
+_original_load_dump = SyncObj._SyncObj__loadDumpFile  # type: ignore[attr-defined]
+_sync_log = logging.getLogger("pysyncobj.syncobj")
+
+
+def _keep_log_after(log: Any, prev: Any, last: Any) -> bool:
+    """If the log holds the snapshot's two entries, drop only what precedes them; True if kept."""
+    if len(log) < 2:
+        return False
+    first = log[0][1]
+    pos = last[1] - first
+    if pos < 1 or pos >= len(log) or tuple(log[pos]) != tuple(last) or tuple(log[pos - 1]) != tuple(prev):
+        return False
+    if pos > 1:
+        log.deleteEntriesTo(pos - 1)  # the compaction the crash interrupted
+    return True
+
+
+def _load_dump_keeping_log(self: Any, clearJournal: bool) -> None:
+    # pysyncobj 0.3.17's __loadDumpFile, except for the journal condition (see the docstring).
+    try:
+        data = self._SyncObj__serializer.deserialize()
+        if data[0] is not None:
+            if self._SyncObj__consumers:
+                self_data, consumers_data = data[0][0], data[0][1:]
+            else:
+                self_data, consumers_data = data[0], []
+            for k, v in self_data.items():
+                self.__dict__[k] = v
+            for i, consumer in enumerate(self._SyncObj__consumers):
+                consumer._deserialize(consumers_data[i])
+        log = self._SyncObj__raftLog
+        last, prev = data[1], data[2]
+        # A received snapshot (clearJournal) keeps the log after it too when the log holds its last
+        # entry (Raft: "retain log entries following it"): they are acknowledged entries as well.
+        if not _keep_log_after(log, prev, last):
+            log.clear()
+            log.add(*prev)
+            log.add(*last)
+        self._SyncObj__raftLastApplied = last[1]
+        current = log[-1][1]
+        if self._SyncObj__raftCommitIndex > current:
+            _sync_log.warning("raftCommitIndex (%d) exceeds journal end (%d) after loading dump; clamping",
+                              self._SyncObj__raftCommitIndex, current)
+            self._SyncObj__raftCommitIndex = current
+            log.setRaftCommitIndex(current)
+        if self._SyncObj__conf.dynamicMembershipChange:
+            self._SyncObj__updateClusterConfiguration([n for n in data[3] if n != self._SyncObj__selfNode])
+        self._SyncObj__onSetCodeVersion(0)
+    except Exception:
+        _sync_log.exception("failed to load full dump")
+
+
+def _install_load_dump_keeps_log() -> None:
+    SyncObj._SyncObj__loadDumpFile = _load_dump_keeping_log  # type: ignore[attr-defined]
+
+
+def _revert_load_dump_keeps_log() -> None:
+    SyncObj._SyncObj__loadDumpFile = _original_load_dump  # type: ignore[attr-defined]
+
+
+# --- compaction_guard --------------------------------------------------------------------------------
+
+_original_delete_entries_to = SyncObj._SyncObj__deleteEntriesTo  # type: ignore[attr-defined]
+
+
+def _delete_entries_to_guarded(self: Any, toIDx: int) -> None:
+    log = self._SyncObj__raftLog
+    if not len(log) or log[-1][1] < toIDx + 1:
+        _sync_log.info("compaction up to %d skipped: the log (to %s) no longer holds that snapshot", toIDx,
+                       log[-1][1] if len(log) else None)
+        return
+    _original_delete_entries_to(self, toIDx)
+
+
+def _install_compaction_guard() -> None:
+    SyncObj._SyncObj__deleteEntriesTo = _delete_entries_to_guarded  # type: ignore[attr-defined]
+
+
+def _revert_compaction_guard() -> None:
+    SyncObj._SyncObj__deleteEntriesTo = _original_delete_entries_to  # type: ignore[attr-defined]
+
+
+# --- snapshot_send_no_spin -------------------------------------------------------------------------
+
+_original_get_transmission = _serializer_mod.Serializer.getTransmissionData
+
+
+def _get_transmission_data(self: Any, transmissionID: Any) -> Any:
+    pid = self._Serializer__pid
+    if pid < 0:  # -1 done, -2 failed: in-process, so the file on disk is whole (the new or the old one)
+        self._Serializer__pid = 0
+        try:
+            return _original_get_transmission(self, transmissionID)
+        finally:
+            self._Serializer__pid = pid
+    return _original_get_transmission(self, transmissionID)
+
+
+def _install_snapshot_send_no_spin() -> None:
+    _serializer_mod.Serializer.getTransmissionData = _get_transmission_data  # type: ignore[method-assign]
+
+
+def _revert_snapshot_send_no_spin() -> None:
+    _serializer_mod.Serializer.getTransmissionData = _original_get_transmission  # type: ignore[method-assign]
+
+
+# --- snapshot_commit, pre_vote, leader_stickiness: one message hook and one tick hook -------------
+#
+# Each of these patches is a flag read by the two hooks below, so any one of them can be reverted
+# on its own (``without``) while the others stay.
+
+_FOLLOWER, _CANDIDATE, _LEADER = 0, 1, 2
+_active: set[str] = set()
+_original_on_message = SyncObj._SyncObj__onMessageReceived  # type: ignore[attr-defined]
+_original_on_tick = SyncObj._onTick
+PRE_VOTE_REQUEST = "tl_pre_vote"
+PRE_VOTE_RESPONSE = "tl_pre_vote_response"
+TRANSFER_FLAG = "tl_transfer"
+TERM_NOTICE = "tl_term_notice"
+
+
+def _now() -> float:
+    return float(_syncobj_mod.monotonicTime())
+
+
+def heard_from_leader_recently(so: Any) -> bool:
+    """This node is the leader, or accepted an append-entries within the minimum election timeout."""
+    if so._SyncObj__raftState == _LEADER:
+        return True
+    heard = so.__dict__.get("_tlp_leader_heard_at")
+    return heard is not None and _now() - heard < so._SyncObj__conf.raftMinTimeout
+
+
+def _log_up_to_date(so: Any, message: dict[str, Any]) -> bool:
+    my_term, my_idx = so._SyncObj__getCurrentLogTerm(), so._SyncObj__getCurrentLogIndex()
+    theirs = (message["last_log_term"], message["last_log_index"])
+    return theirs >= (my_term, my_idx)
+
+
+def _on_message(self: Any, node: Any, message: Any) -> None:
+    kind = message.get("type") if isinstance(message, dict) else None
+    if kind == "next_node_idx" and node not in self._SyncObj__raftMatchIndex \
+            and _active & {"accept_unknown_peers", "removal_on_commit"}:
+        return  # an answer from a node that is not (or no longer) a member: pysyncobj would raise KeyError
+    if kind == "next_node_idx" and "next_index_monotonic" in _active and message.get("success") \
+            and not message.get("reset") and self._SyncObj__raftState == _LEADER:
+        before = self._SyncObj__raftNextIndex.get(node)
+        _original_on_message(self, node, message)
+        if before is not None and self._SyncObj__raftNextIndex.get(node, before) < before:
+            self._SyncObj__raftNextIndex[node] = before
+        return
+    if kind == "append_entries" and message["term"] >= self._SyncObj__raftCurrentTerm:
+        self.__dict__["_tlp_leader_heard_at"] = _now()
+        self.__dict__.pop("_tlp_prevote_won", None)  # a leader exists: no election after all
+    if kind == "append_entries" and "term_notice" in _active and message["term"] < self._SyncObj__raftCurrentTerm:
+        self._SyncObj__transport.send(node, {"type": TERM_NOTICE, "term": self._SyncObj__raftCurrentTerm})
+        return
+    if kind == TERM_NOTICE:
+        if "term_notice" in _active and message["term"] > self._SyncObj__raftCurrentTerm:
+            _adopt_term(self, message["term"])
+        return
+    if kind in (PRE_VOTE_REQUEST, PRE_VOTE_RESPONSE):
+        if "pre_vote" in _active or "leader_stickiness" in _active:
+            _on_pre_vote_message(self, node, message)
+        return
+    if kind == "request_vote" and "leader_stickiness" in _active and not message.get(TRANSFER_FLAG) \
+            and heard_from_leader_recently(self):
+        return  # CheckQuorum: a live leader is not deposed by a node that merely stopped hearing it
+    if kind == "append_entries" and "prevLogIdx" not in message and "snapshot_commit" in _active:
+        _on_snapshot_message(self, node, message)
+        return
+    if kind == "append_entries" and "keep_committed_entries" in _active and "transmission" not in message \
+            and message["term"] >= self._SyncObj__raftCurrentTerm:
+        message = _from_commit_index(self, message)
+    _original_on_message(self, node, message)
+
+
+def _from_commit_index(self: Any, message: dict[str, Any]) -> dict[str, Any]:
+    commit = self._SyncObj__raftCommitIndex
+    prev = message.get("prevLogIdx")
+    log = self._SyncObj__raftLog
+    if prev is None or prev >= commit or not len(log):
+        return message
+    first, last = log[0][1], log[-1][1]
+    if not first <= prev <= commit <= last:
+        return message
+    entries = message.get("entries") or []
+    return {**message, "prevLogIdx": commit, "prevLogTerm": log[commit - first][2],
+            "entries": [e for e in entries if e[1] > commit]}
+
+
+def _on_snapshot_message(self: Any, node: Any, message: dict[str, Any]) -> None:
+    accepted = message["term"] >= self._SyncObj__raftCurrentTerm
+    leader_commit = message["commit_index"]
+    if accepted and "older_snapshot_ignored" in _active and _incoming_snapshot_is_old(self, message):
+        # The leader's bookkeeping, term and timers as for any append-entries, but no install.
+        _original_on_message(self, node, {**message, "serialized": None,
+                                          "commit_index": self._SyncObj__raftCommitIndex})
+        self._SyncObj__sendNextNodeIdx(node, success=True)
+        return
+    _original_on_message(self, node, {**message, "commit_index": self._SyncObj__raftCommitIndex})
+    if not accepted:
+        return
+    self._SyncObj__leaderCommitIndex = leader_commit
+    # Nothing in this message matched the log against the leader's: only what this node has
+    # applied (after an install, the snapshot's last entry) is known to be committed.
+    target = min(leader_commit, self._SyncObj__raftLastApplied, self._SyncObj__getCurrentLogIndex())
+    if target > self._SyncObj__raftCommitIndex:
+        self._SyncObj__raftCommitIndex = target
+        self._SyncObj__raftLog.setRaftCommitIndex(target)
+
+
+def _incoming_snapshot_is_old(self: Any, message: dict[str, Any]) -> bool:
+    """The last chunk of a snapshot whose last entry this node has already applied: the rest of
+    it is in the serializer's incoming file, which is discarded."""
+    serialized = message.get("serialized")
+    if serialized is None or not serialized[2]:
+        return False
+    serializer = self._SyncObj__serializer
+    incoming = serializer._Serializer__incomingTransmissionFile
+    path = f"{self._SyncObj__conf.fullDumpFile}.1.tmp"
+    if incoming is None:
+        return False
+    incoming.flush()
+    files = files_for(path)
+    try:
+        header = read_snapshot_header(Path(path), files=files)[0]
+        last = int(header["last"][1])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return False  # not one of ours: pysyncobj's own path decides
+    if last > self._SyncObj__raftLastApplied:
+        return False
+    incoming.close()
+    serializer._Serializer__incomingTransmissionFile = None
+    _sync_log.info("ignoring a snapshot up to %d: this node applied up to %d", last,
+                   self._SyncObj__raftLastApplied)
+    return True
+
+
+def _on_pre_vote_message(self: Any, node: Any, message: dict[str, Any]) -> None:
+    if message["type"] == PRE_VOTE_REQUEST:
+        granted = (message["term"] > self._SyncObj__raftCurrentTerm and _log_up_to_date(self, message)
+                   and not ("leader_stickiness" in _active and heard_from_leader_recently(self)))
+        self._SyncObj__transport.send(node, {"type": PRE_VOTE_RESPONSE, "term": message["term"], "granted": granted,
+                                             "voter_term": self._SyncObj__raftCurrentTerm})
+        return
+    voter_term = message.get("voter_term", 0)
+    if voter_term > self._SyncObj__raftCurrentTerm:
+        # A refusal from a later term: adopt it (as any Raft message with a higher term would make
+        # this node do), or two nodes stuck in different terms could refuse each other forever.
+        _adopt_term(self, voter_term)
+        return
+    rnd = self.__dict__.get("_tlp_round")
+    if not message.get("granted") or rnd is None or rnd["term"] != message["term"] \
+            or self._SyncObj__raftCurrentTerm + 1 != message["term"] \
+            or self._SyncObj__raftState == _LEADER:
+        return
+    rnd["grants"].add(node.id)
+    if len(rnd["grants"]) + 1 > (len(self._SyncObj__otherNodes) + 1) / 2:
+        self.__dict__["_tlp_round"] = None
+        self.__dict__["_tlp_prevote_won"] = True
+        self._SyncObj__raftElectionDeadline = 0  # the next tick starts the real election
+
+
+def _adopt_term(self: Any, term: int) -> None:
+    self._SyncObj__setCurrentTerm(term, None)
+    self._SyncObj__setState(_FOLLOWER)
+    self._SyncObj__raftLeader = None
+    self.__dict__["_tlp_round"] = None
+
+
+def _start_election(self: Any, transfer: bool) -> None:
+    # pysyncobj 0.3.17's election start (in _onTick), with a transfer campaign marked as such.
+    self._SyncObj__raftElectionDeadline = _now() + self._SyncObj__generateRaftTimeout()
+    self._SyncObj__transferInProgress = False
+    self._SyncObj__raftLeader = None
+    self._SyncObj__setState(_CANDIDATE)
+    self._SyncObj__setCurrentTerm(self._SyncObj__raftCurrentTerm + 1, self._SyncObj__selfNode.id)
+    self._SyncObj__votesCount = 1
+    vote = {
+        "type": "request_vote",
+        "term": self._SyncObj__raftCurrentTerm,
+        "last_log_index": self._SyncObj__getCurrentLogIndex(),
+        "last_log_term": self._SyncObj__getCurrentLogTerm(),
+    }
+    if transfer:
+        vote[TRANSFER_FLAG] = True
+    for other in self._SyncObj__otherNodes:
+        self._SyncObj__transport.send(other, dict(vote))
+    self._SyncObj__onLeaderChanged()
+    if self._SyncObj__votesCount > (len(self._SyncObj__otherNodes) + 1) / 2:
+        self._SyncObj__onBecomeLeader()
+
+
+def _on_tick(self: Any, timeToWait: float = 0.0) -> None:
+    if ("pre_vote" in _active or "leader_stickiness" in _active) and self._SyncObj__selfNode is not None \
+            and self._SyncObj__raftState in (_FOLLOWER, _CANDIDATE) and self._SyncObj__transport.ready \
+            and self._SyncObj__raftElectionDeadline < _now() and self._SyncObj__connectedToAnyone():
+        if self._SyncObj__transferInProgress:
+            _start_election(self, transfer="leader_stickiness" in _active)
+        elif "pre_vote" not in _active or self.__dict__.pop("_tlp_prevote_won", False):
+            _start_election(self, transfer=False)
+        else:
+            _start_pre_vote(self)
+    _original_on_tick(self, timeToWait)
+
+
+def _start_pre_vote(self: Any) -> None:
+    self._SyncObj__raftElectionDeadline = _now() + self._SyncObj__generateRaftTimeout()
+    term = self._SyncObj__raftCurrentTerm + 1
+    if not self._SyncObj__otherNodes:  # a single node wins its own pre-vote
+        _start_election(self, transfer=False)
+        return
+    self.__dict__["_tlp_round"] = {"term": term, "grants": set()}
+    req = {"type": PRE_VOTE_REQUEST, "term": term, "last_log_index": self._SyncObj__getCurrentLogIndex(),
+           "last_log_term": self._SyncObj__getCurrentLogTerm()}
+    for other in self._SyncObj__otherNodes:
+        self._SyncObj__transport.send(other, dict(req))
+
+
+def _hooks_needed() -> bool:
+    return bool(_active)
+
+
+def _set_active(name: str, on: bool) -> None:
+    if on:
+        _active.add(name)
+        SyncObj._SyncObj__onMessageReceived = _on_message  # type: ignore[attr-defined]
+        SyncObj._onTick = _on_tick  # type: ignore[method-assign]
+    else:
+        _active.discard(name)
+        if not _hooks_needed():
+            SyncObj._SyncObj__onMessageReceived = _original_on_message  # type: ignore[attr-defined]
+            SyncObj._onTick = _original_on_tick  # type: ignore[method-assign]
+
+
+def _flag(name: str, also: tuple[Callable[[], None], Callable[[], None]] | None = None,
+          ) -> tuple[Callable[[], None], Callable[[], None]]:
+    def apply() -> None:
+        _set_active(name, True)
+        if also is not None:
+            also[0]()
+
+    def revert() -> None:
+        _set_active(name, False)
+        if also is not None:
+            also[1]()
+
+    return apply, revert
+
 # --- install ----------------------------------------------------------------------------------
 
 PATCHES: tuple[Patch, ...] = (
@@ -507,6 +1139,34 @@ PATCHES: tuple[Patch, ...] = (
           _install_handshake_deadline, _revert_handshake_deadline),
     Patch("accept_queue", "a connection flood must not crowd a reconnecting peer out of the accept queue",
           _install_accept_queue, _revert_accept_queue),
+    Patch("accept_unknown_peers", "a member that missed a node's addition must still hear it when it leads",
+          *_flag("accept_unknown_peers", (_install_accept_unknown_peers, _revert_accept_unknown_peers))),
+    Patch("removal_on_commit", "a node must keep answering the leader until a removal it holds is committed",
+          *_flag("removal_on_commit", (_install_removal_on_commit, _revert_removal_on_commit))),
+    Patch("clock_and_rng", "a simulator gives pysyncobj its clock and random source (real ones by default)",
+          _install_clock_and_rng, _revert_clock_and_rng),
+    Patch("snapshot_files", "snapshot files go through replica.files, and every rename is durable",
+          _install_snapshot_files, _revert_snapshot_files),
+    Patch("load_dump_keeps_log", "a crash between snapshot and compaction must not drop acknowledged entries",
+          _install_load_dump_keeps_log, _revert_load_dump_keeps_log),
+    Patch("snapshot_commit", "a snapshot message must not commit entries nobody matched against the leader",
+          *_flag("snapshot_commit")),
+    Patch("keep_committed_entries", "a follower must not delete committed entries a stale append-entries repeats",
+          *_flag("keep_committed_entries")),
+    Patch("next_index_monotonic", "late answers must not make a leader resend what a follower has",
+          *_flag("next_index_monotonic")),
+    Patch("older_snapshot_ignored", "a follower must not go back to a snapshot older than its state",
+          *_flag("older_snapshot_ignored")),
+    Patch("compaction_guard", "compaction must not delete a log that no longer holds its snapshot",
+          _install_compaction_guard, _revert_compaction_guard),
+    Patch("snapshot_send_no_spin", "a leader must not spin sending 'serialized: None' while a snapshot is done",
+          _install_snapshot_send_no_spin, _revert_snapshot_send_no_spin),
+    Patch("pre_vote", "a node that cannot win an election must not bump the term and depose the leader",
+          *_flag("pre_vote")),
+    Patch("term_notice", "a node whose term got ahead must be able to rejoin: it tells a stale leader its term",
+          *_flag("term_notice")),
+    Patch("leader_stickiness", "a node that hears a live leader refuses votes (transfers excepted)",
+          *_flag("leader_stickiness")),
 )
 
 _installed: list[str] = []

@@ -23,6 +23,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,19 +36,64 @@ from pysyncobj.transport import TCPTransport
 
 from tetherlab.cluster.core.config import NodeConfig
 from tetherlab.cluster.replica import pysyncobj_patches
-from tetherlab.cluster.replica.journal import LmdbJournal, fsync_dir
-from tetherlab.cluster.replica.lmdbstore import LmdbStore
-from tetherlab.cluster.replica.store import entry_from_json, entry_to_json
+from tetherlab.cluster.replica.files import Files, OsFiles
+from tetherlab.cluster.replica.journal import LmdbJournal
+from tetherlab.cluster.replica.store import Store, entry_from_json, entry_to_json
 
 log = logging.getLogger("tetherlab.raft")
 
 ROLE_NAMES = {0: "follower", 1: "candidate", 2: "leader"}
-REQUIRED_PATCHES = ("journal_factory", "frame_bound", "socket_timeouts", "bounded_read", "accept_limits",
-                    "handshake_deadline", "accept_queue")
 _STATUS_REFRESH_S = 0.05  # the status snapshot other threads read is at most this old
 _STATE_SYNC_INTERVAL_S = 1.0  # bound on state writes a machine crash can lose (replayed from the log)
+# A leader's lease is this fraction of the minimum election timeout after a majority heard it:
+# the rest is room for the clocks of the nodes to run at slightly different rates.
+LEASE_FRACTION = 0.9
+# Patches a RaftNode relies on (pysyncobj_patches.install() applies them all).
+REQUIRED_PATCHES = ("journal_factory", "frame_bound", "socket_timeouts", "bounded_read", "accept_limits",
+                    "handshake_deadline", "accept_queue", "accept_unknown_peers", "removal_on_commit",
+                    "snapshot_files", "load_dump_keeps_log", "snapshot_commit", "keep_committed_entries",
+                    "next_index_monotonic", "older_snapshot_ignored", "compaction_guard", "snapshot_send_no_spin",
+                    "pre_vote", "term_notice", "leader_stickiness")
 
-class DurableTransport(TCPTransport):
+class LeaseStamps:
+    """What a transport adds so a leader knows how recently each follower heard from it.
+
+    Every append-entries carries the leader's send time (``tl_sent``, its own monotonic clock);
+    the follower echoes it in the answer (``tl_echo``). An echo proves the follower accepted an
+    append-entries sent at that moment, so it refuses votes until at least then plus the minimum
+    election timeout (patch ``leader_stickiness``): that is the leader's lease, measured from the
+    send, never from the answer's arrival (which would overstate it by the return trip)."""
+
+    _syncObj: Any
+
+    def _tl_stamp(self, message: Any) -> None:
+        if not isinstance(message, dict):
+            return
+        so = self._syncObj
+        kind = message.get("type")
+        if kind == "append_entries":
+            message["tl_sent"] = so._tl_clock()
+        elif kind == "next_node_idx" and so._tl_echo is not None:
+            message["tl_echo"] = so._tl_echo
+
+    def _tl_receive(self, node: Any, message: Any, deliver: Callable[[Any, Any], None]) -> None:
+        so = self._syncObj
+        kind = message.get("type") if isinstance(message, dict) else None
+        if kind == "next_node_idx":
+            echo = message.get("tl_echo")
+            if echo is not None and echo > so._tl_heard_by.get(node, float("-inf")):
+                so._tl_heard_by[node] = echo
+        if kind == "append_entries":
+            so._tl_echo = message.get("tl_sent")
+            try:
+                deliver(node, message)
+            finally:
+                so._tl_echo = None
+            return
+        deliver(node, message)
+
+
+class DurableTransport(LeaseStamps, TCPTransport):
     """pysyncobj's TCP transport with one rule added: nothing leaves before it is durable.
 
     It also times append-entries round trips per peer (first unanswered send to the answer)."""
@@ -59,6 +105,7 @@ class DurableTransport(TCPTransport):
             journal.flush()
         if isinstance(message, dict) and message.get("type") == "append_entries":
             so._tl_rtt_pending.setdefault(node, time.monotonic())
+        self._tl_stamp(message)
         return bool(super().send(node, message))
 
     def _onMessageReceived(self, node: Any, message: Any) -> None:
@@ -67,7 +114,7 @@ class DurableTransport(TCPTransport):
             on_rtt = self._syncObj._tl_on_rtt
             if t0 is not None and on_rtt is not None:
                 on_rtt(self._syncObj._tl_addr_to_id.get(node.address, node.address), time.monotonic() - t0)
-        super()._onMessageReceived(node, message)
+        self._tl_receive(node, message, super()._onMessageReceived)
 
 
 REGULAR_COMMAND = 0  # pysyncobj's _COMMAND_TYPE.REGULAR: a call of a replicated method
@@ -103,8 +150,37 @@ class FailReason:
 Callback = Callable[[Any, int], None]
 
 
+def _exit_node(index: int) -> None:
+    os._exit(70)
+
+
+@dataclass
+class RaftIO:
+    """Everything a :class:`RaftNode` does I/O with. Production builds it from the node config
+    (:meth:`RaftIO.production`); the simulator (``tetherlab.chaos.sim``) gives in-memory twins,
+    its own transport, clock and tick loop, and runs the same RaftNode code."""
+
+    journal: Any  # LmdbJournal, or the in-memory twin
+    files: Files = field(default_factory=OsFiles)
+    transport_class: type = DurableTransport
+    auto_tick: bool = True  # pysyncobj's own tick thread; False: the caller drives doTick()
+    clock: Callable[[], float] = time.monotonic
+    node_class: type = TCPNode
+    fatal: Callable[[int], None] = _exit_node  # a node that cannot apply entry N stops here
+    encrypt: bool = True
+    state_sync_thread: bool = True  # fsync the state once a second beside the tick thread
+    wake: Callable[[], None] | None = None  # without a tick thread: ask the caller for a tick soon
+    # The pysyncobj patches this node refuses to start without (a simulator taking one out on
+    # purpose, to show its checks catch the bug, names what it still requires).
+    required_patches: tuple[str, ...] = REQUIRED_PATCHES
+
+    @classmethod
+    def production(cls, cfg: NodeConfig, on_fsync: Callable[[float], None] | None = None) -> RaftIO:
+        return cls(journal=LmdbJournal(cfg.data_dir / "raft", cfg.raft.log_map_size_bytes, on_fsync=on_fsync))
+
+
 class RaftNode(SyncObj):
-    """One Raft member whose state machine is a :class:`LmdbStore`.
+    """One Raft member whose state machine is a :class:`Store`.
 
     Properties are deliberately avoided: SyncObj's constructor calls ``getattr`` on every
     attribute name to find replicated methods, before our fields exist.
@@ -114,42 +190,49 @@ class RaftNode(SyncObj):
         self,
         cfg: NodeConfig,
         secret: bytes,
-        store: LmdbStore,
+        store: Store,
         on_fsync: Callable[[float], None] | None = None,
         on_state_changed: Callable[[str, str], None] | None = None,
         on_rtt: Callable[[str, float], None] | None = None,
         on_apply_seconds: Callable[[float], None] | None = None,
+        io: RaftIO | None = None,
     ) -> None:
-        missing = set(REQUIRED_PATCHES) - set(pysyncobj_patches.installed())
+        io = io or RaftIO.production(cfg, on_fsync)
+        missing = set(io.required_patches) - set(pysyncobj_patches.installed())
         if missing:
             raise RuntimeError(f"pysyncobj_patches.install() must run before a RaftNode starts "
                                f"(missing {sorted(missing)})")
+        self._tl_io = io
         self._tl_cfg = cfg
         self._tl_store = store
+        self._tl_files = io.files
+        self._tl_clock = io.clock
         self._tl_on_state_changed = on_state_changed
         self._tl_on_rtt = on_rtt
         self._tl_on_apply_seconds = on_apply_seconds
         self._tl_rtt_pending: dict[Any, float] = {}
+        self._tl_heard_by: dict[Any, float] = {}  # follower -> latest leader send time it echoed
+        self._tl_echo: float | None = None
         self._tl_addr_to_id = {str(n.raft): n.id for n in cfg.all_nodes()}
-        raft_dir = cfg.data_dir / "raft"
-        self._tl_journal = LmdbJournal(raft_dir, cfg.raft.log_map_size_bytes, on_fsync=on_fsync)
+        self._tl_journal = io.journal
         self._tl_snapshot_file = cfg.data_dir / "snapshot.tls"
         self._tl_notifier: PipeNotifier | None = None
         self._tl_last_sent: tuple[int | None, int] = (None, -1)
         self._tl_syncer: threading.Thread | None = None
         self._tl_stopping = threading.Event()
         self._tl_status: dict[str, Any] = {}
-        self._tl_status_at = 0.0
+        self._tl_status_at = float("-inf")
         self._tl_leader_changes = 0
         self._tl_last_leader: str | None = None
         self._tl_snapshots_taken = 0
         self._tl_snapshots_installed = 0
         self._tl_ready = threading.Event()
-        key = pysyncobj_patches.register_journal(f"{pysyncobj_patches.JOURNAL_KEY_PREFIX}{raft_dir}", self._tl_journal)
+        key = pysyncobj_patches.register_journal(
+            f"{pysyncobj_patches.JOURNAL_KEY_PREFIX}{cfg.data_dir / 'raft'}#{id(self._tl_journal)}", self._tl_journal)
         t = cfg.raft
         conf = SyncObjConf(
-            password=secret.decode(),
-            autoTick=True,
+            password=secret.decode() if io.encrypt else None,
+            autoTick=io.auto_tick,
             commandsWaitLeader=False,
             raftMinTimeout=t.election_timeout_min_s,
             raftMaxTimeout=t.election_timeout_max_s,
@@ -174,25 +257,28 @@ class RaftNode(SyncObj):
             bindRetryTime=0.2,
             maxBindRetries=25,
         )
-        super().__init__(str(cfg.node.raft), [str(p.raft) for p in cfg.peers], conf,
-                         transportClass=DurableTransport)
+        super().__init__(io.node_class(str(cfg.node.raft)), [io.node_class(str(p.raft)) for p in cfg.peers], conf,
+                         nodeClass=io.node_class, transportClass=io.transport_class)
         self.addOnTickCallback(self._tl_on_tick)
 
     # --- tick thread ------------------------------------------------------------------------
 
     def _tl_on_tick(self) -> None:
-        if self._tl_notifier is None:
+        # The entries applied this tick are committed to the state in one transaction (one fsync)
+        # before the results go out (RaftReplica's tick callback runs after this one).
+        self._tl_store.flush_applied()
+        if self._tl_notifier is None and self._tl_io.auto_tick:
             self._tl_notifier = PipeNotifier(self._poller)
         # Send new entries as soon as they are in the log, not on the next heartbeat: the
         # batch is whatever arrived in this tick, and it shares one fsync.
         # A new commit index goes out at once too, so followers apply (and answer reads) without
         # waiting for the next heartbeat.
-        sent = (self._tl_journal._last, self.raftCommitIndex)
+        sent = (self._tl_journal.last_index, self.raftCommitIndex)
         if self._isLeader() and sent != self._tl_last_sent:
             self._tl_last_sent = sent
             self._SyncObj__sendAppendEntries()  # type: ignore[attr-defined]
-        now = time.monotonic()
-        if self._tl_syncer is None:
+        now = self._tl_clock()
+        if self._tl_syncer is None and self._tl_io.state_sync_thread:
             # The state's periodic fsync runs beside the Raft thread, never inside it.
             self._tl_syncer = threading.Thread(target=self._tl_sync_state, name="state-sync", daemon=True)
             self._tl_syncer.start()
@@ -219,11 +305,14 @@ class RaftNode(SyncObj):
         last_resp: dict[Any, float] = dict(self._SyncObj__lastResponseTime)  # type: ignore[attr-defined]
         match: dict[Any, int] = dict(self._SyncObj__raftMatchIndex)  # type: ignore[attr-defined]
         acks = 1
-        quorum_window_s = self._tl_cfg.raft.election_timeout_min_s
+        lease_s = self._tl_cfg.raft.election_timeout_min_s * LEASE_FRACTION
         for node in self.otherNodes:
             pid = self._tl_addr_to_id.get(node.address, node.address)
             resp = last_resp.get(node)
-            fresh = role == "leader" and resp is not None and now - resp < quorum_window_s
+            # A follower that echoes no send time runs an older version (a rolling upgrade): its
+            # last answer stands in, as it did before leases were measured from the send.
+            heard = self._tl_heard_by.get(node, resp)
+            fresh = role == "leader" and heard is not None and now - heard < lease_s
             acks += 1 if fresh else 0
             peers[pid] = {
                 "address": node.address,
@@ -232,7 +321,12 @@ class RaftNode(SyncObj):
                 "last_response_age_s": round(now - resp, 3) if (role == "leader" and resp) else None,
             }
         members = len(self.otherNodes) + 1
-        quorum_backed = role == "leader" and acks * 2 > members
+        # A leader serves once it has applied every entry of earlier terms: its term's first
+        # entry (pysyncobj's no-op) is applied. Before that its state may miss acknowledged
+        # writes (a key revocation, say) that it holds in its log but has not applied.
+        term_start = self._SyncObj__noopIDx  # type: ignore[attr-defined]
+        caught_up = role == "leader" and term_start is not None and self.raftLastApplied >= term_start
+        quorum_backed = caught_up and acks * 2 > members
         # A follower is in touch with a leader while its election timer keeps being reset.
         following = role == "follower" and leader_id is not None and deadline > now
         return {
@@ -245,10 +339,12 @@ class RaftNode(SyncObj):
             # The leader's commit index as this node last heard it: a follower is this far behind.
             "leader_commit_index": self._SyncObj__leaderCommitIndex,  # type: ignore[attr-defined]
             "applied_index": self.raftLastApplied,
+            "term_start_index": term_start if role == "leader" else None,
             "log": self._tl_journal.stats(),
             "peers": peers,
-            # A leader is quorum-backed while a majority answered it within an election timeout:
-            # no other leader can have been elected in that window.
+            # A leader is quorum-backed while it has caught up with its term and a majority
+            # accepted an append-entries it sent less than a lease ago: those followers refuse
+            # votes until an election timeout after hearing it, so no other leader can exist yet.
             "quorum_backed": quorum_backed,
             "quorum_ok": quorum_backed or following,
             "has_quorum_connections": self.hasQuorum,
@@ -281,10 +377,13 @@ class RaftNode(SyncObj):
                 self._tl_on_apply_seconds(time.perf_counter() - t0)
             return res
         except Exception:
-            # A store that cannot apply (disk full, corruption) must not let this node carry on
-            # with a state that differs from its peers': stop, and let the supervisor restart it.
+            # core.apply answers every deterministic failure of a command itself (a refusal every
+            # replica makes alike); what reaches here is a failure of this node (disk full,
+            # corruption, out of memory). It must not carry on with a state that differs from its
+            # peers': stop, and let the supervisor restart it (it replays the entry).
             log.critical("cannot apply raft entry %d; stopping the node", index, exc_info=True)
-            os._exit(70)
+            self._tl_io.fatal(index)
+            raise
 
     def _tl_serialize(self, filename: str, data: Any) -> None:
         last, prev, cluster = data
@@ -299,22 +398,19 @@ class RaftNode(SyncObj):
         log.info("snapshot taken at raft index %d", last[1])
 
     def _tl_deserialize(self, filename: str) -> tuple[Any, Any, Any]:
+        # A received snapshot is durable before pysyncobj reads it (patch snapshot_files).
         path = Path(filename)
-        # pysyncobj writes a received snapshot without fsync: make it durable before we rely on it.
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-        fsync_dir(path.parent)
-        header, _ = LmdbStore.read_snapshot_header(path)
+        header = self._tl_store.read_snapshot_header(path)[0]
         if self._tl_store.install_snapshot(path):
             self._tl_snapshots_installed += 1
             log.info("installed snapshot up to raft index %d", header["last"][1])
-        cluster = {TCPNode(a) for a in header["cluster"]}
+        cluster = {self._tl_io.node_class(a) for a in header["cluster"]}
         return entry_from_json(header["last"]), entry_from_json(header["prev"]), cluster
 
     def _tl_sync_state(self) -> None:
         while not self._tl_stopping.wait(_STATE_SYNC_INTERVAL_S):
             try:
-                self._tl_store.sync_unlocked()
+                self._tl_store.sync_unlocked()  # type: ignore[attr-defined]
             except Exception:  # the env may be mid-swap (snapshot install): next round
                 log.debug("state sync skipped", exc_info=True)
 
@@ -327,6 +423,9 @@ class RaftNode(SyncObj):
 
     def tl_wake(self) -> None:
         """Wake the tick thread so queued work goes out now, not at the next poll timeout."""
+        if self._tl_io.wake is not None:
+            self._tl_io.wake()
+            return
         notifier = self._tl_notifier
         if notifier is not None:
             try:

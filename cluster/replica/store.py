@@ -26,6 +26,7 @@ from typing import Any, Protocol
 from tetherlab.cluster.core import statemachine as sm
 from tetherlab.cluster.core.apply import Outcome
 from tetherlab.cluster.core.engine.engine import Engine
+from tetherlab.cluster.replica.files import Files, OsFiles
 
 _HDR_LEN = struct.Struct(">I")
 MAGIC_LEN = 8
@@ -66,6 +67,11 @@ class Store(Protocol):
         """Make every applied entry durable."""
         ...
 
+    def flush_applied(self) -> None:
+        """Commit (durably) what was applied since the last flush; the Raft node calls it once per
+        tick, before any result of those entries is handed out."""
+        ...
+
     def close(self) -> None: ...
 
     def write_snapshot(self, path: Path, header: dict[str, Any]) -> dict[str, Any]:
@@ -76,6 +82,10 @@ class Store(Protocol):
         """Replace the state with the snapshot's if it is newer (or ``force``); True if replaced."""
         ...
 
+    def read_snapshot_header(self, path: Path) -> tuple[dict[str, Any], int]:
+        """(header, offset of the body) of one of this store's snapshot files."""
+        ...
+
 
 def write_header(out: Any, magic: bytes, header: dict[str, Any]) -> None:
     assert len(magic) == MAGIC_LEN
@@ -83,9 +93,10 @@ def write_header(out: Any, magic: bytes, header: dict[str, Any]) -> None:
     out.write(magic + _HDR_LEN.pack(len(hdr)) + hdr)
 
 
-def read_snapshot_header(path: Path, magic: bytes | None = None) -> tuple[dict[str, Any], int, bytes]:
+def read_snapshot_header(path: Path, magic: bytes | None = None,
+                         files: Files | None = None) -> tuple[dict[str, Any], int, bytes]:
     """(header, offset of the body, magic) of a snapshot file; ``magic`` checks its format."""
-    with open(path, "rb") as f:
+    with (files or OsFiles()).open(str(path), "rb") as f:
         head = f.read(MAGIC_LEN + _HDR_LEN.size)
         if len(head) < MAGIC_LEN + _HDR_LEN.size or not head.startswith(b"TLSNAP"):
             raise SnapshotError(f"{path} is not a Tetherlab snapshot")

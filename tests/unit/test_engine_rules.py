@@ -276,6 +276,32 @@ def test_heartbeats_are_batched_and_keep_sessions_alive() -> None:
     assert d.heartbeat(C)["lapsed"] == [C]
 
 
+def test_a_plan_a_completion_or_an_abandon_keeps_the_session_alive_like_a_heartbeat() -> None:
+    # The shim starts its agent on a continue verdict and counts the verdict as a confirmation:
+    # the session must last a TTL from the verdict, or it could lapse just after the grant and
+    # the agent would run while its concepts went to someone else (found by the simulator).
+    d = driver()
+    d.advance(9_000)  # heartbeats did not get through; A's session has 1 s left
+    v = d.intent(A, modify=["misc.x"])
+    assert v["action"] == "continue"
+    d.advance(9_000)
+    assert A not in d.expire()["lapsed"]
+    d.advance(9_000)
+    assert d.end(A)["action"] == "continue"
+    d.advance(9_000)
+    assert A not in d.expire()["lapsed"]
+    d.advance(1_001)
+    assert A in d.expire()["lapsed"]
+
+
+def test_a_refused_plan_does_not_keep_the_session_alive() -> None:
+    d = driver()
+    d.advance(9_000)
+    assert d.intent(A, modify=["no.such"])["error"]["code"] == "unknown_concept"
+    d.advance(1_001)
+    assert A in d.expire()["lapsed"]
+
+
 def test_a_new_leader_extends_every_session_by_one_ttl_before_expiring() -> None:
     d = driver()
     d.intent(A, modify=["misc.x"])

@@ -5,22 +5,35 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import select
 import socket
 import struct
 import time
+import types
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import pysyncobj.pickle as pysyncobj_pickle
 import pysyncobj.syncobj as syncobj_mod
 import pysyncobj.transport as transport_mod
 import pytest
 from cryptography.fernet import Fernet
+from pysyncobj.config import SERIALIZER_STATE
 from pysyncobj.poller import createPoller
+from pysyncobj.serializer import Serializer
 from pysyncobj.tcp_connection import CONNECTION_STATE, TcpConnection
 from pysyncobj.tcp_server import TcpServer
 from pysyncobj.transport import TCPTransport, Transport
 
+from tetherlab.chaos.sim.world import World, WorldConfig
+from tetherlab.cluster.core import statemachine as sm
 from tetherlab.cluster.replica import pysyncobj_patches as patches
+from tetherlab.cluster.replica.files import MemoryFiles
+from tetherlab.cluster.replica.journal import NOOP_COMMAND
+from tetherlab.cluster.replica.memstore import MemoryStore
+from tetherlab.cluster.replica.store import entry_to_json
 
 
 @pytest.fixture(autouse=True)
@@ -382,3 +395,477 @@ def test_accept_queue_holds_a_burst_of_connections_and_accepts_them_in_batches_a
             server.unbind()
             for c in clients:
                 c.close()
+
+
+# --- the patches the simulator needed (issue 19) ------------------------------------------------------
+#
+# Most need a small cluster: the simulator's World runs the real RaftNode/pysyncobj code on
+# simulated time, network and disks, and a test reaches into one node to stage the exact case.
+
+
+def _world(nodes: int = 3, seed: int = 7, **cfg: Any) -> World:
+    w = World(seed, WorldConfig(nodes=nodes, spare_nodes=0, **cfg), trace=False)
+    for nid in w.members:
+        w.sim.after(0.0, w.nodes[nid].start)
+    return w
+
+
+def _until(w: World, pred: Callable[[], bool], limit_s: float = 10.0) -> bool:
+    end = w.sim.now + limit_s
+    while w.sim.now < end:
+        w.sim.run(w.sim.now + 0.05)
+        if pred():
+            return True
+    return False
+
+
+def _raft(w: World, nid: str) -> Any:
+    proc = w.nodes[nid].proc
+    assert proc is not None
+    return proc.replica.raft
+
+
+def _leader(w: World) -> str:
+    assert _until(w, lambda: w.serving_leader() is not None), "no leader"
+    node = w.serving_leader()
+    assert node is not None
+    return node.id
+
+
+def _put(w: World, nid: str, i: int) -> list[Any]:
+    out: list[Any] = []
+    _raft(w, nid).tl_submit(sm.encode_command(sm.Put("t", f"k{i}", "v")), lambda res, err: out.append((res, err)))
+    return out
+
+
+def _node_of(w: World, at: str, other: str) -> Any:
+    """pysyncobj's Node object for ``other`` as node ``at`` knows it."""
+    return next(n for n in _raft(w, at).otherNodes if n.address == w.nodes[other].raft_addr)
+
+
+def test_clock_and_rng_give_pysyncobj_a_simulated_clock_and_random_source() -> None:
+    patches.use_clock_and_rng(lambda: 123.0, random.Random(5))
+    try:
+        assert syncobj_mod.monotonicTime() == 123.0
+        assert syncobj_mod.random.random() == random.Random(5).random()
+        with patches.without("clock_and_rng"):
+            assert syncobj_mod.monotonicTime() != 123.0
+    finally:
+        patches.use_clock_and_rng()
+    assert syncobj_mod.monotonicTime() != 123.0  # the real clock again
+
+
+def test_snapshot_files_route_pysyncobj_snapshots_through_files_and_make_renames_durable() -> None:
+    files = MemoryFiles()
+    patches.register_files("mem:/t/", files)
+
+    def write(path: str, data: Any) -> None:
+        with files.open(path, "wb") as f:
+            f.write(b"snapshot " + repr(data).encode())
+
+    try:
+        ser = Serializer("mem:/t/snap", 1 << 16, False, write, lambda p: None, None)
+        ser.serialize(("d", "last", "prev", "cluster"), 5)
+        assert ser.checkSerializing()[0] == SERIALIZER_STATE.SUCCESS
+        assert syncobj_mod.os.path.isfile("mem:/t/snap")
+        files.crash()  # the machine dies right after: the new snapshot is whole and in place
+        files.revive()
+        with files.open("mem:/t/snap", "rb") as f:
+            assert f.read().startswith(b"snapshot ")
+        with patches.without("snapshot_files"):
+            ser = Serializer("mem:/t/snap2", 1 << 16, False, write, lambda p: None, None)
+            ser.serialize(("d", "last", "prev", "cluster"), 6)
+            # pysyncobj's own rename works on the real file system, where "mem:/t" does not exist.
+            assert ser.checkSerializing()[0] == SERIALIZER_STATE.FAILED
+            assert not syncobj_mod.os.path.isfile("mem:/t/snap")
+    finally:
+        patches.unregister_files("mem:/t/")
+
+
+def _compaction_window(w: World) -> tuple[int, int, list[Any]]:
+    """A one-node cluster (``tetherlab up --nodes 1``) crashed between writing a snapshot and
+    compacting its log; then restarted and written to. Returns (durable last index before the
+    restart, last index after it, the new write's callback results)."""
+    leader = _leader(w)
+    node = w.nodes[leader]
+    for i in range(20):
+        _put(w, leader, i)
+        w.sim.run(w.sim.now + 0.02)
+    # Writes arrive in the tick that takes the snapshot (they are appended first, then the state
+    # is snapshotted without them); the next tick commits them (a journal flush: durable), applies
+    # them (the state's flush: durable) and deletes the log prefix (not flushed yet); the machine
+    # dies before the next journal flush (the third durable step after the snapshot's).
+    for i in range(20, 26):
+        _put(w, leader, i)
+    node.disk.crash_after = ("fsync_dir", 3)
+    _raft(w, leader).forceLogCompaction()
+    node.wake()
+    assert _until(w, lambda: node.proc is None, 2.0), "the node did not crash in the window"
+    before = node.disk.journal.durable_last_index()
+    w.sim.after(0.0, node.start)
+    w.sim.run(w.sim.now + 0.01)
+    after = node.disk.journal.last_index or 0
+    assert _until(w, lambda: w.serving_leader() is not None)
+    done = _put(w, leader, 99)
+    _until(w, lambda: bool(done), 3.0)
+    return before, after, done
+
+
+def test_load_dump_keeps_log_a_crash_between_snapshot_and_compaction_loses_nothing() -> None:
+    # The issue's reproduction: pysyncobj's __loadDumpFile cleared the journal down to the
+    # snapshot, the state was then ahead of the log, and new writes were acknowledged but
+    # skipped as "replayed" (never applied).
+    w = _world(nodes=1, compaction_min_entries=10_000)
+    try:
+        before, after, done = _compaction_window(w)
+        assert after >= before
+        store = w.nodes["n1"].disk.store
+        assert done and done[0][1] == 0 and store.get("t", "k99") is not None
+        assert store.applied_index == done[0][0]["index"]
+    finally:
+        w.close()
+    with patches.without("load_dump_keeps_log"):
+        w = _world(nodes=1, compaction_min_entries=10_000)
+        try:
+            before, after, done = _compaction_window(w)
+            assert after < before  # acknowledged entries after the snapshot are gone
+            store = w.nodes["n1"].disk.store
+            # ... and the next write is acknowledged (ok, with an index) yet never applied.
+            assert done and done[0][1] == 0 and done[0][0].get("replayed") is not False
+            assert store.get("t", "k99") is None
+        finally:
+            w.close()
+
+
+def _follower(w: World) -> tuple[str, str]:
+    leader = _leader(w)
+    for i in range(5):
+        _put(w, leader, i)
+    _until(w, lambda: all(_raft(w, n).raftLastApplied == _raft(w, leader).raftLastApplied for n in w.members), 3.0)
+    return leader, next(n for n in w.members if n != leader)
+
+
+def test_snapshot_commit_a_snapshot_message_commits_nothing_unmatched() -> None:
+    def stage(w: World) -> tuple[Any, int, int]:
+        leader, f = _follower(w)
+        raft = _raft(w, f)
+        last = raft._SyncObj__raftLog[-1][1]
+        for i in range(1, 4):  # a deposed leader's divergent entries, never committed
+            raft._SyncObj__raftLog.add(sm.encode_command(sm.Put("t", "x", "divergent")), last + i, 0)
+        commit = raft.raftCommitIndex
+        chunk = {"type": "append_entries", "term": raft.raftCurrentTerm, "commit_index": last + 100,
+                 "serialized": (b"TLSNAP partial", True, False)}
+        raft._SyncObj__onMessageReceived(_node_of(w, f, leader), chunk)
+        return raft, commit, last
+
+    w = _world()
+    try:
+        raft, commit, _ = stage(w)
+        assert raft.raftCommitIndex == commit
+    finally:
+        w.close()
+    with patches.without("snapshot_commit"):
+        w = _world()
+        try:
+            raft, commit, last = stage(w)
+            assert raft.raftCommitIndex == last + 3  # pysyncobj commits the divergent entries
+        finally:
+            w.close()
+
+
+def test_keep_committed_entries_a_repeated_append_does_not_delete_committed_entries() -> None:
+    def stage(w: World) -> tuple[Any, int]:
+        leader, f = _follower(w)
+        raft = _raft(w, f)
+        log = raft._SyncObj__raftLog
+        last, commit = log[-1][1], raft.raftCommitIndex
+        assert commit == last
+        prev = commit - 3
+        entries = [log[i - log[0][1]] for i in (prev + 1, prev + 2)]
+        msg = {"type": "append_entries", "term": raft.raftCurrentTerm, "commit_index": commit,
+               "prevLogIdx": prev, "prevLogTerm": log[prev - log[0][1]][2], "entries": entries}
+        raft._SyncObj__onMessageReceived(_node_of(w, f, leader), msg)
+        return raft, last
+
+    w = _world()
+    try:
+        raft, last = stage(w)
+        assert raft._SyncObj__raftLog[-1][1] == last
+    finally:
+        w.close()
+    with patches.without("keep_committed_entries"):
+        w = _world()
+        try:
+            raft, last = stage(w)
+            assert raft._SyncObj__raftLog[-1][1] == last - 1  # a committed, applied entry deleted
+        finally:
+            w.close()
+
+
+def test_next_index_monotonic_a_late_answer_does_not_move_the_next_index_back() -> None:
+    def stage(w: World) -> int:
+        leader, f = _follower(w)
+        raft = _raft(w, leader)
+        node = _node_of(w, leader, f)
+        raft._SyncObj__raftNextIndex[node] = 50
+        raft._SyncObj__raftMatchIndex[node] = 0
+        raft._SyncObj__onMessageReceived(node, {"type": "next_node_idx", "next_node_idx": 10, "reset": False,
+                                                "success": True})
+        return int(raft._SyncObj__raftNextIndex[node])
+
+    w = _world()
+    try:
+        assert stage(w) == 50
+    finally:
+        w.close()
+    with patches.without("next_index_monotonic"):
+        w = _world()
+        try:
+            assert stage(w) == 10
+        finally:
+            w.close()
+
+
+def test_older_snapshot_ignored_a_follower_does_not_go_back_to_an_older_snapshot() -> None:
+    def stage(w: World) -> tuple[Any, int]:
+        leader, f = _follower(w)
+        raft = _raft(w, f)
+        applied = raft.raftLastApplied
+        old = MemoryStore(files=w.nodes[f].disk.files)
+        old.write_snapshot(Path(f"simfs:/{f}/older.tls"), {
+            "last": entry_to_json((NOOP_COMMAND, 3, 1)), "prev": entry_to_json((NOOP_COMMAND, 2, 1)),
+            "cluster": sorted(w.nodes[n].raft_addr for n in w.members), "node": leader})
+        with w.nodes[f].disk.files.open(f"simfs:/{f}/older.tls", "rb") as fh:
+            data = fh.read()
+        node = _node_of(w, f, leader)
+        for chunk in ((data, True, False), (b"", False, True)):
+            raft._SyncObj__onMessageReceived(node, {"type": "append_entries", "term": raft.raftCurrentTerm,
+                                                    "commit_index": applied, "serialized": chunk})
+        return raft, applied
+
+    w = _world()
+    try:
+        raft, applied = stage(w)
+        assert raft.raftLastApplied == applied
+    finally:
+        w.close()
+    with patches.without("older_snapshot_ignored"):
+        w = _world()
+        try:
+            raft, applied = stage(w)
+            assert raft.raftLastApplied == 3  # pysyncobj went back to the older snapshot
+        finally:
+            w.close()
+
+
+def test_compaction_guard_compaction_never_deletes_a_log_that_lost_its_snapshot() -> None:
+    def stage(w: World) -> Any:
+        _, f = _follower(w)
+        raft = _raft(w, f)
+        beyond = raft._SyncObj__raftLog[-1][1] + 5  # the snapshot it was for was replaced meanwhile
+        raft._SyncObj__deleteEntriesTo(beyond)
+        return raft
+
+    w = _world()
+    try:
+        assert len(stage(w)._SyncObj__raftLog) > 0
+    finally:
+        w.close()
+    with patches.without("compaction_guard"):
+        w = _world()
+        try:
+            assert len(stage(w)._SyncObj__raftLog) == 0  # an empty journal: every later tick raises
+        finally:
+            w.close()
+
+
+def test_snapshot_send_no_spin_a_finished_snapshot_is_sent_not_none() -> None:
+    files = MemoryFiles()
+    patches.register_files("mem:/s/", files)
+    try:
+        with files.open("mem:/s/snap", "wb") as f:
+            f.write(b"x" * 10)
+        ser = Serializer("mem:/s/snap", 1 << 16, False, lambda p, d: None, lambda p: None, None)
+        ser._Serializer__pid = -1  # serialized in-process a moment ago, not yet noticed by a tick
+        assert ser.getTransmissionData("peer") == (b"x" * 10, True, False)
+        with patches.without("snapshot_send_no_spin"):
+            ser2 = Serializer("mem:/s/snap", 1 << 16, False, lambda p, d: None, lambda p: None, None)
+            ser2._Serializer__pid = -1
+            assert ser2.getTransmissionData("peer") is None  # the leader's loop then spins on None
+    finally:
+        patches.unregister_files("mem:/s/")
+
+
+def _isolate(w: World, nid: str, on: bool) -> None:
+    a = w.nodes[nid].raft_addr
+    for other in w.nodes.values():
+        if other.id != nid:
+            for s, d in ((a, other.raft_addr), (other.raft_addr, a)):
+                (w.net.block if on else w.net.unblock)(s, d)
+
+
+def test_pre_vote_a_node_cut_off_does_not_bump_its_term() -> None:
+    def stage(w: World) -> tuple[int, int]:
+        _, f = _follower(w)
+        before = _raft(w, f).raftCurrentTerm
+        _isolate(w, f, True)
+        w.sim.run(w.sim.now + 5.0)
+        return before, _raft(w, f).raftCurrentTerm
+
+    w = _world()
+    try:
+        before, after = stage(w)
+        assert after == before
+    finally:
+        w.close()
+    with patches.without("pre_vote"):
+        w = _world()
+        try:
+            before, after = stage(w)
+            assert after > before + 1  # an election per timeout, each a new term
+        finally:
+            w.close()
+
+
+def test_leader_stickiness_a_paused_follower_does_not_depose_a_healthy_leader() -> None:
+    w = _world()
+    try:
+        leader, f = _follower(w)
+        term = _raft(w, leader).raftCurrentTerm
+        w.nodes[f].pause()
+        w.sim.run(w.sim.now + 2.0)  # its election timer runs out while it sleeps
+        w.sim.after(0.0, w.resume, w.nodes[f])
+        w.sim.run(w.sim.now + 2.0)
+        now = w.serving_leader()
+        assert now is not None and (now.id, _raft(w, leader).raftCurrentTerm) == (leader, term)
+    finally:
+        w.close()
+
+
+def test_leader_stickiness_a_node_that_hears_the_leader_refuses_votes() -> None:
+    def stage(w: World) -> tuple[int, int]:
+        leader, f = _follower(w)
+        voter = next(n for n in w.members if n not in (leader, f))
+        raft = _raft(w, voter)
+        term = raft.raftCurrentTerm
+        last = raft._SyncObj__raftLog[-1]
+        # A candidate whose log is as good as the voter's, asking while the leader is alive.
+        raft._SyncObj__onMessageReceived(_node_of(w, voter, f), {
+            "type": "request_vote", "term": term + 1, "last_log_index": last[1], "last_log_term": last[2]})
+        return term, raft.raftCurrentTerm
+
+    w = _world()
+    try:
+        term, now = stage(w)
+        assert now == term
+    finally:
+        w.close()
+    with patches.without("leader_stickiness"):
+        w = _world()
+        try:
+            term, now = stage(w)
+            assert now == term + 1  # it follows the candidate: the leader's followers scatter
+        finally:
+            w.close()
+
+
+def test_leader_stickiness_still_lets_a_leadership_transfer_through() -> None:
+    w = _world()
+    try:
+        leader, _ = _follower(w)
+        _raft(w, leader).transferLeadership()
+        assert _until(w, lambda: (w.serving_leader() or w.nodes[leader]).id != leader, 3.0)
+    finally:
+        w.close()
+
+
+def test_term_notice_a_node_whose_term_got_ahead_rejoins() -> None:
+    def stage(w: World) -> bool:
+        leader, f = _follower(w)
+        raft = _raft(w, f)
+        raft._SyncObj__setCurrentTerm(raft.raftCurrentTerm + 5, None)  # an election it could not finish
+        for i in range(5, 10):
+            _put(w, (w.serving_leader() or w.nodes[leader]).id, i)
+        return _until(w, lambda: w.serving_leader() is not None and
+                      _raft(w, f).raftLastApplied == _raft(w, w.serving_leader().id).raftLastApplied  # type: ignore[union-attr]
+                      and _raft(w, f).raftLastApplied > 0 and _raft(w, f)._getLeader() is not None, 8.0)
+
+    w = _world()
+    try:
+        assert stage(w)
+    finally:
+        w.close()
+    with patches.without("term_notice"):
+        w = _world()
+        try:
+            assert not stage(w)  # it ignores the leader (lower term) and nobody grants it a vote
+        finally:
+            w.close()
+
+
+class _FakeIncoming:
+    def __init__(self) -> None:
+        self.sendRandKey = None
+        self.disconnected = False
+        self.on_message: Any = None
+
+    def setOnMessageReceivedCallback(self, cb: Any) -> None:
+        self.on_message = cb
+
+    def disconnect(self) -> None:
+        self.disconnected = True
+
+
+def _bare_transport() -> tuple[TCPTransport, list[Any]]:
+    t = TCPTransport.__new__(TCPTransport)
+    t._syncObj = types.SimpleNamespace(encryptor=None)
+    t._nodeAddrToNode, t._connections, t._unknownConnections = {}, {}, set()
+    t._readonlyNodes, t._readonlyNodesCounter, t._onUtilityMessageCallbacks = set(), 0, {}
+    connected: list[Any] = []
+    t._onNodeConnectedCallback = connected.append
+    t._onReadonlyNodeConnectedCallback = None
+    t._onMessageReceivedCallback = None
+    return t, connected
+
+
+def test_accept_unknown_peers_a_node_accepts_a_new_member_it_has_not_heard_of() -> None:
+    t, connected = _bare_transport()
+    conn = _FakeIncoming()
+    t._unknownConnections.add(conn)
+    t._onIncomingMessageReceived(conn, "10.0.0.9:7100")
+    assert not conn.disconnected and [n.address for n in connected] == ["10.0.0.9:7100"]
+    with patches.without("accept_unknown_peers"):
+        t, connected = _bare_transport()
+        conn = _FakeIncoming()
+        t._onIncomingMessageReceived(conn, "10.0.0.9:7100")
+        assert conn.disconnected and not connected
+
+
+def test_removal_on_commit_a_node_keeps_answering_until_a_removal_is_committed() -> None:
+    def stage(w: World) -> tuple[bool, bool]:
+        leader, f = _follower(w)
+        target = next(n for n in w.members if n not in (leader, f))
+        raft = _raft(w, f)
+        log = raft._SyncObj__raftLog
+        last = log[-1]
+        removal = b"\x02" + pysyncobj_pickle.dumps(["rem", w.nodes[target].raft_addr, _node_of(w, f, target)])
+        msg = {"type": "append_entries", "term": raft.raftCurrentTerm, "commit_index": raft.raftCommitIndex,
+               "prevLogIdx": last[1], "prevLogTerm": last[2], "entries": [(removal, last[1] + 1, last[2])]}
+        raft._SyncObj__onMessageReceived(_node_of(w, f, leader), msg)  # appended, not committed
+        transport = raft._SyncObj__transport
+        addr = w.nodes[target].raft_addr
+        return addr in {n.address for n in raft.otherNodes}, transport.peer_is_connected(addr)
+
+    w = _world()
+    try:
+        member, connected = stage(w)
+        assert not member and connected  # out of the member list, still reachable
+    finally:
+        w.close()
+    with patches.without("removal_on_commit"):
+        w = _world()
+        try:
+            member, connected = stage(w)
+            assert not member and not connected
+        finally:
+            w.close()

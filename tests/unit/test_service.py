@@ -5,6 +5,7 @@ runs here in milliseconds."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -22,7 +23,7 @@ from tetherlab.cluster.node.fake import FakeReplica
 from tetherlab.cluster.node.keys import KEYS_NS, make_registered
 from tetherlab.cluster.node.metrics import NodeMetrics
 from tetherlab.cluster.node.replica import encode_command
-from tetherlab.cluster.node.service import Identity, Peer, Service, ServiceSettings
+from tetherlab.cluster.node.service import Identity, Peer, Service, ServiceSettings, authenticate
 
 REGISTRY = """
 [[concept]]
@@ -63,6 +64,12 @@ class Rig:
                                           for i in range(1, members + 1)})
         for i in range(2, members + 1):
             self.replica.set_peer(f"n{i}", 0.1)
+        # The identities the tests act as hold registered keys (the service checks them once the
+        # cluster is bootstrapped); written at index 1, below every proposal.
+        self.replica.store.apply(1, encode_command(sm.Txn((), tuple(
+            sm.Put(KEYS_NS, who.key_id, json.dumps({"id": who.key_id, "developer": who.developer, "role": who.role,
+                                                    "public_key": "ssh-ed25519 AAAA", "comment": ""}))
+            for who in (ADMIN, ALICE, BOB)))))
         self.clock = FakeClock()
         self.conns = FakeConnections()
         self.metrics = NodeMetrics()
@@ -530,3 +537,24 @@ def test_opens_under_way_at_a_recount_still_count_against_the_session_quota() ->
         assert sum(isinstance(x, p.Result) for x in replies) == 3  # 1 + 3 = the quota of 4
         assert r.replica.store.engine_view(lambda e: e.open_sessions_by_developer()) == {"alice": 4}
     run(body, limits=LoadLimits(sessions_per_developer=4))
+
+
+def test_a_key_revoked_after_its_connection_opened_is_refused_at_the_next_request() -> None:
+    # The SSH layer checked the key when the connection opened, against that node's state then
+    # (a follower, or a new leader that had not applied its backlog): the service checks again.
+    async def body(r: Rig) -> None:
+        await r.replica.propose(encode_command(sm.Put("meta", "bootstrapped", "1")))
+        agent = await r.session(ALICE)
+        await r.replica.propose(encode_command(sm.Delete(KEYS_NS, ALICE.key_id)))
+        reply = await r.call(ALICE, p.Heartbeat, agent_ids=(agent,))
+        assert isinstance(reply, p.Error) and reply.code == "key_revoked"
+        assert isinstance(await r.call(ALICE, p.Ping), p.Result)  # ping and status stay open
+    run(body)
+
+
+def test_authenticate_reads_the_key_registry() -> None:
+    r = Rig()
+    who = authenticate(r.replica.store, "alice", ALICE.key_id)
+    assert who == ALICE
+    assert authenticate(r.replica.store, "bob", ALICE.key_id) == "wrong_user"
+    assert authenticate(r.replica.store, "alice", "SHA256:nope") == "unknown_key"

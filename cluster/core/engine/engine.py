@@ -762,6 +762,18 @@ class Engine:
         return {"ok": True, "intent_id": it.intent_id, "agent_id": it.agent_id, "status": status}
 
     def _submit(self, cmd: SubmitIntent, index: int, now: int) -> dict[str, Any]:
+        result = self._submit_checked(cmd, index, now)
+        # An agent that plans, completes or abandons is alive: its shim counts the answer as a
+        # confirmation (it starts running on a verdict), so the session must last a TTL from here
+        # too, like a heartbeat. Otherwise a verdict could arrive just before the session lapses
+        # and the agent would run while its concepts went to someone else.
+        s = self._sessions[cmd.agent_id]
+        s.last_seen_ms = now
+        s.deadline_ms = max(s.deadline_ms, now + self._ttl())
+        self._touch(NS_SESSIONS, cmd.agent_id)
+        return result
+
+    def _submit_checked(self, cmd: SubmitIntent, index: int, now: int) -> dict[str, Any]:
         s = self._sessions.get(cmd.agent_id)
         if s is None:
             raise CommandError("no_session", f"agent {cmd.agent_id!r} has no session: send 'open_session' first")
