@@ -18,7 +18,6 @@ import asyncio
 import collections
 import json
 import logging
-import time
 from typing import Any
 
 from tetherlab.cluster.core import statemachine as sm
@@ -115,9 +114,9 @@ class RaftReplica:
     def status(self) -> dict[str, Any]:
         st = self.raft.tl_status()
         at = st.get("at_monotonic")
-        if at is not None and time.monotonic() - at > STATUS_STALE_S:
-            return {**st, "quorum_backed": False, "quorum_ok": False,
-                    "stalled_s": round(time.monotonic() - at, 3)}
+        now = self.raft.tl_now()  # the clock the status was stamped with
+        if at is not None and now - at > STATUS_STALE_S:
+            return {**st, "quorum_backed": False, "quorum_ok": False, "stalled_s": round(now - at, 3)}
         return st
 
     async def propose(self, payload: bytes, timeout_s: float = PROPOSE_TIMEOUT_S) -> dict[str, Any]:

@@ -436,6 +436,10 @@ class RaftNode(SyncObj):
     def tl_status(self) -> dict[str, Any]:
         return self._tl_status
 
+    def tl_now(self) -> float:
+        """This node's monotonic clock (the one its status is stamped with)."""
+        return self._tl_clock()
+
     def tl_name_member(self, raft_addr: str, node_id: str) -> None:
         """Know the member at ``raft_addr`` as ``node_id`` (members added online)."""
         self._tl_addr_to_id[raft_addr] = node_id

@@ -816,7 +816,7 @@ class _FakeIncoming:
         self.disconnected = True
 
 
-def _bare_transport() -> tuple[TCPTransport, list[Any]]:
+def _recording_transport() -> tuple[TCPTransport, list[Any]]:
     t = TCPTransport.__new__(TCPTransport)
     t._syncObj = types.SimpleNamespace(encryptor=None)
     t._nodeAddrToNode, t._connections, t._unknownConnections = {}, {}, set()
@@ -829,13 +829,13 @@ def _bare_transport() -> tuple[TCPTransport, list[Any]]:
 
 
 def test_accept_unknown_peers_a_node_accepts_a_new_member_it_has_not_heard_of() -> None:
-    t, connected = _bare_transport()
+    t, connected = _recording_transport()
     conn = _FakeIncoming()
     t._unknownConnections.add(conn)
     t._onIncomingMessageReceived(conn, "10.0.0.9:7100")
     assert not conn.disconnected and [n.address for n in connected] == ["10.0.0.9:7100"]
     with patches.without("accept_unknown_peers"):
-        t, connected = _bare_transport()
+        t, connected = _recording_transport()
         conn = _FakeIncoming()
         t._onIncomingMessageReceived(conn, "10.0.0.9:7100")
         assert conn.disconnected and not connected
