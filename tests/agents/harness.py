@@ -45,7 +45,7 @@ CONCEPTS = {
     "payments.refunds": "src/payments/**",
     "reports.exports": "src/reports/**",
     "notifications.email": "src/notifications/**",
-    # test_changes.py: in-flight changes
+    # test_inflight_changes.py: in-flight changes
     "orders.cart": "src/orders/**",
     "inventory.stock": "src/inventory/**",
     "pricing.rules": "src/pricing/**",

@@ -44,3 +44,14 @@ def test_the_wheel_holds_every_module_and_the_data_files(tmp_path: Path) -> None
     assert {f"tetherlab/cluster/node/ui_static/{n}" for n in ("index.html", "app.js", "style.css")} <= names
     tops = {n.split("/")[0] for n in names if not n.startswith("tetherlab-")}
     assert tops == {"tetherlab"}, tops
+
+
+def test_test_modules_have_unique_names() -> None:
+    """pytest imports test files outside packages by their basename: two with one name collide
+    (one of them fails to collect on a fresh clone)."""
+    names: dict[str, Path] = {}
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        if (path.parent / "__init__.py").exists():
+            continue  # inside a package: imported by its dotted name
+        assert path.name not in names, f"{path} and {names[path.name]} share a name"
+        names[path.name] = path
