@@ -42,6 +42,10 @@ BACKOFF_MAX_S = 0.5  # short: after a leader dies, shims re-attach within about 
 REDIRECTS_MAX = 8  # per request: more means the cluster is electing, so back off instead
 CLIENT_NAME = "tetherlab-client"
 SUSPECT_S = 10.0  # a node that timed out is tried after every other node for this long
+# AES-GCM first: one AEAD call per packet where asyncssh's ChaCha20-Poly1305 builds three cipher
+# objects (about 2.4 vs 14 microseconds per 400-byte packet here); the rest as asyncssh ranks them.
+ENCRYPTION_ALGS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",
+                   "aes256-ctr", "aes192-ctr", "aes128-ctr"]
 HEDGE_AFTER_S = 0.5  # a heartbeat unanswered this long is sent again through another node
 
 
@@ -191,7 +195,7 @@ class MasterClient:
                 asyncssh.connect(
                     m.host, m.port, username=self.developer, client_keys=[self.key], known_hosts=known,
                     agent_path=None, password=None, kbdint_auth=False, gss_auth=False,
-                    keepalive_interval=5, keepalive_count_max=3,
+                    keepalive_interval=5, keepalive_count_max=3, encryption_algs=ENCRYPTION_ALGS,
                 ),
                 timeout_s,
             )

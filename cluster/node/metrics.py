@@ -190,6 +190,14 @@ class NodeCollector(Collector):
         yield g("tetherlab_open_sessions", "Open agent sessions.", float(coord.get("open_sessions", 0)))
         yield g("tetherlab_soft_conflicts", "Pairs of active intents whose in-flight changes overlap (a file, a "
                 "symbol, or a symbol another relies on).", float(coord.get("soft_conflicts", 0)))
+        matches = CounterMetricFamily("tetherlab_plan_matches",
+                                      "Plans this node's engine applied, by where their claims came from: "
+                                      "'reused' (the proposing leader's match, still current) or 'made' (matched "
+                                      "here: the registry or code index changed in between, or no match came).",
+                                      labels=["source"])
+        matches.add_metric(["reused"], float(coord.get("matches_reused", 0)))
+        matches.add_metric(["made"], float(coord.get("matches_made", 0)))
+        yield matches
 
 
 def _counter(name: str, doc: str, value: float) -> Metric:

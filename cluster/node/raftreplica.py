@@ -3,13 +3,14 @@
 pysyncobj ticks on its own thread; this adapter owns the bridge to the asyncio loop:
 
 - proposals: each waits on a future; results come back from the tick thread in one batch per
-  tick (one cross-thread wake-up, not one per command);
+  tick, with the tick's applied entries (one cross-thread wake-up, not one per command);
 - the read barrier: a no-op through the log, batched (readers arriving while one is in flight
   join the next: the in-flight one may sit in the log before a write they must see);
 - membership: pysyncobj's dynamic membership, and the ``members`` namespace that records the
   addresses of nodes added online;
 - apply listeners: every applied entry is handed to the loop for whoever listens (metrics,
-  key revocation closing SSH connections, membership).
+  key revocation closing SSH connections, membership, the world view), in log order, before
+  the results of the same tick.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class RaftReplica:
         # Ordered (a dict, not a set): failing them goes in proposal order, the same on every run.
         self._pending: dict[asyncio.Future[dict[str, Any]], None] = {}
         self._results: collections.deque[_Result] = collections.deque()
+        self._applied: collections.deque[Outcome] = collections.deque()
         self.raft.addOnTickCallback(self._deliver_results)
         self._listeners: list[ApplyListener] = []
         self._ssh_by_id = {n.id: str(n.ssh) for n in cfg.all_nodes()}
@@ -81,30 +83,35 @@ class RaftReplica:
     def _on_apply(self, out: Outcome) -> None:
         self.metrics.proposals_applied.inc()
         if self._listeners or self._touches_members(out):
-            self.loop.call_soon_threadsafe(self._dispatch_applied, out)
+            self._applied.append(out)  # handed to the loop with this tick's results
 
     @staticmethod
     def _touches_members(out: Outcome) -> bool:
         return any(ns == MEMBERS_NS for ns, _, _ in out.kv_writes)
 
-    def _dispatch_applied(self, out: Outcome) -> None:  # event loop
-        if self._touches_members(out):
-            self._load_members()
-        for fn in list(self._listeners):
-            try:
-                fn(out)
-            except Exception:
-                log.exception("apply listener failed")
+    def _dispatch_applied(self, applied: list[Outcome], results: list[_Result]) -> None:  # event loop
+        # Listeners see the entries first (a key revocation closes its connections before the
+        # revoking admin hears it is done), in log order.
+        for out in applied:
+            if self._touches_members(out):
+                self._load_members()
+            for fn in list(self._listeners):
+                try:
+                    fn(out)
+                except Exception:
+                    log.exception("apply listener failed")
+        _resolve_all(results)
 
     def _on_role_changed(self, old: str, new: str) -> None:
         log.info("role %s -> %s", old, new, extra={"term": self.raft.raftCurrentTerm})
 
     def _deliver_results(self) -> None:
-        batch = []
-        while self._results:  # deque: appends from other threads are safe meanwhile
-            batch.append(self._results.popleft())
-        if batch:
-            self.loop.call_soon_threadsafe(_resolve_all, batch)
+        """Once per tick: the entries applied and the proposals answered in it reach the loop in
+        one cross-thread wake-up (after the tick's applies are committed to the state)."""
+        applied = _drain(self._applied)
+        batch = _drain(self._results)
+        if batch or applied:
+            self.loop.call_soon_threadsafe(self._dispatch_applied, applied, batch)
 
     # --- Replica --------------------------------------------------------------------------------
 
@@ -241,6 +248,13 @@ def _resolve(fut: asyncio.Future[dict[str, Any]], res: Any, err: int) -> None:
         fut.set_exception(Unavailable(FailReason.NAMES.get(err, str(err))))
     else:
         fut.set_exception(Indeterminate(FailReason.NAMES.get(err, str(err))))
+
+
+def _drain(q: collections.deque[Any]) -> list[Any]:
+    out = []
+    while q:  # appends from other threads are safe meanwhile
+        out.append(q.popleft())
+    return out
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:

@@ -28,6 +28,7 @@ from tetherlab.cluster.core import statemachine as sm
 from tetherlab.cluster.core.apply import Outcome
 from tetherlab.cluster.core.config import LoadLimits
 from tetherlab.cluster.core.engine import commands as ec
+from tetherlab.cluster.core.engine import prematched
 from tetherlab.cluster.core.engine.model import IntentBody
 from tetherlab.cluster.core.errors import CommandError
 from tetherlab.cluster.node.access import TOKENS_MAX, TOKENS_NS, token_hash
@@ -415,6 +416,10 @@ class Service:
             cmd = ec.SubmitIntent(agent_id=req.agent_id, tool=req.tool, intent=body, trigger=req.trigger)
         except CommandError as e:
             raise Refused(e.code, e.message) from None
+        # Match the plan here, once, outside the store lock: the entry carries the claims, and
+        # replicas reuse them unless the registry or code index changed before it applied.
+        basis = self.replica.store.engine_view(lambda e: e.match_basis())
+        cmd = prematched(cmd, basis)
         verdict = await self.engine(cmd)
         self._count_verdict(verdict, self.clock.monotonic() - t0)
         if ch is not None:

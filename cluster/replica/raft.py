@@ -131,6 +131,30 @@ def payload_of(command: bytes) -> bytes | None:
     return None
 
 
+class CoalescingNotifier(PipeNotifier):
+    """pysyncobj's wake-up pipe, written once per burst: a proposal arriving while a wake-up is
+    already pending adds nothing (the tick that wake-up causes takes every queued command).
+
+    The flag drops only after the pipe is drained, inside the poll, so a proposal that skips its
+    write is always followed by a tick that reads the queue."""
+
+    def __init__(self, poller: Any) -> None:
+        self._tl_armed = False
+        super().__init__(poller, callback=self._tl_disarm)
+
+    def notify(self) -> None:
+        if self._tl_armed:
+            return
+        self._tl_armed = True
+        try:
+            super().notify()
+        except BlockingIOError:
+            pass  # the pipe is full: the tick thread is already awake
+
+    def _tl_disarm(self) -> None:
+        self._tl_armed = False
+
+
 class FailReason:
     """pysyncobj's failure codes sorted by what they tell a client."""
 
@@ -216,7 +240,7 @@ class RaftNode(SyncObj):
         self._tl_addr_to_id = {str(n.raft): n.id for n in cfg.all_nodes()}
         self._tl_journal = io.journal
         self._tl_snapshot_file = cfg.data_dir / "snapshot.tls"
-        self._tl_notifier: PipeNotifier | None = None
+        self._tl_notifier: CoalescingNotifier | None = None
         self._tl_last_sent: tuple[int | None, int] = (None, -1)
         self._tl_syncer: threading.Thread | None = None
         self._tl_stopping = threading.Event()
@@ -268,7 +292,7 @@ class RaftNode(SyncObj):
         # before the results go out (RaftReplica's tick callback runs after this one).
         self._tl_store.flush_applied()
         if self._tl_notifier is None and self._tl_io.auto_tick:
-            self._tl_notifier = PipeNotifier(self._poller)
+            self._tl_notifier = CoalescingNotifier(self._poller)
         # Send new entries as soon as they are in the log, not on the next heartbeat: the
         # batch is whatever arrived in this tick, and it shares one fsync.
         # A new commit index goes out at once too, so followers apply (and answer reads) without
@@ -428,10 +452,7 @@ class RaftNode(SyncObj):
             return
         notifier = self._tl_notifier
         if notifier is not None:
-            try:
-                notifier.notify()
-            except BlockingIOError:
-                pass  # the pipe is full: the tick thread is already awake
+            notifier.notify()
 
     def tl_status(self) -> dict[str, Any]:
         return self._tl_status

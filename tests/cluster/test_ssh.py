@@ -196,6 +196,9 @@ def test_client_follows_the_leader_and_survives_its_death(cluster3: LocalCluster
         try:
             keys = await c.call(p.KeysList, 20)
             first = c.leader_id
+            # The shim asks for AES-GCM first (one AEAD call per packet; ChaCha20 costs 6x more).
+            ciphers = {link.conn.get_extra_info("send_cipher") for link in c._links.values()}
+            assert ciphers == {"aes128-gcm@openssh.com"}, ciphers
             cluster3.kill(leader)
             keys2 = await c.call(p.KeysList, 30)
             assert keys2 == keys

@@ -46,7 +46,7 @@ A, B, C = "ann/aaaa-1", "ben/bbbb-2", "cat/cccc-3"
 
 
 def driver(**limits: int) -> Driver:
-    d = Driver(Limits(**limits) if limits else None)
+    d = Driver(Limits(**limits) if limits else None, mirror=True)
     assert d.init(ttl_ms=10_000)["ok"]
     assert d.push(toml=REGISTRY)["ok"]
     for a in (A, B, C):

@@ -35,7 +35,7 @@ def registry(variant: int) -> list[dict[str, Any]]:
 class EngineMachine(RuleBasedStateMachine):
     @initialize(variant=st.integers(0, 2))
     def start(self, variant: int) -> None:
-        self.d = Driver(Limits(finished_intents_max=6, history_per_concept=2, session_retain_ms=50_000))
+        self.d = Driver(Limits(finished_intents_max=6, history_per_concept=2, session_retain_ms=50_000), mirror=True)
         assert self.d.init(ttl_ms=10_000)["ok"]
         assert self.d.push(concepts=registry(variant))["ok"]
         self.max_token = 0

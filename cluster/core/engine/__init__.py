@@ -35,7 +35,7 @@ from tetherlab.cluster.core.engine.commands import (
     SubmitIntent,
     decode_command,
 )
-from tetherlab.cluster.core.engine.engine import NAMESPACES, Applied, Engine, Limits
+from tetherlab.cluster.core.engine.engine import NAMESPACES, Applied, Engine, Limits, MatchBasis, prematched
 from tetherlab.cluster.core.engine.matching import match_intent
 from tetherlab.cluster.core.engine.model import IntentBody
 from tetherlab.cluster.core.engine.registry import Concept, Registry, parse_toml, validate_concepts
@@ -57,6 +57,7 @@ __all__ = [
     "IntentBody",
     "LeaderElected",
     "Limits",
+    "MatchBasis",
     "OpenSession",
     "Problem",
     "PushRegistry",
@@ -67,5 +68,6 @@ __all__ = [
     "decode_command",
     "match_intent",
     "parse_toml",
+    "prematched",
     "validate_concepts",
 ]

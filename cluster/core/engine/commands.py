@@ -215,6 +215,11 @@ class SubmitIntent(_Command):
     intent: IntentBody | None
     trigger: str
     intent_id: str | None = None
+    # The proposing leader's match of the plan (``match_intent``'s claims with the registry and
+    # code-index versions they were computed against): apply uses them when both versions are
+    # still current and matches again otherwise, so every replica reaches the same verdict while
+    # the plan-text matching runs once per intent instead of once per replica.
+    matched: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         _agent_id(self.agent_id, "agent_id")
@@ -231,6 +236,10 @@ class SubmitIntent(_Command):
                 raise CommandError(
                     "bad_field", "field 'intent_id' names an existing intent; trigger 'initial' starts a new one"
                 )
+        if self.matched is not None:
+            if self.intent is None:
+                raise CommandError("bad_field", f"field 'matched' needs an intent; trigger {self.trigger!r} has none")
+            _check_matched(self.matched)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.TYPE, "agent_id": self.agent_id, "tool": self.tool}
@@ -239,7 +248,30 @@ class SubmitIntent(_Command):
         out["trigger"] = self.trigger
         if self.intent_id is not None:
             out["intent_id"] = self.intent_id
+        if self.matched is not None:
+            out["matched"] = self.matched  # absent otherwise: entries stay readable by older nodes
         return out
+
+
+MATCHED_CLAIMS_MAX = 4096  # far above what match_intent produces (a plan names at most a few dozen)
+
+
+def _check_matched(m: Any) -> None:
+    """The shape apply relies on; which concepts exist is checked at apply (against the registry)."""
+    if not isinstance(m, Mapping):
+        raise CommandError("bad_field", f"field 'matched' must be an object, got {type(m).__name__}")
+    for key in ("registry_version", "index_version"):
+        check_int(m.get(key), f"matched.{key}")
+    for kind in ("modify", "depend"):
+        claims = m.get(kind)
+        if not isinstance(claims, list | tuple):
+            raise CommandError("bad_field", f"field 'matched.{kind}' must be a list of claims")
+        if len(claims) > MATCHED_CLAIMS_MAX:
+            raise CommandError("too_large", f"field 'matched.{kind}' has more than {MATCHED_CLAIMS_MAX} claims")
+        for i, c in enumerate(claims):
+            if not isinstance(c, Mapping) or not isinstance(c.get("concept"), str):
+                raise CommandError("bad_field", f"field 'matched.{kind}[{i}]' must be a claim "
+                                                f"{{\"concept\", \"reasons\"}}")
 
 
 @dataclass(frozen=True)

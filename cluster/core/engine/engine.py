@@ -26,9 +26,10 @@ follow the concepts it touches, not the number of intents or concepts.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import heapq
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +77,7 @@ from tetherlab.cluster.core.engine.model import (
     STOPPED,
     TRANSITIONS,
     Intent,
+    IntentBody,
     Session,
     canonical_remote,
 )
@@ -136,6 +138,37 @@ def _index_of(intent_id: str) -> int:
 
 
 @dataclass(frozen=True)
+class MatchBasis:
+    """The registry and code index a plan is matched against, and their versions."""
+
+    registry: Registry | None
+    code: CodeIndex | None
+    index_version: int
+
+    @property
+    def registry_version(self) -> int:
+        return self.registry.version if self.registry is not None else 0
+
+    def match(self, body: IntentBody) -> dict[str, Any]:
+        """``match_intent``'s claims plus the code index version (raises CommandError)."""
+        claims = match_intent(self.registry, body, self.code)
+        claims["index_version"] = self.index_version
+        return claims
+
+
+def prematched(cmd: SubmitIntent, basis: MatchBasis) -> SubmitIntent:
+    """``cmd`` carrying the proposer's match (``SubmitIntent.matched``), or ``cmd`` itself when
+    there is nothing to match or matching refuses (apply then refuses the same way, in order)."""
+    if cmd.intent is None or cmd.trigger not in ("initial", "replan") or cmd.matched is not None:
+        return cmd
+    try:
+        claims = basis.match(cmd.intent)
+    except CommandError:
+        return cmd
+    return dataclasses.replace(cmd, matched=claims)
+
+
+@dataclass(frozen=True)
 class Limits:
     history_per_concept: int = HISTORY_PER_CONCEPT
     finished_intents_max: int = FINISHED_INTENTS_MAX
@@ -176,6 +209,9 @@ class Engine:
         self._index_chunks: list[str] = []
         self._staging: dict[str, Any] | None = None
         self._staging_chunks: dict[int, str] = {}
+        # Plans matched at apply vs proposer matches reused (not state: counters for operators).
+        self.matches_made = 0
+        self.matches_reused = 0
 
     # --- apply ---------------------------------------------------------------------------------
 
@@ -813,8 +849,7 @@ class Engine:
 
     def _plan(self, cmd: SubmitIntent, s: Session, cur: Intent | None, index: int, now: int) -> dict[str, Any]:
         assert cmd.intent is not None
-        claims = match_intent(self._registry, cmd.intent, self._code)  # may refuse: before any change
-        claims["index_version"] = self._index_meta["version"] if self._index_meta is not None else 0
+        claims = self._claims_for(cmd)  # may refuse: before any change
         modify = [c["concept"] for c in claims["modify"]]
         depend = [c["concept"] for c in claims["depend"]]
         holding = cur if cur is not None and cur.status in HOLDING else None
@@ -858,6 +893,30 @@ class Engine:
             self._touch(NS_GRANTS, c)
         self._revert_invalidated(it, modify, depend, index, now)
         return self._verdict(CONTINUE, it, relaxed, world.context_for_continue(it, relaxed))
+
+    def _claims_for(self, cmd: SubmitIntent) -> dict[str, Any]:
+        """The proposer's match when it was computed against the current registry and code index
+        (every replica decides this alike, from replicated state), else a match made here."""
+        assert cmd.intent is not None
+        basis = self.match_basis()
+        m = cmd.matched
+        if (m is not None and m["registry_version"] == basis.registry_version
+                and m["index_version"] == basis.index_version and self._known_concepts(m)):
+            self.matches_reused += 1
+            return {k: (list(v) if isinstance(v, list | tuple) else v) for k, v in m.items()}
+        self.matches_made += 1
+        return basis.match(cmd.intent)
+
+    def _known_concepts(self, m: Mapping[str, Any]) -> bool:
+        reg = self._registry
+        names = [c["concept"] for k in ("modify", "depend") for c in m[k]]
+        return all(reg is not None and c in reg.concepts for c in names) if names else True
+
+    def match_basis(self) -> MatchBasis:
+        """What matching reads (immutable objects: a push replaces them), for a proposer to match
+        a plan outside the store lock and put the claims in the entry (``SubmitIntent.matched``)."""
+        return MatchBasis(self._registry, self._code,
+                          self._index_meta["version"] if self._index_meta is not None else 0)
 
     def _revert_invalidated(self, it: Intent, modify: list[str], depend: list[str], index: int, now: int) -> None:
         """A grant takes concepts from intents whose sessions lapsed: they are reverted."""
@@ -1312,6 +1371,8 @@ class Engine:
             "index_version": self._index_meta["version"] if self._index_meta is not None else 0,
             "last_index": self._last_index,
             "clock_ms": self._clock_ms,
+            "matches_made": self.matches_made,
+            "matches_reused": self.matches_reused,
         }
 
     def _index_view(self) -> dict[str, Any]:

@@ -7,16 +7,25 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from tetherlab.cluster.core.engine.commands import decode_command
-from tetherlab.cluster.core.engine.engine import Engine, Limits
+from tetherlab.cluster.core.engine.commands import SubmitIntent, decode_command
+from tetherlab.cluster.core.engine.engine import Engine, Limits, prematched
 from tetherlab.cluster.core.errors import CommandError
 
 REMOTE = "git@github.com:acme/shop.git"
 
 
 class Driver:
-    def __init__(self, limits: Limits | None = None, now_ms: int = 1_000_000) -> None:
+    """``prematch``: intents carry a proposer's match made against the registry as it was one
+    command earlier (so a match made before a registry push arrives after it, as when a push
+    commits between a leader's match and its entry). ``mirror``: every command also goes to a
+    prematching twin, and the two must answer alike (``records`` compares their states)."""
+
+    def __init__(self, limits: Limits | None = None, now_ms: int = 1_000_000, *, prematch: bool = False,
+                 mirror: bool = False) -> None:
         self.engine = Engine(limits)
+        self.prematch = prematch
+        self._basis = self.engine.match_basis()
+        self.twin = Driver(limits, now_ms, prematch=True) if mirror else None
         self.limits = limits
         self.index = 0
         self.now_ms = now_ms
@@ -27,11 +36,18 @@ class Driver:
     def send(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Decode and apply one command as the adapter would; a decode error is returned like
         an apply error (the adapter refuses it before proposing)."""
+        if self.twin is not None:
+            self.twin.now_ms = self.now_ms
+            mirrored = self.twin.send(obj)
         try:
             cmd = decode_command(obj)
         except CommandError as e:
             self.last_writes = []
             return e.to_json()
+        if self.prematch and isinstance(cmd, SubmitIntent):
+            # Through JSON, as the entry reaches every replica.
+            cmd = decode_command(prematched(cmd, self._basis).to_json())
+        self._basis = self.engine.match_basis()
         self.index += 1
         applied = self.engine.apply(cmd, index=self.index, now_ms=self.now_ms)
         self.last_writes = applied.writes
@@ -41,13 +57,18 @@ class Driver:
             else:
                 self.store[(ns, key)] = value
         self.results.append(applied.result)
+        if self.twin is not None:
+            assert mirrored == applied.result, f"a prematched intent changed the answer: {mirrored} != {applied.result}"
         return applied.result
 
     def advance(self, ms: int) -> None:
         self.now_ms += ms
 
     def records(self) -> list[tuple[str, str, bytes]]:
-        return [(ns, key, v) for (ns, key), v in sorted(self.store.items())]
+        out = [(ns, key, v) for (ns, key), v in sorted(self.store.items())]
+        if self.twin is not None:
+            assert self.twin.records() == out, "a prematched intent changed the replicated state"
+        return out
 
     def rebuilt(self) -> Engine:
         return Engine.from_records(self.records(), self.limits)
