@@ -92,7 +92,11 @@ NS_INTENTS = "intents"
 NS_HISTORY = "history"
 NS_GRANTS = "grants"
 NS_INDEX = "index"
-NAMESPACES = (NS_META, NS_REGISTRY, NS_CONCEPTS, NS_SESSIONS, NS_INTENTS, NS_HISTORY, NS_GRANTS, NS_INDEX)
+# Heartbeats: one record per heartbeat entry ({"at_ms", "deadline_ms", "agents"}) instead of a
+# rewrite of every session it renews; deleted once every agent in it was renewed again.
+NS_RENEWALS = "renewals"
+NAMESPACES = (NS_META, NS_REGISTRY, NS_CONCEPTS, NS_SESSIONS, NS_INTENTS, NS_HISTORY, NS_GRANTS, NS_INDEX,
+              NS_RENEWALS)
 KEY_STAGING = "staging"
 UNCOORDINATED_ACCEPT = "accept"
 UNCOORDINATED_REFUSE = "refuse"
@@ -135,6 +139,10 @@ def _chunk_key(kind: str, seq: int) -> str:
 
 def _index_of(intent_id: str) -> int:
     return int(intent_id[2:])
+
+
+def _renewal_key(index: int) -> str:
+    return f"{index:012d}"
 
 
 @dataclass(frozen=True)
@@ -209,6 +217,13 @@ class Engine:
         self._index_chunks: list[str] = []
         self._staging: dict[str, Any] | None = None
         self._staging_chunks: dict[int, str] = {}
+        # Session renewals (heartbeats): the renewal records by index, how many agents each still
+        # renews, the latest renewal of each agent, and, for sessions whose times a renewal moved
+        # past their session record, the (last_seen_ms, deadline_ms) that record holds.
+        self._renewals: dict[int, dict[str, Any]] = {}
+        self._renew_live: dict[int, int] = {}
+        self._renew_ref: dict[str, int] = {}
+        self._session_rec: dict[str, tuple[int, int]] = {}
         # Plans matched at apply vs proposer matches reused (not state: counters for operators).
         self.matches_made = 0
         self.matches_reused = 0
@@ -237,12 +252,42 @@ class Engine:
         self._last_index = index
         self._clock_ms = now
         self._touch(NS_META, KEY_CLOCK)
+        self._sessions_written(index)
         writes = [(ns, key, self._record(ns, key)) for ns, key in sorted(self._dirty)]
         self._dirty = {}
         return Applied(result, writes)
 
     def _touch(self, ns: str, key: str) -> None:
         self._dirty[(ns, key)] = None
+
+    # --- session renewals ----------------------------------------------------------------------
+
+    def _sessions_written(self, index: int) -> None:
+        """Session records this command writes carry their live times; a session deleted, new or
+        reopened here is no longer renewed by any earlier renewal record."""
+        for a in [k[1] for k in self._dirty if k[0] == NS_SESSIONS]:
+            self._session_rec.pop(a, None)
+            s = self._sessions.get(a)
+            if s is None or s.opened_index == index:
+                self._unref_renewal(a)
+
+    def _unref_renewal(self, agent: str) -> None:
+        j = self._renew_ref.pop(agent, None)
+        if j is None:
+            return
+        self._renew_live[j] -= 1
+        if self._renew_live[j] == 0:
+            del self._renew_live[j]
+            del self._renewals[j]
+            self._touch(NS_RENEWALS, _renewal_key(j))
+
+    def _renew(self, s: Session, at_ms: int, deadline_ms: int) -> None:
+        """Move a session's times forward without rewriting its record (which keeps the old ones)."""
+        new = (max(s.last_seen_ms, at_ms), max(s.deadline_ms, deadline_ms))
+        old = (s.last_seen_ms, s.deadline_ms)
+        if new != old:
+            self._session_rec.setdefault(s.agent_id, old)
+            s.last_seen_ms, s.deadline_ms = new
 
     # --- records -------------------------------------------------------------------------------
 
@@ -255,6 +300,11 @@ class Engine:
         elif ns == NS_SESSIONS:
             s = self._sessions.get(key)
             obj = s.to_json() if s is not None else None
+            rec = self._session_rec.get(key)
+            if obj is not None and rec is not None:
+                obj["last_seen_ms"], obj["deadline_ms"] = rec
+        elif ns == NS_RENEWALS:
+            obj = self._renewals.get(int(key))
         elif ns == NS_HISTORY:
             obj = self._history.get(key)
         elif ns == NS_GRANTS:
@@ -289,6 +339,7 @@ class Engine:
             keys.append((NS_INDEX, KEY_STAGING))
             keys.extend((NS_INDEX, _chunk_key(KEY_STAGING, k)) for k in self._staging_chunks)
         keys.extend((NS_SESSIONS, a) for a in self._sessions)
+        keys.extend((NS_RENEWALS, _renewal_key(j)) for j in self._renewals)
         keys.extend((NS_INTENTS, i) for i in self._intents)
         keys.extend((NS_HISTORY, c) for c in self._history)
         keys.extend((NS_GRANTS, c) for c in self._grants)
@@ -333,6 +384,8 @@ class Engine:
                 concepts.append(concept_from_json(obj))
             elif ns == NS_SESSIONS:
                 e._sessions[key] = Session.from_json(obj)
+            elif ns == NS_RENEWALS:
+                e._renewals[int(key)] = obj
             elif ns == NS_INTENTS:
                 e._intents[key] = Intent.from_json(obj)
             elif ns == NS_HISTORY:
@@ -343,6 +396,21 @@ class Engine:
                 e._conflict_log = obj["events"]
             else:
                 raise ValueError(f"unknown record {ns}/{key}")
+        for j in sorted(e._renewals):
+            # An agent's latest renewal after its session was (re)opened is its reference; times
+            # only ever move forward, so applying every such renewal in order gives the live ones.
+            rec = e._renewals[j]
+            e._renew_live[j] = 0
+            for a in rec["agents"]:
+                s = e._sessions.get(a)
+                if s is None or j <= s.opened_index:
+                    continue
+                prev = e._renew_ref.get(a)
+                if prev is not None:
+                    e._renew_live[prev] -= 1
+                e._renew_ref[a] = j
+                e._renew_live[j] += 1
+                e._renew(s, rec["at_ms"], rec["deadline_ms"])
         if version is not None:
             e._registry = Registry(concepts, version)
         if e._index_meta is not None:
@@ -724,6 +792,7 @@ class Engine:
         unknown: list[str] = []
         notices: dict[str, Any] = {}
         soft: dict[str, Any] = {}
+        renewed: list[str] = []
         for a in cmd.agent_ids:
             s = self._sessions.get(a)
             if s is None:
@@ -732,9 +801,8 @@ class Engine:
             if s.status == SESSION_LAPSED:
                 lapsed.append(a)
                 continue
-            s.last_seen_ms = now
-            s.deadline_ms = max(s.deadline_ms, now + self._ttl())
-            self._touch(NS_SESSIONS, a)
+            self._renew(s, now, now + self._ttl())
+            renewed.append(a)
             refreshed += 1
             n = self._notice(s)
             if n is not None:
@@ -746,6 +814,13 @@ class Engine:
                            "context": world.context_for_changes(it, [], [])}
                 it.soft_told_index = it.soft_changed_index
                 self._touch(NS_INTENTS, it.intent_id)
+        if renewed:
+            for a in renewed:
+                self._unref_renewal(a)
+                self._renew_ref[a] = index
+            self._renewals[index] = {"at_ms": now, "deadline_ms": now + self._ttl(), "agents": renewed}
+            self._renew_live[index] = len(renewed)
+            self._touch(NS_RENEWALS, _renewal_key(index))
         return {"ok": True, "refreshed": refreshed, "lapsed": lapsed, "unknown": unknown, "notices": notices,
                 "soft": soft}
 
@@ -1387,4 +1462,8 @@ class Engine:
             "foot_files": {k: sorted(v) for k, v in sorted(self._foot_files.items())},
             "foot_syms": {k: sorted(v) for k, v in sorted(self._foot_syms.items())},
             "soft_by": {k: sorted(v) for k, v in sorted(self._soft_by.items())},
+            "session_times": {a: (s.last_seen_ms, s.deadline_ms) for a, s in sorted(self._sessions.items())},
+            "renew_ref": dict(sorted(self._renew_ref.items())),
+            "renew_live": dict(sorted(self._renew_live.items())),
+            "session_rec": dict(sorted(self._session_rec.items())),
         }
