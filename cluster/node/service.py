@@ -418,7 +418,7 @@ class Service:
             raise Refused(e.code, e.message) from None
         # Match the plan here, once, outside the store lock: the entry carries the claims, and
         # replicas reuse them unless the registry or code index changed before it applied.
-        basis = self.replica.store.engine_view(lambda e: e.match_basis())
+        basis = self.replica.store.engine_peek(lambda e: e.match_basis())
         cmd = prematched(cmd, basis)
         verdict = await self.engine(cmd)
         self._count_verdict(verdict, self.clock.monotonic() - t0)

@@ -195,8 +195,11 @@ class LmdbStore:
         with self._lock:
             txn, self._batch = self._batch, None
             outcomes, self._batch_outcomes = self._batch_outcomes, []
-            if txn is not None:
-                txn.commit()
+        # The commit (and its fsync) runs outside the lock: readers on other threads use their
+        # own read transactions and must not wait for the disk. Only this (the tick) thread
+        # writes or swaps the environment, so nothing can change it meanwhile.
+        if txn is not None:
+            txn.commit()
         if self.on_apply is not None:
             for out in outcomes:
                 self.on_apply(out)
@@ -204,9 +207,20 @@ class LmdbStore:
     # --- reads ------------------------------------------------------------------------------
 
     def get(self, ns: str, key: str) -> sm.Record | None:
-        with self._lock, self.env.begin() as txn:
-            raw = txn.get(_kv_key(ns, key), db=self._kv)
-            return _dec(raw) if raw is not None else None
+        # Every request reads its key's record: a read transaction of its own, not the lock the
+        # tick thread holds while it applies. Only a snapshot install (which closes the
+        # environment) can get in the way, and then the read is made again under the lock.
+        try:
+            with self.env.begin() as txn:
+                raw = txn.get(_kv_key(ns, key), db=self._kv)
+        except lmdb.Error:
+            with self._lock, self.env.begin() as txn:
+                raw = txn.get(_kv_key(ns, key), db=self._kv)
+        return _dec(raw) if raw is not None else None
+
+    def engine_peek(self, fn: Callable[[Engine], Any]) -> Any:
+        """Run ``fn`` on the engine without waiting for applies (see Store.engine_peek)."""
+        return fn(self.engine)
 
     def scan(self, ns: str, after: str = "", limit: int = 100) -> list[tuple[str, sm.Record]]:
         """Records of ``ns`` with keys after ``after``, in key order, at most ``limit``."""

@@ -139,6 +139,9 @@ class MemoryStore:
         with self._lock:
             return fn(self.engine)
 
+    def engine_peek(self, fn: Callable[[Engine], Any]) -> Any:
+        return fn(self.engine)
+
     def dump(self) -> dict[str, Any]:
         with self._lock:
             records: dict[str, dict[str, Any]] = {}

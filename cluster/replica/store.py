@@ -59,6 +59,12 @@ class Store(Protocol):
         """Run a read-only query on the engine, excluded from concurrent applies."""
         ...
 
+    def engine_peek(self, fn: Callable[[Engine], Any]) -> Any:
+        """Run ``fn`` on the engine without waiting for an apply in progress: for reads of
+        immutable objects whose users check what they got later (the match basis: apply checks
+        its versions), never for anything answered to a client."""
+        ...
+
     def dump(self) -> dict[str, Any]:
         """The whole replicated state as plain data (to compare replicas)."""
         ...

@@ -6,6 +6,7 @@ same state."""
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -180,3 +181,44 @@ def test_a_batch_is_committed_before_a_snapshot_is_written(tmp_path: Path) -> No
     s.apply(1, put("a", "k", "v"))
     header = s.write_snapshot(tmp_path / "snap.tls", {"node": "n1"})
     assert header["applied_index"] == 1
+
+
+def test_engine_peek_sees_what_engine_view_sees(new_store: Factory, tmp_path: Path) -> None:
+    s = new_store(tmp_path / "s")
+    s.apply(1, engine(ec.Init(remote="git@x:y/z.git")))
+    s.flush_applied()
+    assert s.engine_peek(lambda e: e.cluster_settings()) == s.engine_view(lambda e: e.cluster_settings())
+
+
+def test_reads_during_snapshot_installs_never_fail(tmp_path: Path) -> None:
+    """get() reads without the store lock; a snapshot install closes the environment under it,
+    and a read that meets the closed one is made again under the lock."""
+
+
+    src = LmdbStore(tmp_path / "src")
+    src.apply(1, put("a", "k", "v1"))
+    src.sync()
+    snap = tmp_path / "snap.tls"
+    src.write_snapshot(snap, {"last": None})
+    s = LmdbStore(tmp_path / "s")
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                s.get("a", "k")
+            except BaseException as e:  # any failure is the finding
+                errors.append(e)
+                return
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for _ in range(30):
+            assert s.install_snapshot(snap, force=True)
+    finally:
+        stop.set()
+        t.join(10)
+    assert errors == []
+    assert s.get("a", "k") is not None
