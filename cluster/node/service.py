@@ -439,7 +439,9 @@ class Service:
 
     async def _end(self, who: Identity, agent_id: str, intent_id: str, trigger: str) -> dict[str, Any]:
         self._own(who, agent_id)
-        tool = self.replica.store.engine_view(lambda e: (e.get_session(agent_id) or {}).get("tool")) or "unknown"
+        # The tool only labels the command (apply does not decide on it): read without waiting
+        # for an apply in progress.
+        tool = self.replica.store.engine_peek(lambda e: e.session_tool(agent_id)) or "unknown"
         with self._intent_slot(who):
             res = await self.engine(ec.SubmitIntent(agent_id=agent_id, tool=tool, intent=None, trigger=trigger,
                                                     intent_id=intent_id))

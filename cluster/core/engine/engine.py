@@ -1293,6 +1293,10 @@ class Engine:
         it = self._intents.get(intent_id)
         return it.to_json() if it is not None else None
 
+    def session_tool(self, agent_id: str) -> str | None:
+        s = self._sessions.get(agent_id)
+        return s.tool if s is not None else None
+
     def get_session(self, agent_id: str) -> dict[str, Any] | None:
         s = self._sessions.get(agent_id)
         return s.to_json() if s is not None else None
