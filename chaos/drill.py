@@ -122,6 +122,8 @@ def _common(s: argparse.ArgumentParser, duration_default: float, duration_help: 
     s.add_argument("--agents", type=int, default=4, help="simulated agents (default 4)")
     s.add_argument("--fail-closed-s", type=float, default=5.0, help="F: the shims' fail-closed bound (default 5)")
     s.add_argument("--warmup-s", type=float, default=2.0, help="workload before the first fault (default 2)")
+    s.add_argument("--session-ttl-s", type=int, default=30,
+                   help="with --netns: the new cluster's session TTL (10..3600, at least F + 5; default 30)")
     s.add_argument("--json", action="store_true", help="print the report as one JSON object")
     s.add_argument("--quiet", action="store_true", help="no live progress on stderr")
     s.add_argument("--history", metavar="FILE", help="write the full history (ops and runs) as JSON")
@@ -192,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _FLAGS = ("netns", "proxied", "json", "quiet", "keep", "full")
 _VALUED = ("dir", "toxiproxy", "duration", "seed", "agents", "fail_closed_s", "warmup_s", "settle_s", "history",
+           "session_ttl_s",
            "isolate",
            "split", "one_way", "bridge", "flap", "direction", "client", "minority", "period_s", "node", "nodes",
            "latency_ms", "jitter_ms", "nemesis", "fault_s", "gap_s")
@@ -359,7 +362,7 @@ def _fresh_netns_cluster(args: argparse.Namespace, proxied: bool, log: Progress)
     setup_private_netns()
     work = Path(tempfile.mkdtemp(prefix="tetherlab-drill-"))
     cdir = work / "cluster"
-    cf = init_cluster(cdir, 3, "127.0.0.1", NETNS_BASE_PORT, remote=DRILL_REMOTE)
+    cf = init_cluster(cdir, 3, "127.0.0.1", NETNS_BASE_PORT, remote=DRILL_REMOTE, session_ttl_s=args.session_ttl_s)
     rewrite_hosts(cdir, cf.nodes, {n.id: f"127.0.0.{NETNS_HOSTS_BASE + i + 1}" for i, n in enumerate(cf.nodes)})
     cleanup: list[Callable[[], None]] = []
     mechanisms = {"partitions": "nftables in a private network namespace (connection-owner allow-sets)",
@@ -672,6 +675,11 @@ def run(args: argparse.Namespace) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
     log = Progress(args.quiet)
+    ttl_s = getattr(args, "session_ttl_s", 30)
+    if not 10 <= ttl_s <= 3600 or ttl_s < args.fail_closed_s + 5:
+        _log_err(f"--session-ttl-s must be 10..3600 and at least --fail-closed-s + 5 "
+                 f"({args.fail_closed_s:g} + 5); got {ttl_s}")
+        return EXIT_USAGE
     if args.netns and not in_private_netns():
         reason = netns_unavailable_reason()
         if reason:

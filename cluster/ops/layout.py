@@ -81,7 +81,7 @@ def write_client_files(directory: Path, addrs: list[NodeAddresses], host_keys: d
 
 def init_cluster(directory: Path, nodes: int, host: str = "127.0.0.1", base_port: int = DEFAULT_BASE_PORT,
                  force: bool = False, admin_key: Path | None = None, admin_name: str = "admin",
-                 remote: str = "") -> ClusterFile:
+                 remote: str = "", session_ttl_s: int = 30) -> ClusterFile:
     """A local cluster in one directory: one config and SSH host key per node, the cluster
     secret (0600), an admin key (unless one is given), ``cluster.toml`` and ``shim.toml``."""
     if nodes < 1 or nodes > 99:
@@ -115,7 +115,7 @@ def init_cluster(directory: Path, nodes: int, host: str = "127.0.0.1", base_port
             data_dir=node_dir / "data",
             secret_file=secret_path,
             ssh_host_key=host_key,
-            cluster=ClusterSettings(remote, (admin_line,), admin_name),
+            cluster=ClusterSettings(remote, (admin_line,), admin_name, session_ttl_s=session_ttl_s),
         )
         write_text_atomic(node_dir / "node.toml", render_node_config(cfg))
     return load_cluster_file(write_client_files(directory, addrs, host_keys, admin_private, admin_name))

@@ -38,9 +38,10 @@ CONSEQUENCES = {"rejoin_after_heal": {"convergence"}}
 # (test id, drill arguments). Seeds are fixed so a failure here replays anywhere.
 DRILLS: list[tuple[str, list[str]]] = [
     ("isolate-leader", ["partition", "--isolate", "leader", "--duration", "6", "--seed", "101"]),
-    # Longer than the session TTL (30 s): one group of shims with the minority fails closed, its
-    # sessions lapse, the other group takes its concepts over, and learns of lapses after healing.
-    ("split-agents-past-session-ttl", ["partition", "--split", "agents", "--duration", "38", "--seed", "115"]),
+    # Longer than the session TTL (12 s here): one group of shims with the minority fails closed,
+    # its sessions lapse, the other group takes its concepts over, and learns of lapses after healing.
+    ("split-agents-past-session-ttl", ["partition", "--split", "agents", "--session-ttl-s", "12", "--duration", "18",
+                                       "--seed", "115"]),
     ("split-2-1-shims-with-minority", ["partition", "--split", "2-1", "--client", "minority", "--duration", "8",
                                        "--seed", "102"]),
     ("split-1-1-1", ["partition", "--split", "1-1-1", "--duration", "6", "--seed", "103"]),
@@ -85,7 +86,11 @@ def _report(proc: subprocess.CompletedProcess[str]) -> dict[str, Any] | None:
 def test_drill(argv: list[str]) -> None:
     proc = subprocess.run([sys.executable, "-m", "tetherlab.chaos.drill", *argv, "--netns", "--json", "--quiet",
                            "--settle-s", SETTLE_S], capture_output=True, text=True, timeout=DRILL_TIMEOUT_S)
-    _assert_passed(proc, _report(proc))
+    report = _report(proc)
+    _assert_passed(proc, report)
+    if "--session-ttl-s" in argv:
+        # The drill is about sessions lapsing while cut off: it must have made some lapse.
+        assert report is not None and report["shims"]["lapsed"] > 0, _explain(proc, report)
 
 
 def _assert_passed(proc: subprocess.CompletedProcess[str], report: dict[str, Any] | None) -> None:
