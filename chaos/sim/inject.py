@@ -20,13 +20,15 @@ INJECTIONS: dict[str, str] = {
                          "journal down to the snapshot, dropping acknowledged entries (patch load_dump_keeps_log off)",
     "snapshot-uncommitted": "a snapshot message (serialized, or serialized: None) commits entries nobody matched "
                             "against the leader's log (patch snapshot_commit off)",
-    "leader-unflushed-commit": "the leader sends its entries and counts itself toward their commit before they are "
-                               "durable on its own disk (a wrongly pipelined leader fsync)",
+    "leader-unflushed-commit": "the leader counts its unflushed entries toward their commit: it sends them before its "
+                               "own fsync (as it should) but neither flushes after its sends nor before it "
+                               "applies (patch leader_commit_durable off)",
     "journal-nofsync": "the journal never fsyncs; the OS writes it back about once a second",
     "local-read": "every node answers reads from its own applied state: no leader check, no read barrier",
 }
 
-PATCH_OFF = {"compaction-window": "load_dump_keeps_log", "snapshot-uncommitted": "snapshot_commit"}
+PATCH_OFF = {"compaction-window": "load_dump_keeps_log", "snapshot-uncommitted": "snapshot_commit",
+             "leader-unflushed-commit": "leader_commit_durable"}
 READS = frozenset({"intents_list", "concepts_list", "concepts_show", "keys_list", "world_slice"})
 
 
@@ -53,8 +55,10 @@ def apply(name: str, world: Any) -> Injected:
         inj._stack.enter_context(pysyncobj_patches.without(PATCH_OFF[name]))
         world.required_patches = tuple(p for p in world.required_patches if p != PATCH_OFF[name])
         # The nodes start later (the schedule's first event), without the patch.
-    elif name == "leader-unflushed-commit":
-        world.transport_class.skip_leader_flush = True
+    if name == "leader-unflushed-commit":
+        # Without the patch the leader counts itself for entries it sent before its fsync; take
+        # away the flushes that would make them durable by the time it commits and applies them.
+        world.leader_flush_per_tick = False
         for node in world.nodes.values():
             node.disk.journal.flush_on_commit = False
     elif name == "journal-nofsync":

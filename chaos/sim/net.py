@@ -16,8 +16,9 @@ connections, not datagrams:
 - a paused node (SIGSTOP) keeps its connections (the kernel still acknowledges) and reads what
   queued up when it resumes.
 
-:class:`SimTransport` is a pysyncobj ``Transport``: it keeps production's rule that nothing
-leaves a node before its journal is flushed (``DurableTransport``), stamps the lease times
+:class:`SimTransport` is a pysyncobj ``Transport``: it runs production's durability rule
+(``raft.flush_before_send``, the function ``DurableTransport`` calls: nothing leaves a node before
+its journal is flushed, except a leader's append-entries), stamps the lease times
 (``LeaseStamps``), and hands messages to :class:`RaftNet`.
 """
 
@@ -34,7 +35,7 @@ from pysyncobj.transport import Transport
 
 from tetherlab.chaos.sim.loop import Sim, SimError
 from tetherlab.cluster.replica import pysyncobj_patches
-from tetherlab.cluster.replica.raft import LeaseStamps
+from tetherlab.cluster.replica.raft import LeaseStamps, flush_before_send
 
 HELD_MESSAGES_MAX = 10_000  # per direction: a blocked direction that queues more breaks instead
 SENDS_PER_TICK_MAX = 5_000  # one tick sending more is a busy loop (it would spin on a real clock too)
@@ -296,7 +297,6 @@ class SimTransport(LeaseStamps, Transport):
     """pysyncobj's transport over :class:`RaftNet` (built by SyncObj with these arguments)."""
 
     net: RaftNet  # set on the class by the simulator before a node starts (one per node)
-    skip_leader_flush = False  # the leader-unflushed-commit fault
 
     def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any) -> None:
         super().__init__(syncObj, selfNode, otherNodes)
@@ -346,9 +346,7 @@ class SimTransport(LeaseStamps, Transport):
         if self.sent_in_tick > SENDS_PER_TICK_MAX:
             raise SimError(f"{self.addr} sent more than {SENDS_PER_TICK_MAX} messages in one tick (a busy loop); "
                            f"the last: {str(message)[:200]}")
-        journal = so._tl_journal
-        if not (self.skip_leader_flush and isinstance(message, dict) and message.get("type") == "append_entries"):
-            journal.flush()  # DurableTransport's rule: nothing leaves before it is durable
+        flush_before_send(so, message)  # DurableTransport's rule, the same function
         self._tl_stamp(message)
         return self.net.send(self.addr, node.address, message)
 

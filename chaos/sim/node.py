@@ -222,7 +222,7 @@ class SimNode:
         io = RaftIO(journal=self.disk.journal, files=self.disk.files, transport_class=w.transport_class,
                     auto_tick=False, clock=clock.monotonic, node_class=SimRaftNode, fatal=self._fatal,
                     encrypt=False, state_sync_thread=False, wake=self.wake,
-                    required_patches=w.required_patches)
+                    required_patches=w.required_patches, leader_flush_per_tick=w.leader_flush_per_tick)
         self.sim.note(self.id, f"start (incarnation {self.incarnation}, skew {self.skew_ms} ms)")
         self.disk.armed = True
         self.sim.current = self.id

@@ -97,6 +97,7 @@ class World:
         # took one out on purpose to show what goes wrong without it).
         installed = set(pysyncobj_patches.installed())
         self.required_patches: tuple[str, ...] = tuple(p for p in REQUIRED_PATCHES if p in installed)
+        self.leader_flush_per_tick = True  # off only for the leader-unflushed-commit fault
         self.journal: Any = None  # the workload's Journal (set by the schedule)
         self._maintain()
 

@@ -9,7 +9,10 @@ last few), and it makes promises durable with *group commit*:
   it before any message leaves the node, so a vote or an append acknowledgement is never sent
   for something that is not on disk, and all the entries written since the last message share
   one fsync;
-- term and vote are flushed before :meth:`setCurrentTerm` returns.
+- term and vote are flushed before :meth:`setCurrentTerm` returns;
+- :meth:`LmdbJournal.durable_last_index` is the last index up to which the log is durable as it
+  stands (a leader sends its entries before its own fsync and counts itself toward a commit only
+  up to there: patch ``leader_commit_durable``).
 
 All methods except the ``stats`` counters are called from pysyncobj's tick thread only: the
 open write transaction belongs to that thread.
@@ -67,6 +70,7 @@ class LmdbJournal(Journal):
         self._dirty_entries = False
         self._on_fsync = on_fsync
         self._cache: OrderedDict[int, Entry] = OrderedDict()
+        self._durable_last = 0  # see durable_last_index
         self.fsyncs = 0
         self.lock = threading.Lock()  # held while a flush runs, so a reader never sees half a state
 
@@ -92,6 +96,7 @@ class LmdbJournal(Journal):
             # A restored node's log starts right after its snapshot (seed_index > 1).
             self.add(NOOP_COMMAND, seed_index, seed_term if seed_index > 1 else 0)
             self.flush()
+        self._durable_last = self._last or 0
 
     # --- write path -------------------------------------------------------------------------
 
@@ -114,6 +119,7 @@ class LmdbJournal(Journal):
             txn.commit()
             self._txn = None
             self._dirty_entries = False
+            self._durable_last = self._last or 0
             self.fsyncs += 1
             if self._on_fsync is not None:
                 self._on_fsync(time.perf_counter() - t0)
@@ -121,6 +127,11 @@ class LmdbJournal(Journal):
     @property
     def dirty(self) -> bool:
         return self._txn is not None
+
+    def durable_last_index(self) -> int:
+        """The last index up to which the log, as it stands, is durable: entries after it were
+        written (or rewritten after a truncation) since the last flush; 0 when none is."""
+        return min(self._durable_last, self._last or 0)
 
     @property
     def last_index(self) -> int | None:
@@ -141,6 +152,7 @@ class LmdbJournal(Journal):
         txn = self._w()
         txn.drop(self._log, delete=False)
         self._first = self._last = None
+        self._durable_last = 0
         self._cache.clear()
         self._dirty_entries = True
 
@@ -156,6 +168,7 @@ class LmdbJournal(Journal):
             txn.delete(_IDX.pack(idx), db=self._log)
             self._cache.pop(idx, None)
         self._last = start - 1
+        self._durable_last = min(self._durable_last, self._last)
         if self._last < self._first:
             self._first = self._last = None
         self._dirty_entries = True

@@ -1,6 +1,7 @@
 """The Raft journal in memory: the twin of :class:`~tetherlab.cluster.replica.journal.LmdbJournal`.
 
-Same interface (pysyncobj's ``Journal`` plus ``flush``, ``dirty``, ``read_range``, ``stats``)
+Same interface (pysyncobj's ``Journal`` plus ``flush``, ``dirty``, ``durable_last_index``,
+``read_range``, ``stats``)
 and the same durability rule, passing the same conformance tests
 (tests/unit/test_journal_conformance.py): every change is pending until :meth:`flush` makes
 all of them durable at once (LMDB's commit of the open write transaction); term and vote are
@@ -54,6 +55,7 @@ class MemoryJournal(Journal):
         self.fsync_enabled = True
         self.dead = False
         self.fsyncs = 0
+        self._durable_last = 0  # see durable_last_index
         self.add(NOOP_COMMAND, seed_index, seed_term if seed_index > 1 else 0)
         self.flush()
 
@@ -63,6 +65,7 @@ class MemoryJournal(Journal):
         """Lose everything not flushed; the journal refuses work until :meth:`revive`."""
         self._live = self._durable.copy()
         self._dirty = self._dirty_entries = False
+        self._durable_last = self.last_index or 0
         self.dead = True
 
     def revive(self) -> None:
@@ -74,8 +77,10 @@ class MemoryJournal(Journal):
             self._durable = self._live.copy()
 
     def durable_last_index(self) -> int:
-        e = self._durable.entries
-        return e[-1][1] if e else 0
+        """The last index up to which the log, as it stands, is durable as far as this journal
+        knows (what :meth:`flush` made durable, less what was truncated since); 0 when none is.
+        With ``fsync_enabled`` off it believes its flushes, as a journal on a lying disk would."""
+        return min(self._durable_last, self.last_index or 0)
 
     def _alive(self) -> None:
         if self.dead:
@@ -93,6 +98,7 @@ class MemoryJournal(Journal):
             self._durable = self._live.copy()
             self.fsyncs += 1
         self._dirty = self._dirty_entries = False
+        self._durable_last = self.last_index or 0
 
     @property
     def dirty(self) -> bool:
@@ -114,6 +120,7 @@ class MemoryJournal(Journal):
     def clear(self) -> None:
         self._alive()
         self._live.entries = []
+        self._durable_last = 0
         self._dirty = self._dirty_entries = True
 
     def deleteEntriesFrom(self, entryFrom: int) -> None:
@@ -122,6 +129,7 @@ class MemoryJournal(Journal):
         if entryFrom < 0 or entryFrom >= len(self._live.entries):
             return
         del self._live.entries[entryFrom:]
+        self._durable_last = min(self._durable_last, self.last_index or 0)
         self._dirty = self._dirty_entries = True
 
     def deleteEntriesTo(self, entryTo: int) -> None:

@@ -112,6 +112,20 @@ deterministic simulator (``tetherlab sim``):
 - ``leader_stickiness`` (CheckQuorum-like): a node that heard from a leader within the minimum
   election timeout (or is the leader) refuses votes and pre-votes, except for a leadership
   transfer the leader asked for (its campaign is marked ``tl_transfer``).
+
+Performance (issue 13):
+
+- ``leader_commit_durable``: a leader sends its append-entries before its own fsync (the journal
+  is flushed once per tick, after the sends: ``raft.flush_before_send``), so its fsync overlaps the
+  round trip and the followers' fsyncs. Raft allows that only if the leader counts itself toward
+  a commit for the entries it has made durable; pysyncobj's leader commit counts the leader for
+  every index of its log. It counts the leader up to its journal's ``durable_last_index()``.
+- ``chunked_entries``: an entry of at least ``appendEntriesBatchSizeBytes`` (64 KiB) goes out in
+  chunks of its pickle, and pysyncobj marks a chunk ``finish`` when it reaches the entry's *data*
+  length; for data within 54 bytes under a multiple of the batch size (from twice it: concept
+  pushes reach 256 KiB) the follower gets a premature ``finish``, unpickles a truncated entry and
+  its tick raises (the entry arrives with the real last chunk, after a stalled tick). The chunk
+  that ends the pickle is the last.
 """
 
 from __future__ import annotations
@@ -141,7 +155,7 @@ from pysyncobj.poller import POLL_EVENT_TYPE
 from pysyncobj.syncobj import SyncObj
 from pysyncobj.tcp_connection import TcpConnection
 from pysyncobj.tcp_server import SERVER_STATE, TcpServer
-from pysyncobj.transport import TCPTransport
+from pysyncobj.transport import TCPTransport, TransportNotReadyError
 from pysyncobj.version import VERSION
 
 from tetherlab.cluster.replica.files import Files, OsFiles
@@ -1076,7 +1090,10 @@ def _on_tick(self: Any, timeToWait: float = 0.0) -> None:
             _start_election(self, transfer=False)
         else:
             _start_pre_vote(self)
-    _original_on_tick(self, timeToWait)
+    if "leader_commit_durable" in _active:
+        _tick_counting_durable_self(self, timeToWait)
+    else:
+        _original_on_tick(self, timeToWait)
 
 
 def _start_pre_vote(self: Any) -> None:
@@ -1121,6 +1138,219 @@ def _flag(name: str, also: tuple[Callable[[], None], Callable[[], None]] | None 
             also[1]()
 
     return apply, revert
+
+# --- leader_commit_durable ------------------------------------------------------------------------
+
+
+def durable_index(so: Any) -> int:
+    """The last log index ``so``'s journal has made durable (pysyncobj's own journals know no such
+    thing: their last index, which is what pysyncobj assumes)."""
+    log = so._SyncObj__raftLog
+    last = int(log[-1][1])
+    durable = getattr(log, "durable_last_index", None)
+    return last if durable is None else min(int(durable()), last)
+
+
+def _leader_commit(self: Any) -> None:
+    # pysyncobj 0.3.17's leader commit (the first half of _onTick's leader branch), with the one
+    # change: the leader counts itself for an index only once its journal made it durable.
+    durable = durable_index(self)
+    others = self._SyncObj__otherNodes
+    match = self._SyncObj__raftMatchIndex
+    commitIdx = nextCommitIdx = self._SyncObj__raftCommitIndex
+    while commitIdx < self._SyncObj__getCurrentLogIndex():
+        commitIdx += 1
+        count = 1 if commitIdx <= durable else 0
+        for node in others:
+            if match[node] >= commitIdx:
+                count += 1
+        if count <= (len(others) + 1) / 2:
+            break
+        entries = self._SyncObj__getEntries(commitIdx, 1)
+        if not entries:
+            continue
+        if entries[0][2] != self._SyncObj__raftCurrentTerm:
+            continue
+        nextCommitIdx = commitIdx
+    if self._SyncObj__raftCommitIndex != nextCommitIdx:
+        self._SyncObj__raftCommitIndex = nextCommitIdx
+        self._SyncObj__raftLog.setRaftCommitIndex(nextCommitIdx)
+
+
+def _tick_counting_durable_self(self: Any, timeToWait: float = 0.0) -> None:
+    """pysyncobj 0.3.17's ``SyncObj._onTick`` statement for statement, except the leader's commit
+    (:func:`_leader_commit`). The commit is computed inline in _onTick, between the election and
+    the apply, so no smaller wrapper can change it."""
+    if not self._SyncObj__transport.ready:
+        try:
+            self._SyncObj__transport.tryGetReady()
+        except TransportNotReadyError:
+            pass
+    if not self._SyncObj__transport.ready:
+        _syncobj_mod.time.sleep(timeToWait)
+        self._SyncObj__applyLogEntries()
+        return
+
+    if self._SyncObj__needLoadDumpFile:
+        # pysyncobj's module-level names, as the other patches route them (snapshot_files: its os).
+        dump = self._SyncObj__conf.fullDumpFile
+        if dump is not None and _syncobj_mod.os.path.isfile(dump):
+            self._SyncObj__loadDumpFile(clearJournal=False)
+        self._SyncObj__needLoadDumpFile = False
+
+    workTime = _now() - self._SyncObj__startTime
+    if workTime > self._SyncObj__numOneSecondDumps:
+        self._SyncObj__numOneSecondDumps += 1
+        self._SyncObj__raftLog.onOneSecondTimer()
+
+    if self._SyncObj__raftState in (_FOLLOWER, _CANDIDATE) and self._SyncObj__selfNode is not None \
+            and self._SyncObj__raftElectionDeadline < _now() and self._SyncObj__connectedToAnyone():
+        self._SyncObj__raftElectionDeadline = _now() + self._SyncObj__generateRaftTimeout()
+        self._SyncObj__transferInProgress = False
+        self._SyncObj__raftLeader = None
+        self._SyncObj__setState(_CANDIDATE)
+        self._SyncObj__setCurrentTerm(self._SyncObj__raftCurrentTerm + 1, self._SyncObj__selfNode.id)
+        self._SyncObj__votesCount = 1
+        for node in self._SyncObj__otherNodes:
+            self._SyncObj__transport.send(node, {
+                "type": "request_vote",
+                "term": self._SyncObj__raftCurrentTerm,
+                "last_log_index": self._SyncObj__getCurrentLogIndex(),
+                "last_log_term": self._SyncObj__getCurrentLogTerm(),
+            })
+        self._SyncObj__onLeaderChanged()
+        if self._SyncObj__votesCount > (len(self._SyncObj__otherNodes) + 1) / 2:
+            self._SyncObj__onBecomeLeader()
+
+    if self._SyncObj__raftState == _LEADER:
+        _leader_commit(self)
+        self._SyncObj__leaderCommitIndex = self._SyncObj__raftCommitIndex
+        deadline = _now() - self._SyncObj__conf.leaderFallbackTimeout
+        count = 1
+        for node in self._SyncObj__otherNodes:
+            if self._SyncObj__lastResponseTime[node] > deadline:
+                count += 1
+        if count <= (len(self._SyncObj__otherNodes) + 1) / 2:
+            self._SyncObj__setState(_FOLLOWER)
+            self._SyncObj__raftLeader = None
+
+    needSendAppendEntries = self._SyncObj__applyLogEntries()
+
+    if self._SyncObj__raftState == _LEADER and (_now() > self._SyncObj__newAppendEntriesTime
+                                                or needSendAppendEntries):
+        self._SyncObj__sendAppendEntries()
+
+    if not self._SyncObj__onReadyCalled and self._SyncObj__raftLastApplied == self._SyncObj__leaderCommitIndex:
+        if self._SyncObj__conf.onReady:
+            self._SyncObj__conf.onReady()
+        self._SyncObj__onReadyCalled = True
+
+    self._checkCommandsToApply()
+    self._SyncObj__tryLogCompaction()
+
+    with self._SyncObj__onTickCallbacksLock:
+        for callback in self._SyncObj__onTickCallbacks:
+            callback()
+
+    self._poller.poll(timeToWait)
+
+
+# --- chunked_entries -------------------------------------------------------------------------------
+
+_original_send_append_entries = SyncObj._SyncObj__sendAppendEntries  # type: ignore[attr-defined]
+
+
+def _send_append_entries(self: Any) -> None:
+    """pysyncobj 0.3.17's ``SyncObj.__sendAppendEntries`` statement for statement, except which
+    chunk of a large entry is the last: pysyncobj marks ``finish`` when ``pos + batch`` reaches the
+    entry's *data* length, but the chunks slice the entry's *pickle*, which is 54 bytes longer; an
+    entry whose pickle crosses a chunk boundary its data does not (data within 54 bytes under a
+    multiple of the batch size, from twice it) gets two ``finish`` chunks, and the follower unpickles
+    the truncated first one (its tick raises). Here the pickle's length decides."""
+    self._SyncObj__newAppendEntriesTime = _now() + self._SyncObj__conf.appendEntriesPeriod
+    startTime = _now()
+    batchSizeBytes = self._SyncObj__conf.appendEntriesBatchSizeBytes
+    for node in self._SyncObj__otherNodes | self._SyncObj__readonlyNodes:
+        if node not in self._SyncObj__connectedNodes:
+            self._SyncObj__serializer.cancelTransmisstion(node)
+            continue
+        sendSingle = True
+        sendingSerialized = False
+        nextNodeIndex = self._SyncObj__raftNextIndex[node]
+        while nextNodeIndex <= self._SyncObj__getCurrentLogIndex() or sendSingle or sendingSerialized:
+            if nextNodeIndex > self._SyncObj__raftLog[0][1]:
+                prevLogIdx, prevLogTerm = self._SyncObj__getPrevLogIndexTerm(nextNodeIndex)
+                entries = []
+                if nextNodeIndex <= self._SyncObj__getCurrentLogIndex():
+                    entries = self._SyncObj__getEntries(nextNodeIndex, None, batchSizeBytes)
+                    self._SyncObj__raftNextIndex[node] = entries[-1][1] + 1
+                if len(entries) == 1 and len(entries[0][0]) >= batchSizeBytes:
+                    entry = _syncobj_mod.pickle.dumps(entries[0])
+                    for pos in range(0, len(entry), batchSizeBytes):
+                        currData = entry[pos:pos + batchSizeBytes]
+                        if pos == 0:
+                            transmission = "start"
+                        elif pos + batchSizeBytes >= len(entry):  # pysyncobj: len(entries[0][0])
+                            transmission = "finish"
+                        else:
+                            transmission = "process"
+                        message = {
+                            "type": "append_entries",
+                            "transmission": transmission,
+                            "data": currData,
+                            "term": self._SyncObj__raftCurrentTerm,
+                            "commit_index": self._SyncObj__raftCommitIndex,
+                            "prevLogIdx": prevLogIdx,
+                            "prevLogTerm": prevLogTerm,
+                        }
+                        self._SyncObj__transport.send(node, message)
+                        if node not in self._SyncObj__connectedNodes:
+                            break
+                else:
+                    message = {
+                        "type": "append_entries",
+                        "term": self._SyncObj__raftCurrentTerm,
+                        "commit_index": self._SyncObj__raftCommitIndex,
+                        "entries": entries,
+                        "prevLogIdx": prevLogIdx,
+                        "prevLogTerm": prevLogTerm,
+                    }
+                    self._SyncObj__transport.send(node, message)
+                    if node not in self._SyncObj__connectedNodes:
+                        break
+            else:
+                transmissionData = self._SyncObj__serializer.getTransmissionData(node)
+                message = {
+                    "type": "append_entries",
+                    "term": self._SyncObj__raftCurrentTerm,
+                    "commit_index": self._SyncObj__raftCommitIndex,
+                    "serialized": transmissionData,
+                }
+                self._SyncObj__transport.send(node, message)
+                if node not in self._SyncObj__connectedNodes:
+                    break
+                if transmissionData is not None:
+                    isLast = transmissionData[2]
+                    if isLast:
+                        self._SyncObj__raftNextIndex[node] = self._SyncObj__raftLog[1][1] + 1
+                        sendingSerialized = False
+                    else:
+                        sendingSerialized = True
+                else:
+                    sendingSerialized = False
+            nextNodeIndex = self._SyncObj__raftNextIndex[node]
+            sendSingle = False
+            delta = _now() - startTime
+            if delta > self._SyncObj__conf.appendEntriesPeriod:
+                break
+
+
+def _install_chunked_entries() -> None:
+    SyncObj._SyncObj__sendAppendEntries = _send_append_entries  # type: ignore[attr-defined]
+
+
+def _revert_chunked_entries() -> None:
+    SyncObj._SyncObj__sendAppendEntries = _original_send_append_entries  # type: ignore[attr-defined]
 
 # --- install ----------------------------------------------------------------------------------
 
@@ -1167,6 +1397,10 @@ PATCHES: tuple[Patch, ...] = (
           *_flag("term_notice")),
     Patch("leader_stickiness", "a node that hears a live leader refuses votes (transfers excepted)",
           *_flag("leader_stickiness")),
+    Patch("leader_commit_durable", "a leader that sends before its own fsync counts itself only for durable entries",
+          *_flag("leader_commit_durable")),
+    Patch("chunked_entries", "the last chunk of a large entry is the one that ends its pickle, not its data",
+          _install_chunked_entries, _revert_chunked_entries),
 )
 
 _installed: list[str] = []

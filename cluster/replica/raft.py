@@ -4,7 +4,10 @@ What this closes in pysyncobj as shipped (see docs/design.md):
 
 - the log, term, vote and commit index live in LMDB (:class:`LmdbJournal`), and the one
   egress point, :meth:`DurableTransport.send`, fsyncs every pending promise before a message
-  leaves the node (group commit);
+  leaves the node (group commit), except a leader's append-entries: the leader writes its log in
+  parallel with replication (:func:`flush_before_send`), flushes once per tick after its sends,
+  and counts itself toward a commit only up to its durable index (patch
+  ``leader_commit_durable``);
 - the changes to pysyncobj itself are in ``pysyncobj_patches`` (installed explicitly first);
 - Raft traffic is always encrypted and authenticated with the cluster secret, so a stranger's
   pickled payload is dropped before it is unpickled;
@@ -53,7 +56,28 @@ REQUIRED_PATCHES = ("journal_factory", "frame_bound", "socket_timeouts", "bounde
                     "handshake_deadline", "accept_queue", "accept_unknown_peers", "removal_on_commit",
                     "snapshot_files", "load_dump_keeps_log", "snapshot_commit", "keep_committed_entries",
                     "next_index_monotonic", "older_snapshot_ignored", "compaction_guard", "snapshot_send_no_spin",
-                    "pre_vote", "term_notice", "leader_stickiness")
+                    "pre_vote", "term_notice", "leader_stickiness", "leader_commit_durable",
+                    "chunked_entries")
+
+
+def defers_flush(so: Any, message: Any) -> bool:
+    """A message that may leave before this node's pending journal writes are durable: only a
+    leader's append-entries. It promises nothing about the leader's own disk (Raft lets the leader
+    write its log in parallel with replication, provided it counts itself toward a commit only up
+    to its durable index: patch ``leader_commit_durable``); the leader flushes once per tick after
+    its sends (:meth:`RaftNode._tl_on_tick`), so its fsync overlaps the round trip and the
+    followers' fsyncs. Everything else (votes, pre-votes, append answers, term notices) says
+    something about this node's log, term or vote, and waits for the flush."""
+    return isinstance(message, dict) and message.get("type") == "append_entries" and bool(so._isLeader())
+
+
+def flush_before_send(so: Any, message: Any) -> None:
+    """The durability rule at the one egress point, for production's :class:`DurableTransport`
+    and the simulator's transport alike (one function, so the simulator tests what runs)."""
+    journal = getattr(so, "_tl_journal", None)
+    if journal is not None and not defers_flush(so, message):
+        journal.flush()
+
 
 class LeaseStamps:
     """What a transport adds so a leader knows how recently each follower heard from it.
@@ -94,15 +118,14 @@ class LeaseStamps:
 
 
 class DurableTransport(LeaseStamps, TCPTransport):
-    """pysyncobj's TCP transport with one rule added: nothing leaves before it is durable.
+    """pysyncobj's TCP transport with one rule added: nothing leaves before it is durable, except
+    a leader's append-entries (:func:`flush_before_send`).
 
     It also times append-entries round trips per peer (first unanswered send to the answer)."""
 
     def send(self, node: Any, message: Any) -> bool:
         so = self._syncObj
-        journal: LmdbJournal | None = getattr(so, "_tl_journal", None)
-        if journal is not None:
-            journal.flush()
+        flush_before_send(so, message)
         if isinstance(message, dict) and message.get("type") == "append_entries":
             so._tl_rtt_pending.setdefault(node, time.monotonic())
         self._tl_stamp(message)
@@ -197,6 +220,9 @@ class RaftIO:
     # The pysyncobj patches this node refuses to start without (a simulator taking one out on
     # purpose, to show its checks catch the bug, names what it still requires).
     required_patches: tuple[str, ...] = REQUIRED_PATCHES
+    # A leader flushes its journal once per tick, after its sends. False only for the simulator's
+    # leader-unflushed-commit fault (with patch leader_commit_durable off).
+    leader_flush_per_tick: bool = True
 
     @classmethod
     def production(cls, cfg: NodeConfig, on_fsync: Callable[[float], None] | None = None) -> RaftIO:
@@ -301,6 +327,10 @@ class RaftNode(SyncObj):
         if self._isLeader() and sent != self._tl_last_sent:
             self._tl_last_sent = sent
             self._SyncObj__sendAppendEntries()  # type: ignore[attr-defined]
+        if self._isLeader() and self._tl_io.leader_flush_per_tick:
+            # The leader's entries went out before its own fsync (flush_before_send): this one
+            # overlaps the round trip, and the next tick's commit counts the leader up to here.
+            self._tl_journal.flush()
         now = self._tl_clock()
         if self._tl_syncer is None and self._tl_io.state_sync_thread:
             # The state's periodic fsync runs beside the Raft thread, never inside it.

@@ -83,6 +83,33 @@ def test_a_new_commit_index_flushes_the_entries_it_covers(journal: Factory) -> N
     assert j.getRaftCommitIndex() == 2 and entries(j)[-1] == (b"a", 2, 1)
 
 
+def test_the_durable_index_is_how_far_the_log_as_it_stands_is_flushed(journal: Factory) -> None:
+    # A leader counts itself toward a commit only up to here (patch leader_commit_durable).
+    t = journal()
+    assert t.j.durable_last_index() == 1
+    t.j.add(b"a", 2, 1)
+    t.j.add(b"b", 3, 1)
+    assert t.j.durable_last_index() == 1  # written, not flushed
+    t.j.flush()
+    assert t.j.durable_last_index() == 3
+    t.j.deleteEntriesFrom(2)  # a conflicting suffix from index 3 on
+    t.j.add(b"b2", 3, 2)
+    assert t.j.durable_last_index() == 2  # the durable entry 3 is not the log's entry 3
+    t.j.setCurrentTerm(2, None)  # term and vote are flushed: the whole pending state with them
+    assert t.j.durable_last_index() == 3
+    t.j.add(b"c", 4, 2)
+    t.j.deleteEntriesTo(1)  # compaction does not move it
+    assert t.j.durable_last_index() == 3
+    j = t.crash()
+    assert j.durable_last_index() == 3 and entries(j)[-1] == (b"b2", 3, 2)
+    j.clear()  # a snapshot install
+    j.add(b"prev", 99, 3)
+    j.add(b"last", 100, 3)
+    assert j.durable_last_index() == 0
+    j.flush()
+    assert j.durable_last_index() == 100 and t.crash().durable_last_index() == 100
+
+
 def test_positions_truncation_and_compaction(journal: Factory) -> None:
     t = journal()
     for i in range(2, 11):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import random
 import select
@@ -869,3 +870,151 @@ def test_removal_on_commit_a_node_keeps_answering_until_a_removal_is_committed()
             assert not member and not connected
         finally:
             w.close()
+
+
+# --- issue 13: leader_commit_durable, chunked_entries ---------------------------------------------
+
+
+def test_leader_commit_durable_a_leader_counts_itself_only_for_entries_it_flushed() -> None:
+    # The leader sends before its own fsync. Stage the moment a follower has acknowledged an entry
+    # the leader has not flushed yet (a 3-node cluster: the leader and that follower are a majority
+    # only if the leader counts itself for it).
+    def stage(w: World) -> tuple[Any, int, Any]:
+        leader, f = _follower(w)
+        raft = _raft(w, leader)
+        journal = w.nodes[leader].disk.journal
+        last = raft._SyncObj__raftLog[-1][1]
+        journal.add(NOOP_COMMAND, last + 1, raft.raftCurrentTerm)
+        assert journal.durable_last_index() == last
+        for n in raft.otherNodes:
+            raft._SyncObj__raftMatchIndex[n] = last + 1 if n.address == w.nodes[f].raft_addr else last
+        raft._onTick(0.0)  # one tick: its commit is computed first, its flush comes after its sends
+        return raft, last, journal
+
+    w = _world()
+    try:
+        raft, last, journal = stage(w)
+        assert raft.raftCommitIndex == last  # the leader did not count itself for last + 1
+        assert journal.durable_last_index() == last + 1  # the tick's own flush, after the sends
+        raft._onTick(0.0)
+        assert raft.raftCommitIndex == last + 1  # now durable on two of three nodes: committed
+    finally:
+        w.close()
+    with patches.without("leader_commit_durable"):
+        w = _world()
+        try:
+            raft, last, _ = stage(w)
+            assert raft.raftCommitIndex == last + 1  # pysyncobj counted the leader's unflushed entry
+        finally:
+            w.close()
+
+
+def test_leader_commit_durable_a_single_node_commits_once_its_entries_are_flushed() -> None:
+    w = _world(nodes=1)
+    try:
+        leader = _leader(w)
+        done = _put(w, leader, 1)
+        assert _until(w, lambda: bool(done), 1.0) and done[0][1] == 0
+        assert w.nodes[leader].disk.journal.durable_last_index() >= done[0][0]["index"]
+    finally:
+        w.close()
+
+
+def test_only_a_leaders_append_entries_leave_before_the_flush() -> None:
+    from tetherlab.cluster.replica.raft import defers_flush
+
+    leader = types.SimpleNamespace(_isLeader=lambda: True)
+    follower = types.SimpleNamespace(_isLeader=lambda: False)
+    assert defers_flush(leader, {"type": "append_entries"})
+    for kind in ("next_node_idx", "request_vote", "response_vote", patches.PRE_VOTE_RESPONSE, patches.TERM_NOTICE,
+                 "apply_command_response"):
+        assert not defers_flush(leader, {"type": kind})
+    assert not defers_flush(follower, {"type": "append_entries"})
+
+
+def _raft_pair(tmp_path: Path) -> list[Any]:
+    """Two production RaftNodes (LMDB journal, encrypted TCP on loopback, tick threads), requiring
+    the patches that are installed (a test may have taken one out)."""
+    import dataclasses
+
+    from tetherlab.cluster.core.config import Address, NodeAddresses, NodeConfig, RaftTuning
+    from tetherlab.cluster.replica.raft import RaftIO, RaftNode
+
+    ports = _free_ports(2)
+    addrs = [NodeAddresses(f"n{i}", Address("127.0.0.1", p), Address("127.0.0.1", 1), Address("127.0.0.1", 1))
+             for i, p in enumerate(ports)]
+    nodes = []
+    for a in addrs:
+        cfg = NodeConfig(node=a, peers=tuple(x for x in addrs if x is not a), data_dir=tmp_path / a.id,
+                         secret_file=tmp_path / "secret", raft=RaftTuning(election_timeout_min_s=0.4,
+                                                                          election_timeout_max_s=0.8))
+        io = dataclasses.replace(RaftIO.production(cfg), required_patches=tuple(patches.installed()))
+        nodes.append(RaftNode(cfg, b"s" * 32, MemoryStore(), io=io))
+    return nodes
+
+
+def _payload_for_command_bytes(raft: Any, command_bytes: int) -> bytes:
+    """A payload whose log entry (pysyncobj's command for ``_tl_apply(payload)``) is exactly that long."""
+    func_id = next(v for k, v in raft._methodToID.items() if "_tl_apply" in str(k))
+
+    def command_len(n: int) -> int:
+        return 1 + len(pysyncobj_pickle.dumps((func_id, (b"x" * n,))))
+
+    n = command_bytes - (command_len(command_bytes) - command_bytes)
+    assert command_len(n) == command_bytes
+    head, tail = b'{"op":"padding","pad":"', b'"}'  # ASCII: pysyncobj pickles bytes as a latin-1 str
+    return head + b"x" * (n - len(head) - len(tail)) + tail
+
+
+class _Errors(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_chunked_entries_a_large_entry_near_a_chunk_boundary_replicates_cleanly(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An entry of exactly twice the batch size: its pickle (54 bytes longer) needs a third chunk,
+    # and pysyncobj marked the second one 'finish' too (it compared with the data's length).
+    batch = 1 << 16
+    pysyncobj_log = logging.getLogger("pysyncobj")
+    monkeypatch.setattr(pysyncobj_log, "level", logging.ERROR)  # the simulator's worlds silence it
+    monkeypatch.setattr(pysyncobj_log, "disabled", False)
+
+    def replicate(path: Path) -> tuple[bool, list[str]]:
+        errors = _Errors()
+        pysyncobj_log.addHandler(errors)
+        a, b = _raft_pair(path)
+        try:
+            end = time.monotonic() + 10
+            while not (a._isLeader() or b._isLeader()) and time.monotonic() < end:
+                time.sleep(0.02)
+            leader, follower = (a, b) if a._isLeader() else (b, a)
+            payload = _payload_for_command_bytes(leader, 2 * batch)
+            done: list[Any] = []
+            leader.tl_submit(payload, lambda res, err: done.append((res, err)))
+            while not done and time.monotonic() < end:
+                time.sleep(0.02)
+            assert done and done[0][1] == 0, done
+            index = done[0][0]["index"]
+            entry = leader._SyncObj__raftLog[-1]
+            assert entry[1] == index and len(entry[0]) == 2 * batch  # the boundary case itself
+            while follower.raftLastApplied < index and time.monotonic() < end:
+                time.sleep(0.02)
+            same = follower.raftLastApplied >= index and follower._SyncObj__raftLog[-1] == entry
+            return same, errors.messages
+        finally:
+            a.tl_destroy(5.0)
+            b.tl_destroy(5.0)
+            pysyncobj_log.removeHandler(errors)
+
+    same, errors = replicate(tmp_path / "patched")
+    assert same and errors == []
+    with patches.without("chunked_entries"):
+        _, errors = replicate(tmp_path / "pysyncobj")
+    # The follower unpickled the truncated first 'finish' and its tick raised (the entry still
+    # arrived with the real last chunk, after a stalled tick).
+    assert "failed _onTick in _autoTickThread" in errors
