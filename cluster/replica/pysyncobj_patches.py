@@ -1155,26 +1155,26 @@ def _leader_commit(self: Any) -> None:
     # pysyncobj 0.3.17's leader commit (the first half of _onTick's leader branch), with the one
     # change: the leader counts itself for an index only once its journal made it durable.
     durable = durable_index(self)
-    others = self._SyncObj__otherNodes
-    match = self._SyncObj__raftMatchIndex
-    commitIdx = nextCommitIdx = self._SyncObj__raftCommitIndex
+    commitIdx = self._SyncObj__raftCommitIndex
+    nextCommitIdx = self._SyncObj__raftCommitIndex
     while commitIdx < self._SyncObj__getCurrentLogIndex():
         commitIdx += 1
         count = 1 if commitIdx <= durable else 0
-        for node in others:
-            if match[node] >= commitIdx:
+        for node in self._SyncObj__otherNodes:
+            if self._SyncObj__raftMatchIndex[node] >= commitIdx:
                 count += 1
-        if count <= (len(others) + 1) / 2:
+        if count <= (len(self._SyncObj__otherNodes) + 1) / 2:
             break
         entries = self._SyncObj__getEntries(commitIdx, 1)
         if not entries:
             continue
-        if entries[0][2] != self._SyncObj__raftCurrentTerm:
+        commitTerm = entries[0][2]
+        if commitTerm != self._SyncObj__raftCurrentTerm:
             continue
         nextCommitIdx = commitIdx
     if self._SyncObj__raftCommitIndex != nextCommitIdx:
         self._SyncObj__raftCommitIndex = nextCommitIdx
-        self._SyncObj__raftLog.setRaftCommitIndex(nextCommitIdx)
+        self._SyncObj__raftLog.setRaftCommitIndex(self._SyncObj__raftCommitIndex)
 
 
 def _tick_counting_durable_self(self: Any, timeToWait: float = 0.0) -> None:
@@ -1192,9 +1192,9 @@ def _tick_counting_durable_self(self: Any, timeToWait: float = 0.0) -> None:
         return
 
     if self._SyncObj__needLoadDumpFile:
-        # pysyncobj's module-level names, as the other patches route them (snapshot_files: its os).
-        dump = self._SyncObj__conf.fullDumpFile
-        if dump is not None and _syncobj_mod.os.path.isfile(dump):
+        # pysyncobj's module-level names (time, os, pickle), as the other patches route them.
+        if self._SyncObj__conf.fullDumpFile is not None and \
+                _syncobj_mod.os.path.isfile(self._SyncObj__conf.fullDumpFile):
             self._SyncObj__loadDumpFile(clearJournal=False)
         self._SyncObj__needLoadDumpFile = False
 
@@ -1203,24 +1203,24 @@ def _tick_counting_durable_self(self: Any, timeToWait: float = 0.0) -> None:
         self._SyncObj__numOneSecondDumps += 1
         self._SyncObj__raftLog.onOneSecondTimer()
 
-    if self._SyncObj__raftState in (_FOLLOWER, _CANDIDATE) and self._SyncObj__selfNode is not None \
-            and self._SyncObj__raftElectionDeadline < _now() and self._SyncObj__connectedToAnyone():
-        self._SyncObj__raftElectionDeadline = _now() + self._SyncObj__generateRaftTimeout()
-        self._SyncObj__transferInProgress = False
-        self._SyncObj__raftLeader = None
-        self._SyncObj__setState(_CANDIDATE)
-        self._SyncObj__setCurrentTerm(self._SyncObj__raftCurrentTerm + 1, self._SyncObj__selfNode.id)
-        self._SyncObj__votesCount = 1
-        for node in self._SyncObj__otherNodes:
-            self._SyncObj__transport.send(node, {
-                "type": "request_vote",
-                "term": self._SyncObj__raftCurrentTerm,
-                "last_log_index": self._SyncObj__getCurrentLogIndex(),
-                "last_log_term": self._SyncObj__getCurrentLogTerm(),
-            })
-        self._SyncObj__onLeaderChanged()
-        if self._SyncObj__votesCount > (len(self._SyncObj__otherNodes) + 1) / 2:
-            self._SyncObj__onBecomeLeader()
+    if self._SyncObj__raftState in (_FOLLOWER, _CANDIDATE) and self._SyncObj__selfNode is not None:  # noqa: SIM102
+        if self._SyncObj__raftElectionDeadline < _now() and self._SyncObj__connectedToAnyone():
+            self._SyncObj__raftElectionDeadline = _now() + self._SyncObj__generateRaftTimeout()
+            self._SyncObj__transferInProgress = False
+            self._SyncObj__raftLeader = None
+            self._SyncObj__setState(_CANDIDATE)
+            self._SyncObj__setCurrentTerm(self._SyncObj__raftCurrentTerm + 1, self._SyncObj__selfNode.id)
+            self._SyncObj__votesCount = 1
+            for node in self._SyncObj__otherNodes:
+                self._SyncObj__transport.send(node, {
+                    "type": "request_vote",
+                    "term": self._SyncObj__raftCurrentTerm,
+                    "last_log_index": self._SyncObj__getCurrentLogIndex(),
+                    "last_log_term": self._SyncObj__getCurrentLogTerm(),
+                })
+            self._SyncObj__onLeaderChanged()
+            if self._SyncObj__votesCount > (len(self._SyncObj__otherNodes) + 1) / 2:
+                self._SyncObj__onBecomeLeader()
 
     if self._SyncObj__raftState == _LEADER:
         _leader_commit(self)
@@ -1236,9 +1236,9 @@ def _tick_counting_durable_self(self: Any, timeToWait: float = 0.0) -> None:
 
     needSendAppendEntries = self._SyncObj__applyLogEntries()
 
-    if self._SyncObj__raftState == _LEADER and (_now() > self._SyncObj__newAppendEntriesTime
-                                                or needSendAppendEntries):
-        self._SyncObj__sendAppendEntries()
+    if self._SyncObj__raftState == _LEADER:  # noqa: SIM102
+        if _now() > self._SyncObj__newAppendEntriesTime or needSendAppendEntries:
+            self._SyncObj__sendAppendEntries()
 
     if not self._SyncObj__onReadyCalled and self._SyncObj__raftLastApplied == self._SyncObj__leaderCommitIndex:
         if self._SyncObj__conf.onReady:

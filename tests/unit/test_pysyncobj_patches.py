@@ -1018,3 +1018,39 @@ def test_chunked_entries_a_large_entry_near_a_chunk_boundary_replicates_cleanly(
     # The follower unpickled the truncated first 'finish' and its tick raised (the entry still
     # arrived with the real last chunk, after a stalled tick).
     assert "failed _onTick in _autoTickThread" in errors
+
+
+def _statements(fn: Any) -> list[str]:
+    """``fn``'s body as normalised lines (no docstring or comments), so that a copy of a SyncObj
+    method reads like the original."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(fn))).body[0].body  # type: ignore[attr-defined]
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]
+    src = "\n".join(ast.unparse(stmt) for stmt in body)
+    for old, new in (("self.__", "self._SyncObj__"), ("monotonicTime()", "_now()"), ("_RAFT_STATE.", "_"),
+                     ("_syncobj_mod.", ""), ("xrange(", "range(")):
+        src = src.replace(old, new)
+    return [line.strip() for line in src.splitlines()]
+
+
+def test_the_copied_pysyncobj_methods_differ_only_where_their_patches_say() -> None:
+    # leader_commit_durable and chunked_entries replace two pysyncobj 0.3.17 methods by copies
+    # (no smaller wrapper can reach the lines they change); anything else differing is a mistake.
+    import difflib
+
+    def changed(original: Any, copy: Any) -> list[str]:
+        diff = difflib.unified_diff(_statements(original), _statements(copy), lineterm="", n=0)
+        return [d for d in diff if d[:1] in "+-" and d[:3] not in ("+++", "---")]
+
+    assert changed(patches._original_send_append_entries, patches._send_append_entries) == [
+        "-elif pos + batchSizeBytes >= len(entries[0][0]):", "+elif pos + batchSizeBytes >= len(entry):"]
+    tick = changed(patches._original_on_tick, patches._tick_counting_durable_self)
+    assert tick[-1] == "+_leader_commit(self)" and all(d.startswith("-") for d in tick[:-1])
+    # What left _onTick is _leader_commit, less the leader's count of itself.
+    moved = difflib.unified_diff([d[1:] for d in tick[:-1]], _statements(patches._leader_commit), lineterm="", n=0)
+    assert [d for d in moved if d[:1] in "+-" and d[:3] not in ("+++", "---")] == [
+        "+durable = durable_index(self)", "-count = 1", "+count = 1 if commitIdx <= durable else 0"]
