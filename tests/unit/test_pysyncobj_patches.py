@@ -932,6 +932,26 @@ def test_only_a_leaders_append_entries_leave_before_the_flush() -> None:
     assert not defers_flush(follower, {"type": "append_entries"})
 
 
+def test_a_leader_that_steps_down_flushes_before_it_answers_anything() -> None:
+    # Entries a leader sent before its fsync are pending when it steps down (leader fallback: no
+    # new term, so no setCurrentTerm flush). Its next message, whatever it is, makes them durable
+    # first: no answer of a follower ever relies on an unflushed entry.
+    w = _world()
+    try:
+        leader, f = _follower(w)
+        raft = _raft(w, leader)
+        journal = w.nodes[leader].disk.journal
+        last = raft._SyncObj__raftLog[-1][1]
+        journal.add(NOOP_COMMAND, last + 1, raft.raftCurrentTerm)
+        raft._SyncObj__sendAppendEntries()  # a leader's append-entries: no flush first
+        assert journal.durable_last_index() == last
+        raft._SyncObj__setState(0)  # follower
+        raft._SyncObj__sendNextNodeIdx(_node_of(w, leader, f), success=True)
+        assert journal.durable_last_index() == last + 1
+    finally:
+        w.close()
+
+
 def _raft_pair(tmp_path: Path) -> list[Any]:
     """Two production RaftNodes (LMDB journal, encrypted TCP on loopback, tick threads), requiring
     the patches that are installed (a test may have taken one out)."""
