@@ -895,6 +895,7 @@ def test_leader_commit_durable_a_leader_counts_itself_only_for_entries_it_flushe
     try:
         raft, last, journal = stage(w)
         assert raft.raftCommitIndex == last  # the leader did not count itself for last + 1
+        assert raft.raftLastApplied <= last  # so nothing beyond its durable log is applied (or snapshotted)
         assert journal.durable_last_index() == last + 1  # the tick's own flush, after the sends
         raft._onTick(0.0)
         assert raft.raftCommitIndex == last + 1  # now durable on two of three nodes: committed
