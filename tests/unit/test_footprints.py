@@ -127,11 +127,14 @@ def test_two_agents_on_different_concepts_changing_one_shared_file_are_both_told
     (mine,) = r["soft_conflicts"]
     assert mine["kind"] == "file" and mine["path"] == "setup.cfg" and mine["other_agent_id"] == ALICE
     assert "also changing setup.cfg" in r["context"]
-    # Alice learns of it on her next heartbeat, once.
+    # Alice learns of it on her next heartbeat, and on every one while it lasts: a hedged or late
+    # heartbeat reply may be dropped by her shim, which tells its agent of each conflict once.
     hb = d.heartbeat(ALICE, BOB)
-    assert list(hb["soft"]) == [ALICE]
+    assert sorted(hb["soft"]) == sorted([ALICE, BOB])  # Bob heard in his report's reply; again here
     assert hb["soft"][ALICE]["soft_conflicts"][0]["other_agent_id"] == BOB
-    assert d.heartbeat(ALICE)["soft"] == {}
+    writes = {ns for ns, _, _ in d.last_writes}
+    assert d.heartbeat(ALICE)["soft"][ALICE] == hb["soft"][ALICE]
+    assert "intents" in writes and "intents" not in {ns for ns, _, _ in d.last_writes}
     world = d.engine.world_slice(ALICE)
     assert world["soft_conflicts"][0]["path"] == "setup.cfg"
     # The verdicts stay continue; the pair is listed once.

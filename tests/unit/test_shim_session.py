@@ -337,6 +337,9 @@ def test_soft_conflicts_are_told_once_whether_by_report_or_heartbeat() -> None:
                                                                 "context": "carol/3 is also changing app.py"}})))
     assert said(acts) == ["soft_conflict"] and len(m.soft) == 2
     assert m.take_notes() == "carol/3 is also changing app.py"
+    # The master repeats them in every heartbeat reply while they last: told once still.
+    again = hb(soft={AGENT: {"intent_id": "i-1", "soft_conflicts": [other, SOFT], "context": "..."}})
+    assert said(m.handle(s.HeartbeatAnswered(c.t, again))) == [] and m.take_notes() == ""
 
 
 def test_notes_are_bounded() -> None:

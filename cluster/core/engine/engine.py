@@ -808,12 +808,16 @@ class Engine:
             if n is not None:
                 notices[a] = n
             it = self._intents.get(s.intent_id) if s.intent_id else None
-            if it is not None and it.status == ACTIVE and it.soft_changed_index > it.soft_told_index:
-                # Someone else's changes now overlap this agent's: told once, on its next heartbeat.
+            news = it is not None and it.soft_changed_index > it.soft_told_index
+            if it is not None and it.status == ACTIVE and (it.soft or news):
+                # Someone else's changes overlap this agent's: in every heartbeat reply while they
+                # do (a hedged heartbeat's reply, or a late one, may never reach the shim; the shim
+                # tells its agent of each conflict once). An emptied list goes out once.
                 soft[a] = {"intent_id": it.intent_id, "soft_conflicts": list(it.soft),
                            "context": world.context_for_changes(it, [], [])}
-                it.soft_told_index = it.soft_changed_index
-                self._touch(NS_INTENTS, it.intent_id)
+                if news:
+                    it.soft_told_index = it.soft_changed_index
+                    self._touch(NS_INTENTS, it.intent_id)
         if renewed:
             for a in renewed:
                 self._unref_renewal(a)
