@@ -125,7 +125,9 @@ def test_opencode_and_a_plain_agent_changing_one_file_both_hear_of_the_soft_conf
             tool_call("write", filePath=str(box.repo / shared), content="def shared_total(x):\n    return 2 * x\n"),
             gated(tool_call("read", filePath=str(box.repo / "README.md")), seen(box, "soft_conflict"),
                   GATE_TIMEOUT_S),
-            text("all done")])
+            # Bob stays on his intent until the plain agent has heard of the overlap too (it hears
+            # on a heartbeat, once a second; the overlap ends when Bob completes).
+            gated(text("all done"), seen(plain_box, "soft_conflict", "plain"), GATE_TIMEOUT_S)])
         run = run_opencode(env, box, "bob", summary)
         assert run.proc.returncode == 0, run.report()
         soft = [e for e in run.events() if e["event"] == "soft_conflict"]
