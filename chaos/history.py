@@ -181,3 +181,25 @@ class Recorder:
     def history(self) -> History:
         with self._lock:
             return History(list(self._ops), list(self._runs), self.fail_closed_s)
+
+
+# --- what simulated agents read from the master's answers (the drill's and the simulator's) ----
+
+
+def claims_of(verdict: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The concepts a verdict claims: (modify, depend)."""
+    c = verdict.get("claims") or {}
+    return (tuple(x["concept"] for x in c.get("modify", [])), tuple(x["concept"] for x in c.get("depend", [])))
+
+
+def heartbeat_stop(reply: dict[str, Any], agent_id: str, held_intent: str | None) -> str | None:
+    """Why a heartbeat reply stops the agent: "notice" (a stop or revert of the intent it holds,
+    or of its last one when it holds none), "lapsed" (its session lapsed or is unknown), or None.
+    A notice about an intent the agent no longer holds (it moved on) stops nothing."""
+    notice = (reply.get("notices") or {}).get(agent_id)
+    if notice is not None and notice.get("action") in ("stop", "revert") and \
+            (held_intent is None or notice.get("intent_id") == held_intent):
+        return "notice"
+    if agent_id in (reply.get("lapsed") or []) or agent_id in (reply.get("unknown") or []):
+        return "lapsed"
+    return None

@@ -31,7 +31,7 @@ from typing import Any
 
 import asyncssh
 
-from tetherlab.chaos.history import Op, OpKind, Outcome, Recorder, RunEnd
+from tetherlab.chaos.history import Op, OpKind, Outcome, Recorder, RunEnd, claims_of, heartbeat_stop
 from tetherlab.cluster import protocol as p
 from tetherlab.shim.client import ClusterUnavailable, Indeterminate, Master, MasterClient, RequestError
 
@@ -87,10 +87,6 @@ class WorkloadConfig:
 def agent_id_for(developer: str, rng: random.Random) -> str:
     return f"{developer}/{uuid.UUID(int=rng.getrandbits(128), version=4)}"
 
-
-def claims_of(verdict: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    c = verdict.get("claims") or {}
-    return (tuple(x["concept"] for x in c.get("modify", [])), tuple(x["concept"] for x in c.get("depend", [])))
 
 
 class SimAgent:
@@ -178,15 +174,10 @@ class SimAgent:
             outcome, res, _ = await self.call("heartbeat", p.Heartbeat, max(0.5, self.cfg.fail_closed_s / 2), True)
             if outcome != "ok" or res is None:
                 continue  # the watchdog decides when silence has lasted too long
-            notice = (res.get("notices") or {}).get(self.agent_id)
-            held = self.held["intent_id"] if self.held is not None else None
-            # A notice about an intent this agent no longer holds (it moved on) stops nothing.
-            if notice is not None and notice.get("action") in ("stop", "revert") and \
-                    (held is None or notice.get("intent_id") == held):
-                self.stop_agent("notice", forget=True)
-            elif self.agent_id in (res.get("lapsed") or []) or self.agent_id in (res.get("unknown") or []):
-                self.stop_agent("lapsed", forget=True)
-                self.need_session = True
+            why = heartbeat_stop(res, self.agent_id, self.held["intent_id"] if self.held is not None else None)
+            if why is not None:
+                self.stop_agent(why, forget=True)
+                self.need_session = self.need_session or why == "lapsed"
 
     async def watchdog(self, stop: asyncio.Event) -> None:
         f = self.cfg.fail_closed_s

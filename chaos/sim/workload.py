@@ -21,7 +21,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from tetherlab.chaos.history import Op, OpKind, Outcome, RunEnd
+from tetherlab.chaos.history import Op, OpKind, Outcome, RunEnd, claims_of, heartbeat_stop
 from tetherlab.chaos.sim.clients import (
     ClusterUnavailable,
     Indeterminate,
@@ -106,10 +106,6 @@ class Journal:
     revokes: list[tuple[str, float, Outcome]] = field(default_factory=list)  # intent id, invoked, outcome
 
 
-def _claims(verdict: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    c = verdict.get("claims") or {}
-    return (tuple(x["concept"] for x in c.get("modify", [])), tuple(x["concept"] for x in c.get("depend", [])))
-
 
 class Agent:
     def __init__(self, world: Any, developer: str, key: SimKey, rng: random.Random, cfg: AgentConfig) -> None:
@@ -155,7 +151,7 @@ class Agent:
             if payload is not None and isinstance(payload.get("index"), int):
                 self.log.acked_indexes.append((payload["index"], self.agent_id, kind))
         verdict = payload if kind in ("submit", "complete", "abandon") and payload is not None else {}
-        modify, depend = _claims(verdict) if verdict else ((), ())
+        modify, depend = claims_of(verdict) if verdict else ((), ())
         self.rec.op(Op(agent_id=self.agent_id, kind=kind, invoke_s=t0, complete_s=t1, outcome=outcome,
                        trigger=fields.get("trigger"), intent_id=verdict.get("intent_id") or fields.get("intent_id"),
                        action=verdict.get("action"), fencing_token=verdict.get("fencing_token"),
@@ -197,7 +193,7 @@ class Agent:
                 self.stop_agent("notice", forget=True)
 
     def start_running(self, verdict: dict[str, Any], body: p.Intent) -> None:
-        modify, depend = _claims(verdict)
+        modify, depend = claims_of(verdict)
         self.held = {"intent_id": verdict["intent_id"], "token": verdict["fencing_token"], "body": body}
         self.interrupted.clear()
         self.rec.start_run(self.agent_id, verdict["intent_id"], int(verdict["fencing_token"]), modify, depend,
@@ -219,14 +215,10 @@ class Agent:
                                               agent_ids=(self.agent_id,))
             if outcome != "ok" or res is None:
                 continue
-            notice = (res.get("notices") or {}).get(self.agent_id)
-            held = self.held["intent_id"] if self.held is not None else None
-            if notice is not None and notice.get("action") in ("stop", "revert") and \
-                    (held is None or notice.get("intent_id") == held):
-                self.stop_agent("notice", forget=True)
-            elif self.agent_id in (res.get("lapsed") or []) or self.agent_id in (res.get("unknown") or []):
-                self.stop_agent("lapsed", forget=True)
-                self.need_session = True
+            why = heartbeat_stop(res, self.agent_id, self.held["intent_id"] if self.held is not None else None)
+            if why is not None:
+                self.stop_agent(why, forget=True)
+                self.need_session = self.need_session or why == "lapsed"
 
     async def pause(self, span: tuple[float, float] | None = None) -> None:
         lo, hi = span or self.cfg.backoff_s
