@@ -183,6 +183,7 @@ class ClusterSettings:
     uncoordinated_commits: str = "accept"
 
 
+MATCH_WORKER_MODES = ("auto", "on", "off")
 HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -207,6 +208,9 @@ class NodeConfig:
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     limits: LoadLimits = field(default_factory=LoadLimits)
+    # [matching] worker: where the leader matches plans: "auto" (a worker process once matching
+    # is a visible share of the event loop, on 4 CPUs or more), "on" or "off" (the event loop).
+    match_worker: str = "auto"
 
     @property
     def id(self) -> str:
@@ -257,6 +261,16 @@ def parse_node_config(data: dict[str, Any], path: Path) -> NodeConfig:
         raise ConfigError(f"{where}: raft addresses must be unique, got {raft_addrs}")
     tuning = RaftTuning.from_toml(data.get("raft", {}), where)
     limits = LoadLimits.from_toml(data.get("limits", {}), where)
+    matching = data.get("matching", {})
+    if not isinstance(matching, dict):
+        raise ConfigError(f"{where}: [matching] must be a table")
+    unknown = sorted(set(matching) - {"worker"})
+    if unknown:
+        raise ConfigError(f"{where}: [matching] has unknown key(s) {unknown}; known: worker")
+    match_worker = matching.get("worker", "auto")
+    if match_worker not in MATCH_WORKER_MODES:
+        raise ConfigError(f"{where}: [matching].worker must be one of {', '.join(MATCH_WORKER_MODES)}, "
+                          f"got {match_worker!r}")
     host_key = node_table.get("ssh_host_key")
     if host_key is not None and (not isinstance(host_key, str) or not host_key):
         raise ConfigError(f"{where}: [node].ssh_host_key must be a path")
@@ -302,6 +316,7 @@ def parse_node_config(data: dict[str, Any], path: Path) -> NodeConfig:
         raft=tuning,
         path=path,
         ssh_host_key=_abs(host_key) if host_key else None,
+        match_worker=match_worker,
         cluster=ClusterSettings(remote, tuple(admin_keys), admin_dev, ttl, uncoordinated),
         http=HttpSettings(tuple(hashes)),
         limits=limits,
@@ -385,6 +400,8 @@ def render_node_config(cfg: NodeConfig) -> str:
                 if cfg.cluster.uncoordinated_commits != "accept" else {})},
         ),
     ]
+    if cfg.match_worker != "auto":
+        parts.append(_toml_table("[matching]", {"worker": cfg.match_worker}))
     if cfg.http.read_token_sha256:
         parts.append(_toml_table("[http]", {"read_token_sha256": list(cfg.http.read_token_sha256)}))
     for peer in cfg.peers:

@@ -11,12 +11,12 @@ compare-and-set, and a revision that grows by one with every change (like etcd's
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from tetherlab.cluster.core.errors import CommandError
+from tetherlab.cluster.protocol import jsoncodec
 
 NS_MAX_CHARS = 64
 KEY_MAX_CHARS = 512
@@ -220,7 +220,7 @@ def command_to_json(cmd: Command) -> dict[str, Any]:
 
 
 def encode_command(cmd: Command) -> bytes:
-    return json.dumps(command_to_json(cmd), separators=(",", ":"), sort_keys=True).encode()
+    return jsoncodec.dumps(command_to_json(cmd), sort_keys=True)
 
 
 Write = tuple[str, str, Record | None]

@@ -7,6 +7,8 @@
 - ``duties``: what only a quorum-backed leader does (bootstrap, LeaderElected, Expire);
 - ``ssh`` and ``http``: the SSH endpoint (the shim protocol) and the HTTP endpoint (health,
   metrics, read API); ``control``: the local control socket;
+- ``matcher``: where the leader matches plans before proposing them (a worker process, or the
+  event loop);
 - ``clock``, ``errors``, ``keys``, ``metrics``, ``logs``; ``process``: the wiring (``run_node``).
 
 Imports ``replica``, ``core`` and ``protocol``.

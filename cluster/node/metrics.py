@@ -73,6 +73,15 @@ class NodeMetrics:
             buckets=_FAST_BUCKETS_S, registry=r,
         )
         self.sessions_expired = Counter("tetherlab_sessions_expired", "Agent sessions expired.", registry=r)
+        self.proposer_matches = Counter(
+            "tetherlab_proposer_matches", "Plans this node matched before proposing them, by where: 'worker' (the "
+            "match worker process) or 'loop' (the event loop: worker off, starting, busy or failed).", ["where"],
+            registry=r,
+        )
+        self.match_worker_up = Gauge(
+            "tetherlab_match_worker_up", "1 while this node's match worker process is running and answering "
+            "([matching] worker in the node file), else 0.", registry=r,
+        )
         self.drifts = Counter(
             "tetherlab_drifts", "Agents' in-flight changes reaching concepts their plan did not claim, by outcome "
             "(claimed: added to the intent; warned; stopped; reverted).", ["outcome"], registry=r,

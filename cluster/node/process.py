@@ -30,6 +30,7 @@ from tetherlab.cluster.node.clock import SystemClock
 from tetherlab.cluster.node.control import ControlServer
 from tetherlab.cluster.node.duties import LeaderDuties
 from tetherlab.cluster.node.http import HttpApi
+from tetherlab.cluster.node.matcher import ProcessMatcher
 from tetherlab.cluster.node.metrics import NodeCollector, NodeMetrics
 from tetherlab.cluster.node.raftreplica import RaftReplica
 from tetherlab.cluster.node.replica import MEMBERS_NS
@@ -63,12 +64,15 @@ class MasterNode:
         self._leader_seen: str | None = None
         self.ssh = SshEndpoint(cfg.node.ssh, cfg.ssh_host_key, cfg.id, self.version, self.store, self.metrics,
                                cfg.limits)
+        self.matcher = ProcessMatcher(cfg.match_worker,
+                                      on_match=lambda where: self.metrics.proposer_matches.labels(where).inc(),
+                                      on_up=lambda up: self.metrics.match_worker_up.set(1 if up else 0))
         self.service = Service(
             self.replica, self.clock,
             ServiceSettings(node_id=cfg.id, version=self.version, remote=cfg.cluster.remote,
                             session_ttl_s=cfg.cluster.session_ttl_s, healthy_window_s=cfg.raft.election_timeout_min_s,
                             limits=cfg.limits),
-            self.metrics, self.ssh)
+            self.metrics, self.ssh, self.matcher)
         self.ssh.service = self.service
         self.duties = LeaderDuties(self.replica, self.clock, cfg.cluster, self.metrics,
                                    on_lost_leadership=self.replica.fail_pending)
@@ -138,12 +142,14 @@ class MasterNode:
         await self.http.start()
         await self.control.start()
         await self.ssh.start()
+        self.matcher.start()
         self._duties = self.loop.create_task(self.duties.run())
 
     async def stop(self) -> None:
         if self._duties is not None:
             self._duties.cancel()
         await self.ssh.stop()
+        await self.matcher.close()
         self.control.close()
         await self.http.stop()
         await self.replica.stop()

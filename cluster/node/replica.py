@@ -14,13 +14,13 @@ of its applied state are local, and linearizable after :meth:`Replica.read_barri
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from tetherlab.cluster.core import statemachine as sm
 from tetherlab.cluster.core.apply import Outcome
 from tetherlab.cluster.core.engine.commands import Command as EngineCommand
+from tetherlab.cluster.protocol import jsoncodec
 from tetherlab.cluster.replica.store import Store
 
 PROPOSE_TIMEOUT_S = 5.0  # a write not committed by then is reported as indeterminate
@@ -74,4 +74,4 @@ def encode_command(cmd: sm.Command) -> bytes:
 
 def encode_engine(cmd: EngineCommand, now_ms: int) -> bytes:
     """An engine command stamped with the proposing leader's clock."""
-    return json.dumps({"op": "engine", "now_ms": now_ms, "cmd": cmd.to_json()}, separators=(",", ":")).encode()
+    return jsoncodec.dumps({"op": "engine", "now_ms": now_ms, "cmd": cmd.to_json()})

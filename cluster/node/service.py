@@ -28,13 +28,13 @@ from tetherlab.cluster.core import statemachine as sm
 from tetherlab.cluster.core.apply import Outcome
 from tetherlab.cluster.core.config import LoadLimits
 from tetherlab.cluster.core.engine import commands as ec
-from tetherlab.cluster.core.engine import prematched
 from tetherlab.cluster.core.engine.model import IntentBody
 from tetherlab.cluster.core.errors import CommandError
 from tetherlab.cluster.node.access import TOKENS_MAX, TOKENS_NS, token_hash
 from tetherlab.cluster.node.clock import Clock
 from tetherlab.cluster.node.errors import Indeterminate, Refused, Unavailable
 from tetherlab.cluster.node.keys import KEYS_NS, KeyError_, RegisteredKey, make_registered
+from tetherlab.cluster.node.matcher import InlineMatcher, Matcher
 from tetherlab.cluster.node.metrics import NodeMetrics
 from tetherlab.cluster.node.quotas import Quotas, TokenBucket
 from tetherlab.cluster.node.replica import MEMBERS_NS, Replica, encode_command, encode_engine
@@ -108,8 +108,9 @@ class ServiceSettings:
 
 class Service:
     def __init__(self, replica: Replica, clock: Clock, settings: ServiceSettings, metrics: NodeMetrics,
-                 connections: Connections) -> None:
+                 connections: Connections, matcher: Matcher | None = None) -> None:
         self.replica = replica
+        self.matcher: Matcher = matcher if matcher is not None else InlineMatcher()
         self.clock = clock
         self.settings = settings
         self.metrics = metrics
@@ -419,7 +420,7 @@ class Service:
         # Match the plan here, once, outside the store lock: the entry carries the claims, and
         # replicas reuse them unless the registry or code index changed before it applied.
         basis = self.replica.store.engine_peek(lambda e: e.match_basis())
-        cmd = prematched(cmd, basis)
+        cmd = await self.matcher.prematch(cmd, basis)
         verdict = await self.engine(cmd)
         self._count_verdict(verdict, self.clock.monotonic() - t0)
         if ch is not None:

@@ -4,11 +4,11 @@ the one place where a bad field becomes the peer's fault."""
 from __future__ import annotations
 
 import enum
-import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, Literal, TypeAlias
 
+from tetherlab.cluster.protocol import jsoncodec
 from tetherlab.cluster.protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError, RequestId
 from tetherlab.cluster.protocol.fields import (
     ADDRESS_RE,
@@ -337,8 +337,7 @@ class Redirect(Reply):
     leader_id: str = field(metadata=spec(NAME))
     leader_address: str = field(metadata=spec(Str(MAX_NAME_CHARS, pattern=ADDRESS_RE, pattern_name="'host:port'")))
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def _check_whole(self) -> None:
         split_address(self.leader_address)  # the port range
 
 
@@ -556,6 +555,6 @@ def decode(obj: Any, *, sender: Role | None = None) -> Message:
 def encode(msg: Message) -> bytes:
     """One frame: compact JSON and a newline (no size check; connections do that)."""
     try:
-        return json.dumps(msg.to_json(), ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+        return jsoncodec.dumps(msg.to_json()) + b"\n"
     except (UnicodeEncodeError, ValueError, RecursionError) as exc:  # unreachable for validated messages
         raise LocalProtocolError(ErrorCode.BAD_FIELD, f"cannot encode {msg.type}: {exc}") from None

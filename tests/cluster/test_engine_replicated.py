@@ -4,8 +4,11 @@ the same log ends with identical state (full LMDB dumps compared), across restar
 from __future__ import annotations
 
 import asyncio
+import re
 import time
+import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -79,8 +82,43 @@ def wait_bootstrapped(c: LocalCluster, timeout_s: float = 20.0) -> None:
     raise AssertionError("the bootstrap admin key never appeared")
 
 
-def test_replicas_end_with_identical_state_and_survive_restart(cluster3: LocalCluster, tmp_path: Path) -> None:
-    cluster3.wait_leader()
+@pytest.fixture
+def cluster3_worker(tmp_path: Path) -> Iterator[LocalCluster]:
+    """Three nodes whose leader matches plans in its match worker process (cluster/node/matcher.py)."""
+    c = LocalCluster(tmp_path / "cluster", nodes=3, extra_toml='[matching]\nworker = "on"\n')
+    c.start()
+    try:
+        for nid in c.ids:
+            c.wait_serving(nid)
+        yield c
+    finally:
+        c.close()
+
+
+def metrics_text(c: LocalCluster, nid: str) -> str:
+    node = next(n for n in c.cluster.nodes if n.id == nid)
+    with urllib.request.urlopen(f"http://{node.http}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+def proposer_matches(c: LocalCluster, nid: str) -> dict[str, float]:
+    found = re.finditer(r'^tetherlab_proposer_matches_total\{where="(\w+)"\} (\S+)$', metrics_text(c, nid), re.M)
+    return {m.group(1): float(m.group(2)) for m in found}
+
+
+def wait_match_worker(c: LocalCluster, nid: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while "tetherlab_match_worker_up 1.0" not in metrics_text(c, nid):
+        assert time.monotonic() < deadline, f"{nid}'s match worker never came up"
+        time.sleep(0.1)
+
+
+def test_replicas_end_with_identical_state_and_survive_restart(cluster3_worker: LocalCluster, tmp_path: Path) -> None:
+    """With the leader's plans matched in its worker process: the claims it put in the log make
+    the same verdicts and the same state on every replica."""
+    cluster3 = cluster3_worker
+    leader = cluster3.wait_leader()
+    wait_match_worker(cluster3, leader)
     wait_bootstrapped(cluster3)
     keys = {}
     for dev in ("ann", "ben", "cat"):
@@ -91,6 +129,11 @@ def test_replicas_end_with_identical_state_and_survive_restart(cluster3: LocalCl
     assert {"continue", "stop"} <= actions, actions
     tokens = [v["fencing_token"] for v in verdicts if v["action"] == "continue"]
     assert tokens == sorted(tokens) and len(set(tokens)) == len(tokens)
+    deadline = time.monotonic() + 10  # /metrics is cached for a moment ([limits] http_cache_s)
+    while sum((matched := proposer_matches(cluster3, leader)).values()) < len(verdicts):
+        assert time.monotonic() < deadline, matched
+        time.sleep(0.2)
+    assert matched == {"worker": len(verdicts)}, matched
     dumps = full_dumps(cluster3)
     a, b, c = (dumps[n] for n in cluster3.ids)
     assert a["engine"]["intents"] and a == b == c

@@ -254,6 +254,36 @@ def test_construction_validates_and_normalises_lists() -> None:
         assert field_name in info.value.message
 
 
+def test_decoding_refuses_what_construction_refuses() -> None:
+    """decode() builds messages without running the constructor's checks a second time: each
+    field's decoding and the cross-field rules must refuse the same values, naming the field."""
+    bad_ids = [AGENT, AGENT, "alice", AGENT]
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"type": "redirect", "id": 1, "leader_id": "n2", "leader_address": "host:99999"}, "'leader_address'"),
+        ({"type": "heartbeat", "id": 1, "agent_ids": bad_ids}, "'agent_ids[2]'"),
+        ({"type": "heartbeat", "id": 1, "agent_ids": [AGENT, "bob/\u0000"]}, "'agent_ids[1]'"),
+        ({"type": "heartbeat", "id": 1, "agent_ids": []}, "'agent_ids'"),
+        ({"type": "open_session", "id": 1, "agent_id": AGENT, "tool": "t", "machine": "m\x7f", "repo_remote": "r",
+          "base_commit": "abc1234"}, "'machine'"),
+        ({"type": "open_session", "id": 1, "agent_id": AGENT, "tool": "t", "machine": "café\x1b",
+          "repo_remote": "r", "base_commit": "abc1234"}, "'machine'"),
+        ({"type": "open_session", "id": 1, "agent_id": AGENT, "tool": "t", "machine": "caf\ud800",
+          "repo_remote": "r", "base_commit": "abc1234"}, "'machine'"),
+        ({"type": "submit_intent", "id": 1, "agent_id": AGENT, "tool": "t", "trigger": "initial",
+          "intent": {"summary": "s", "steps": ["ok", "a\x00b"]}}, "'intent.steps[1]'"),
+    ]
+    for obj, field_name in cases:
+        sender = Role.SERVER if obj["type"] == "redirect" else Role.CLIENT
+        with pytest.raises(RemoteProtocolError) as info:
+            decode(obj, sender=sender)
+        assert info.value.code == ErrorCode.BAD_FIELD, obj
+        assert field_name in info.value.message, (obj, info.value.message)
+    # Text with newlines and non-ASCII characters is fine where a field is multi-line.
+    ok = decode({"type": "submit_intent", "id": 1, "agent_id": AGENT, "tool": "t", "trigger": "initial",
+                 "intent": {"summary": "résumé → tidy\n", "steps": ["a\tb\nc"]}}, sender=Role.CLIENT)
+    assert isinstance(ok, SubmitIntent) and ok.intent.summary == "résumé → tidy\n"
+
+
 def test_helpers() -> None:
     assert split_agent_id(AGENT) == ("alice", "4b2e0c1a-1111-4222-8333-0123456789ab")
     with pytest.raises(LocalProtocolError):

@@ -83,6 +83,7 @@ from tetherlab.cluster.core.engine.model import (
 )
 from tetherlab.cluster.core.engine.registry import DRIFT_WARN, POLICY_STOP, Registry, concept_from_json
 from tetherlab.cluster.core.errors import CommandError
+from tetherlab.cluster.protocol import jsoncodec
 
 NS_META = "meta"
 NS_REGISTRY = "registry"
@@ -130,7 +131,7 @@ class Applied:
 
 
 def _encode(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return jsoncodec.dumps(obj, sort_keys=True)
 
 
 def _chunk_key(kind: str, seq: int) -> str:

@@ -1,0 +1,412 @@
+"""Where a proposer matches plans: on the event loop, or in a worker process beside the node.
+
+Matching a plan's text against the registry (``match_intent``) was the largest share of a busy
+leader's time (a third of it at saturation: docs/performance.md), and it ran on the event loop,
+under the one GIL the Raft thread needs as well. :class:`ProcessMatcher` moves it into a child
+process: the loop sends the plan and awaits the claims, and the node's own interpreter is left
+with SSH, the protocol, proposing and applying.
+
+Nothing about correctness rests on the worker. The claims travel in the log entry tagged with
+the registry and code index versions they were computed against, and every replica re-matches
+when those are not current as it applies (``Engine._claims_for``). The worker rebuilds the
+registry from the same concept list and the code index from its canonical bytes, so a plan gets
+the same claims either way (tests/unit/test_matcher.py compares the two on the matching
+benchmark's plans). When the worker is missing, starting, slow, dead or busy, the plan is matched
+on the loop as before: a request never waits on the worker for more than ``timeout_s``.
+
+``[node] match_worker``: ``"auto"`` (the default) starts the worker once matching has taken more
+than ``AUTO_START_BUSY_S`` of the loop's time within a second, on a machine with at least
+``AUTO_MIN_CPUS`` CPUs, so small and idle clusters run no extra process; ``"on"`` starts it with
+the node; ``"off"`` never does. The worker pays only when it has a core to itself: on the 2-core
+benchmark machine, where three nodes and the load generators already share both cores, it
+lowered saturation from 1,021 to 857 verdicts/s and raised the median at 500/s from 30 to 96 ms
+(the IPC costs CPU, and each match waits for the child to be scheduled). A node with an idle
+core (its own machine, as deployed) should run it: ``"on"`` there, or ``"auto"`` with 4 CPUs.
+
+The child speaks length-prefixed pickles over a socketpair (it is this node's own child:
+nothing else can write to the socket) and exits when the node closes it or dies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import pickle
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from typing import Any, BinaryIO, Protocol
+
+from tetherlab.cluster.core.config import MATCH_WORKER_MODES
+from tetherlab.cluster.core.engine import IntentBody, MatchBasis, SubmitIntent, prematched
+from tetherlab.cluster.core.engine.codeindex import CodeIndex
+from tetherlab.cluster.core.engine.registry import Registry, concept_from_json
+from tetherlab.cluster.core.errors import CommandError
+from tetherlab.cluster.protocol import jsoncodec
+
+log = logging.getLogger("tetherlab.matcher")
+
+MODES = MATCH_WORKER_MODES
+AUTO_START_BUSY_S = 0.1  # matching time on the loop within one second that starts the worker ("auto")
+AUTO_MIN_CPUS = 4  # "auto" starts no worker on a smaller machine (see above)
+REQUEST_TIMEOUT_S = 2.0  # longer than this and the plan is matched on the loop (and the worker restarted)
+IN_FLIGHT_MAX = 1024  # plans at the worker at once; more are matched on the loop
+RESTART_BACKOFF_S = 5.0  # between starts of a worker that died or hung
+READY_TIMEOUT_S = 30.0  # a worker that has not said it is ready by then is stopped
+STOP_WAIT_S = 2.0  # for the child to exit after its socket closes, before SIGKILL
+FRAME_MAX_BYTES = 64 * 1024 * 1024  # a basis with a 10,000-concept registry and a large code index fits
+_LEN = struct.Struct(">I")
+
+
+class Matcher(Protocol):
+    async def prematch(self, cmd: SubmitIntent, basis: MatchBasis) -> SubmitIntent:
+        """``cmd`` with the proposer's claims (``prematched``'s contract)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def needs_match(cmd: SubmitIntent) -> bool:
+    return cmd.intent is not None and cmd.trigger in ("initial", "replan") and cmd.matched is None
+
+
+class InlineMatcher:
+    """Matches on the calling thread (the event loop): the twin, and the worker's fallback."""
+
+    async def prematch(self, cmd: SubmitIntent, basis: MatchBasis) -> SubmitIntent:
+        return prematched(cmd, basis)
+
+    async def close(self) -> None:
+        return None
+
+
+# --- the wire between node and worker ------------------------------------------------------------
+
+
+def basis_key(basis: MatchBasis) -> tuple[int, int]:
+    """What identifies a basis: replicated state has one registry and one index per version."""
+    return basis.registry_version, basis.index_version
+
+
+def encode_basis(basis: MatchBasis) -> tuple[Any, ...]:
+    reg, code = basis.registry, basis.code
+    concepts = jsoncodec.dumps([c.to_json() for c in reg.concepts.values()]) if reg is not None else None
+    return ("basis", basis_key(basis), reg.version if reg is not None else 0, concepts, basis.index_version,
+            code.canonical() if code is not None else None)
+
+
+def decode_basis(msg: tuple[Any, ...]) -> MatchBasis:
+    _, _key, version, concepts, index_version, code = msg
+    reg = Registry([concept_from_json(o) for o in json.loads(concepts)], version) if concepts is not None else None
+    return MatchBasis(reg, CodeIndex.from_bytes(code) if code is not None else None, index_version)
+
+
+def _frame(obj: Any) -> bytes:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    return _LEN.pack(len(data)) + data
+
+
+def _read_frame(f: BinaryIO) -> Any | None:
+    head = f.read(_LEN.size)
+    if len(head) < _LEN.size:
+        return None
+    (n,) = _LEN.unpack(head)
+    if n > FRAME_MAX_BYTES:
+        raise ValueError(f"frame of {n} bytes is over {FRAME_MAX_BYTES}")
+    data = f.read(n)
+    if len(data) < n:
+        return None
+    return pickle.loads(data)
+
+
+def answer(bases: dict[tuple[int, int], MatchBasis], msg: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """The worker's reply to one message (None for a basis, which needs none)."""
+    if msg[0] == "basis":
+        bases.clear()  # only the newest is asked for; an older one would only hold memory
+        bases[msg[1]] = decode_basis(msg)
+        return None
+    _, rid, key, body = msg
+    basis = bases.get(key)
+    if basis is None:
+        return (rid, "no_basis", None)
+    try:
+        return (rid, "ok", basis.match(body))
+    except CommandError:
+        return (rid, "refused", None)
+    except Exception as e:  # a bug in matching: the node matches this plan itself and says so
+        return (rid, "error", f"{type(e).__name__}: {e}")
+
+
+def worker_main(fd: int) -> int:
+    """The child: answer match requests until the node closes the socket."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C on `tetherlab up` is the node's to handle
+    sock = socket.socket(fileno=fd)
+    rf, wf = sock.makefile("rb"), sock.makefile("wb")
+    wf.write(_frame(("ready", os.getpid())))
+    wf.flush()
+    bases: dict[tuple[int, int], MatchBasis] = {}
+    while True:
+        try:
+            msg = _read_frame(rf)
+        except (OSError, ValueError, pickle.UnpicklingError):
+            return 1
+        if msg is None:
+            return 0
+        reply = answer(bases, msg)
+        if reply is not None:
+            try:
+                wf.write(_frame(reply))
+                wf.flush()
+            except OSError:
+                return 0
+
+
+# --- the node's side -------------------------------------------------------------------------------
+
+
+class _Worker:
+    """One running child and the requests it has not answered."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter) -> None:
+        self.proc = proc
+        self.reader = reader
+        self.writer = writer
+        self.ready = asyncio.get_running_loop().create_future()
+        self.pending: dict[int, asyncio.Future[tuple[str, Any]]] = {}
+        self.sent_key: tuple[int, int] | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.started = time.monotonic()
+
+
+class ProcessMatcher:
+    """Matches in a child process when ``mode`` says so; on the loop otherwise (see the module)."""
+
+    def __init__(self, mode: str = "auto", *, timeout_s: float = REQUEST_TIMEOUT_S,
+                 auto_start_busy_s: float = AUTO_START_BUSY_S, cpus: int | None = None,
+                 python: str = sys.executable,
+                 on_match: Any = None, on_up: Any = None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"match_worker must be one of {', '.join(MODES)}, got {mode!r}")
+        self.mode = mode
+        self.timeout_s = timeout_s
+        self.auto_start_busy_s = auto_start_busy_s
+        self.cpus = cpus if cpus is not None else len(os.sched_getaffinity(0))
+        self.python = python
+        self.on_match = on_match  # called with "worker" or "loop" for each plan matched (metrics)
+        self.on_up = on_up  # called with True when a worker is ready, False when it is gone (metrics)
+        self._worker: _Worker | None = None
+        self._starting = False  # a child was spawned and is not attached yet: start no other
+        self._next_start = 0.0
+        self._rid = 0
+        self._busy_window = (0.0, 0.0)  # (window start, seconds spent matching on the loop in it)
+        self._closed = False
+        self._tasks: set[asyncio.Task[None]] = set()  # kept until done (the loop holds tasks weakly)
+        self.starts = 0
+
+    # -- public ------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the worker now when the mode is "on" (otherwise it starts when needed)."""
+        if self.mode == "on":
+            self._start()
+
+    @property
+    def worker_pid(self) -> int | None:
+        w = self._worker
+        return w.proc.pid if w is not None and w.ready.done() and not w.ready.exception() else None
+
+    async def prematch(self, cmd: SubmitIntent, basis: MatchBasis) -> SubmitIntent:
+        if not needs_match(cmd):
+            return cmd
+        assert cmd.intent is not None
+        if self._worker is None and self.mode == "on":
+            self._start()
+        w = self._worker
+        if w is not None and w.ready.done() and not w.ready.exception() and len(w.pending) < IN_FLIGHT_MAX:
+            got = await self._ask(w, cmd.intent, basis)
+            if got is not None:
+                status, claims = got
+                self._count("worker")
+                return dataclasses.replace(cmd, matched=claims) if status == "ok" else cmd
+        return self._inline(cmd, basis)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._worker is not None:
+            w, self._worker = self._worker, None
+            self._lost(w, "the node is stopping")
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    # -- matching ----------------------------------------------------------------------------------
+
+    def _inline(self, cmd: SubmitIntent, basis: MatchBasis) -> SubmitIntent:
+        t0 = time.monotonic()
+        out = prematched(cmd, basis)
+        now = time.monotonic()
+        self._count("loop")
+        start, busy = self._busy_window
+        if now - start > 1.0:
+            start, busy = now, 0.0
+        busy += now - t0
+        self._busy_window = (start, busy)
+        if (self.mode == "auto" and self._worker is None and busy > self.auto_start_busy_s
+                and self.cpus >= AUTO_MIN_CPUS):
+            self._start()
+        return out
+
+    async def _ask(self, w: _Worker, body: IntentBody, basis: MatchBasis) -> tuple[str, Any] | None:
+        """The worker's (status, claims) for ``body``; None to match on the loop instead."""
+        try:
+            key = basis_key(basis)
+            if w.sent_key != key:
+                w.writer.write(_frame(encode_basis(basis)))
+                w.sent_key = key
+            self._rid += 1
+            rid = self._rid
+            fut: asyncio.Future[tuple[str, Any]] = asyncio.get_running_loop().create_future()
+            w.pending[rid] = fut
+            w.writer.write(_frame(("match", rid, key, body)))
+        except (OSError, RuntimeError, pickle.PicklingError) as e:
+            self._lost(w, f"cannot write to it: {e}")
+            return None
+        try:
+            status, claims = await asyncio.wait_for(fut, self.timeout_s)
+        except TimeoutError:
+            self._lost(w, f"no answer within {self.timeout_s} s")
+            return None
+        except ConnectionError:
+            return None  # the worker went away; _lost said why
+        finally:
+            w.pending.pop(rid, None)
+        if status in ("ok", "refused"):
+            return status, claims
+        if status == "error":
+            log.error("match worker failed on a plan (matched here instead): %s", claims)
+        return None  # "no_basis" (a newer basis crossed this request): match here
+
+    def _count(self, where: str) -> None:
+        if self.on_match is not None:
+            self.on_match(where)
+
+    # -- the child's life --------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        now = time.monotonic()
+        if self._closed or self._starting or self._worker is not None or now < self._next_start:
+            return
+        self._next_start = now + RESTART_BACKOFF_S
+        parent, child = socket.socketpair()
+        try:
+            proc = subprocess.Popen(
+                [self.python, "-m", "tetherlab.cluster.node.matcher", "--fd", str(child.fileno())],
+                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
+        except OSError as e:
+            log.error("cannot start the match worker (matching stays on the event loop): %s", e)
+            parent.close()
+            return
+        finally:
+            child.close()
+        self.starts += 1
+        self._starting = True
+        self._spawn(self._attach(proc, parent))
+
+    async def _attach(self, proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
+        try:
+            reader, writer = await asyncio.open_unix_connection(sock=sock, limit=FRAME_MAX_BYTES + _LEN.size)
+        finally:
+            self._starting = False
+        w = _Worker(proc, reader, writer)
+        self._worker = w
+        if self._closed:  # closed while it was starting
+            self._lost(w, "the node is stopping")
+            return
+        w.task = asyncio.get_running_loop().create_task(self._read(w))
+        try:
+            await asyncio.wait_for(asyncio.shield(w.ready), READY_TIMEOUT_S)
+            log.info("match worker %d ready: plans are matched there", proc.pid)
+            if self.on_up is not None:
+                self.on_up(True)
+        except TimeoutError:
+            self._lost(w, f"not ready within {READY_TIMEOUT_S} s")
+        except ConnectionError:
+            pass
+
+    async def _read(self, w: _Worker) -> None:
+        try:
+            while True:
+                head = await w.reader.readexactly(_LEN.size)
+                (n,) = _LEN.unpack(head)
+                if n > FRAME_MAX_BYTES:
+                    raise ValueError(f"reply of {n} bytes")
+                msg = pickle.loads(await w.reader.readexactly(n))
+                if msg[0] == "ready":
+                    if not w.ready.done():
+                        w.ready.set_result(None)
+                    continue
+                rid, status, claims = msg
+                fut = w.pending.get(rid)
+                if fut is not None and not fut.done():
+                    fut.set_result((status, claims))
+        except asyncio.CancelledError:
+            raise
+        except (asyncio.IncompleteReadError, OSError, ValueError, pickle.UnpicklingError) as e:
+            self._lost(w, f"its socket ended: {type(e).__name__}")
+
+    def _lost(self, w: _Worker, why: str) -> None:
+        """Stop using ``w``: its requests are matched on the loop; a new worker may start later."""
+        if w.ready.done() and not w.ready.exception() and self.on_up is not None:
+            self.on_up(False)
+        if self._worker is w:
+            self._worker = None
+            if not self._closed:
+                log.warning("match worker %d stopped (%s): matching on the event loop until it is restarted",
+                            w.proc.pid, why)
+        err = ConnectionError(why)
+        if not w.ready.done():
+            w.ready.set_exception(err)
+            w.ready.exception()  # retrieved: nobody else may be waiting
+        for fut in w.pending.values():
+            if not fut.done():
+                fut.set_exception(err)
+        w.pending.clear()
+        self._spawn(self._stop(w))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _stop(self, w: _Worker) -> None:
+        if w.task is not None and w.task is not asyncio.current_task():
+            w.task.cancel()
+        with contextlib.suppress(OSError, RuntimeError):
+            w.writer.close()
+        loop = asyncio.get_running_loop()
+        # The child exits when its socket closes; one that does not is killed (only our own child).
+        try:
+            await asyncio.wait_for(loop.run_in_executor(None, w.proc.wait), STOP_WAIT_S)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                w.proc.kill()
+            await loop.run_in_executor(None, w.proc.wait)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tetherlab.cluster.node.matcher",
+                                 description="A node's plan-matching worker (started by the node itself).")
+    ap.add_argument("--fd", type=int, required=True, help="the socket the node hands over")
+    return worker_main(ap.parse_args(argv).fd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
