@@ -71,8 +71,11 @@ class RaftTuning:
     connection_timeout_s: float = 3.0
     # Reconnect attempts after a partition heals (pysyncobj default is 5 s).
     connection_retry_s: float = 0.5
-    # Log compaction: snapshot after this many entries (or this long since the last one).
-    compaction_min_entries: int = 5000
+    # Log compaction: snapshot after this many entries (or this long since the last one). A
+    # snapshot stops the node's Raft thread for 50-150 ms with a 5-25 MB state (docs/performance.md),
+    # and the state is durable in LMDB without one (a restart replays only the entries after it), so
+    # snapshots are for compacting the log and catching up slow followers: rare is fine.
+    compaction_min_entries: int = 20_000
     compaction_min_time_s: float = 300.0
     # LMDB map sizes: sparse files, so generous bounds cost nothing until used.
     log_map_size_bytes: int = 1 << 30

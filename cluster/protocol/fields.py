@@ -206,8 +206,34 @@ class JsonObject(Spec):
     def check(self, value: Any, path: str) -> dict[str, Any]:
         if not isinstance(value, dict):
             raise bad_field(path, f"must be an object, got {json_type(value)}")
-        _check_plain_json(value, path, MAX_JSON_DEPTH)
+        # Every reply's payload passes here (a verdict is a few dozen values): a check that builds
+        # no path strings first, and the one naming the bad value only when there is one.
+        if not _plain_json(value, MAX_JSON_DEPTH):
+            _check_plain_json(value, path, MAX_JSON_DEPTH)
         return value
+
+
+def _plain_json(value: Any, depth_left: int) -> bool:
+    """True only for values ``_check_plain_json`` accepts (False: let it decide and say why)."""
+    if depth_left < 0:
+        return False
+    t = type(value)
+    if t is str:
+        return value.isascii() or _SURROGATE.search(value) is None
+    if t is int or t is bool or value is None:
+        return True
+    if t is dict:
+        for k, v in value.items():
+            if type(k) is not str or not (k.isascii() or _SURROGATE.search(k) is None):
+                return False
+            if not _plain_json(v, depth_left - 1):
+                return False
+        return True
+    if t is list:
+        return all(_plain_json(v, depth_left - 1) for v in value)
+    if t is float:
+        return math.isfinite(value)
+    return False  # subclasses, tuples, anything else: the full check decides and names it
 
 
 def _check_plain_json(value: Any, path: str, depth_left: int) -> None:

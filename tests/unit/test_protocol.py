@@ -722,3 +722,44 @@ def test_every_protocol_error_code_has_a_test_row() -> None:
     reserved_for_the_node = {ErrorCode.FORBIDDEN, ErrorCode.NOT_FOUND, ErrorCode.INTERNAL, ErrorCode.QUOTA_EXCEEDED,
                              ErrorCode.RATE_LIMITED}
     assert covered == set(ErrorCode) - reserved_for_the_node
+
+
+_json_leaves = (st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=4)
+                | st.sampled_from(["\ud800", "x\udfff", (1, 2), b"b", {1, 2}]))
+_json_values = st.recursive(_json_leaves, lambda inner: st.lists(inner, max_size=3)
+                            | st.dictionaries(st.text(max_size=3) | st.sampled_from(["\ud801", 7]), inner, max_size=3),
+                            max_leaves=12)
+
+
+def _nested(depth: int, leaf: Any) -> Any:
+    for i in range(depth):
+        leaf = [leaf] if i % 2 else {"k": leaf}
+    return leaf
+
+
+@settings(max_examples=300, deadline=None)
+@given(_json_values, st.integers(min_value=0, max_value=40))
+def test_the_quick_plain_json_check_never_accepts_what_the_full_one_refuses(value: Any, depth: int) -> None:
+    from tetherlab.cluster.protocol import fields
+
+    v = _nested(depth, value)
+    try:
+        fields._check_plain_json(v, "payload", fields.MAX_JSON_DEPTH)
+        full_ok = True
+    except LocalProtocolError:
+        full_ok = False
+    assert not fields._plain_json(v, fields.MAX_JSON_DEPTH) or full_ok
+    # and the spec the messages use answers as the full check does
+    if isinstance(v, dict):
+        try:
+            fields.JsonObject().check(v, "payload")
+            assert full_ok
+        except LocalProtocolError:
+            assert not full_ok
+
+
+def test_payloads_nested_past_the_limit_are_refused_even_at_a_scalar() -> None:
+    for leaf in (1, "s", None, True, 1.5):
+        with pytest.raises(LocalProtocolError, match="nests deeper"):
+            Result(id=1, payload=_nested(33, leaf))
+        Result(id=1, payload=_nested(31, leaf))
