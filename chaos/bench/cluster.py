@@ -95,12 +95,20 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
-def cpu_s(pid: int) -> float:
+def cpu_s(pid: int, children: bool = True) -> float:
+    """CPU seconds of ``pid`` and (by default) of its live children (a node's match worker)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return 0.0
+    if children:
+        try:
+            kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            kids = []
+        own += sum(cpu_s(int(k), children=False) for k in kids)
+    return own
 
 
 # --- the Tetherlab cluster under test ----------------------------------------------------------------
@@ -277,7 +285,12 @@ def run_load(workers: Workers, server_pids: list[int], rate: float | None, warmu
            **extra}
     res = merge(workers.run(req))
     wall = warmup_s + duration_s
-    res["server_cpu_pct"] = [round(100 * (cpu_s(p) - c) / wall) for p, c in zip(server_pids, cpu0, strict=True)]
+    used = [cpu_s(p) - c for p, c in zip(server_pids, cpu0, strict=True)]
+    res["server_cpu_pct"] = [round(100 * u / wall) for u in used]
+    # What a verdict costs the servers in CPU (heartbeats and reports included): unlike the
+    # rates, it hardly moves with what else the machine is running.
+    done = res["verdicts_per_s"] * wall
+    res["server_cpu_ms_per_verdict"] = round(1000 * sum(used) / done, 3) if done else None
     res["rss_mb"] = [rss_mb(p) for p in server_pids]
     res["offered_per_s"] = rate
     res["loadavg"] = loadavg()
@@ -639,9 +652,15 @@ def summary(out: dict[str, Any]) -> dict[str, Any]:
         # Cost must not grow with registry size or active intents: scale saturation over small.
         "scale_ratio": round(scale_sat / sat, 3) if sat and scale_sat else None,
         "scale_verdicts_per_s": scale_sat,
+        # CPU of all three servers per verdict at saturation, and etcd's over Tetherlab's (> 1:
+        # Tetherlab spends less CPU on a verdict than etcd does).
+        "cpu_ms_per_verdict": tl.get("saturation", {}).get("server_cpu_ms_per_verdict"),
+        "etcd_cpu_ms_per_verdict": out.get("etcd", {}).get("saturation", {}).get("server_cpu_ms_per_verdict"),
         "scale_p99_ms": out.get("scale", {}).get("offered", {}).get("p99_ms"),
         "scale_rss_mb_max": max((v for v in out.get("scale", {}).get("rss_mb", {}).values() if v), default=None),
     }
+    tl_cpu, etcd_cpu = s["cpu_ms_per_verdict"], s["etcd_cpu_ms_per_verdict"]
+    s["cpu_ratio_vs_etcd"] = round(etcd_cpu / tl_cpu, 3) if tl_cpu and etcd_cpu else None
     s["targets"] = {}
     for k, (op, v) in TARGETS.items():
         got = s.get(k)

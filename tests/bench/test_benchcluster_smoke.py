@@ -14,7 +14,8 @@ from tetherlab.chaos.bench.cluster import add_bench_cluster_args, bench_cluster,
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 KEYS = ("saturation_verdicts_per_s", "p99_ms_at_500", "etcd_verdicts_per_s", "bare_commits_per_s",
-        "ratio_vs_etcd", "ratio_vs_bare", "failover_s", "hook_p50_ms", "scale_ratio")
+        "ratio_vs_etcd", "ratio_vs_bare", "failover_s", "hook_p50_ms", "scale_ratio", "cpu_ms_per_verdict",
+        "etcd_cpu_ms_per_verdict", "cpu_ratio_vs_etcd")
 
 
 def _args(argv: list[str]) -> argparse.Namespace:
@@ -46,6 +47,8 @@ def test_tiny_run_has_the_issue_keys() -> None:
                if k not in ("report:not_active", "report:intent_mismatch", "report:no_active_intent")}
         assert not bad, phase["errors"]
     assert sum(ph["reports_per_s"] for ph in [*tl["offered"].values(), tl["saturation"]]) > 0
+    assert all(ph["server_cpu_ms_per_verdict"] > 0 for ph in [*tl["offered"].values(), tl["saturation"]])
+    assert out["cpu_ms_per_verdict"] == tl["saturation"]["server_cpu_ms_per_verdict"]
     assert len(tl["rss_mb"]) == 3
     fo = d["failover"]["runs"][0]
     assert fo["to_new_leader_s"] is not None and fo["to_first_verdict_s"] is not None
@@ -61,11 +64,13 @@ def test_tiny_run_has_the_issue_keys() -> None:
 def test_scale_ratio_and_compare() -> None:
     """scale_ratio is scale saturation over small saturation; --compare prints each figure's change
     and whether the target is met (pure: no cluster)."""
-    details = {"tetherlab": {"saturation": {"verdicts_per_s": 1000.0}, "offered": {"500": {"p99_ms": 20.0}}},
+    details = {"tetherlab": {"saturation": {"verdicts_per_s": 1000.0, "server_cpu_ms_per_verdict": 1.5},
+                             "offered": {"500": {"p99_ms": 20.0}}},
                "scale": {"saturation": {"verdicts_per_s": 850.0}, "offered": {"p99_ms": 30.0}},
-               "etcd": {"saturation": {"verdicts_per_s": 500.0}}}
+               "etcd": {"saturation": {"verdicts_per_s": 500.0, "server_cpu_ms_per_verdict": 1.2}}}
     after = {**summary(details), "details": details}
     assert after["scale_ratio"] == 0.85 and after["ratio_vs_etcd"] == 2.0
+    assert after["cpu_ratio_vs_etcd"] == 0.8
     assert after["targets"]["scale_ratio"]["met"] is True
     before = {**after, "saturation_verdicts_per_s": 500.0, "scale_ratio": 0.5}
     text = compare(before, after)
