@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,9 +11,10 @@ import pytest
 from tetherlab.cluster.ops.localcluster import LocalCluster
 
 
-@pytest.fixture
-def cluster3(tmp_path: Path) -> Iterator[LocalCluster]:
-    c = LocalCluster(tmp_path / "cluster", nodes=3)
+@contextlib.contextmanager
+def running_cluster(tmp_path: Path, nodes: int = 3, extra_toml: str = "") -> Iterator[LocalCluster]:
+    """A local cluster, every node serving; stopped (by PID) however the block ends."""
+    c = LocalCluster(tmp_path / "cluster", nodes=nodes, extra_toml=extra_toml)
     c.start()
     try:
         for nid in c.ids:
@@ -20,6 +22,12 @@ def cluster3(tmp_path: Path) -> Iterator[LocalCluster]:
         yield c
     finally:
         c.close()
+
+
+@pytest.fixture
+def cluster3(tmp_path: Path) -> Iterator[LocalCluster]:
+    with running_cluster(tmp_path) as c:
+        yield c
 
 
 def make_cluster(tmp_path: Path, nodes: int = 3, extra_toml: str = "") -> LocalCluster:

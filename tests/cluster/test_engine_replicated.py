@@ -18,6 +18,8 @@ from tetherlab.cluster.ops.keys import generate_key_pair
 from tetherlab.cluster.ops.localcluster import LocalCluster
 from tetherlab.shim.client import MasterClient, masters_from_cluster_file
 
+from conftest import running_cluster
+
 pytestmark = pytest.mark.slow
 REGISTRY = "".join(
     f'[[concept]]\nid = "area.c{i}"\ntitle = "C{i}"\naliases = ["thing {i}"]\n'
@@ -85,14 +87,8 @@ def wait_bootstrapped(c: LocalCluster, timeout_s: float = 20.0) -> None:
 @pytest.fixture
 def cluster3_worker(tmp_path: Path) -> Iterator[LocalCluster]:
     """Three nodes whose leader matches plans in its match worker process (cluster/node/matcher.py)."""
-    c = LocalCluster(tmp_path / "cluster", nodes=3, extra_toml='[matching]\nworker = "on"\n')
-    c.start()
-    try:
-        for nid in c.ids:
-            c.wait_serving(nid)
+    with running_cluster(tmp_path, extra_toml='[matching]\nworker = "on"\n') as c:
         yield c
-    finally:
-        c.close()
 
 
 def metrics_text(c: LocalCluster, nid: str) -> str:
