@@ -11,8 +11,9 @@ the registry and code index versions they were computed against, and every repli
 when those are not current as it applies (``Engine._claims_for``). The worker rebuilds the
 registry from the same concept list and the code index from its canonical bytes, so a plan gets
 the same claims either way (tests/unit/test_matcher.py compares the two on the matching
-benchmark's plans). When the worker is missing, starting, slow, dead or busy, the plan is matched
-on the loop as before: a request never waits on the worker for more than ``timeout_s``.
+benchmark's plans). When the worker is missing, starting, slow, dead or busy, or has not yet
+built the registry version the plan is matched against (it says when it has), the plan is
+matched on the loop as before: a request never waits on the worker for more than ``timeout_s``.
 
 ``[node] match_worker``: ``"auto"`` (the default) starts the worker once matching has taken more
 than ``AUTO_START_BUSY_S`` of the loop's time within a second, on a machine with at least
@@ -127,12 +128,12 @@ def _read_frame(f: BinaryIO) -> Any | None:
     return pickle.loads(data)
 
 
-def answer(bases: dict[tuple[int, int], MatchBasis], msg: tuple[Any, ...]) -> tuple[Any, ...] | None:
-    """The worker's reply to one message (None for a basis, which needs none)."""
+def answer(bases: dict[tuple[int, int], MatchBasis], msg: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The worker's reply to one message: a basis is acknowledged once it is built."""
     if msg[0] == "basis":
         bases.clear()  # only the newest is asked for; an older one would only hold memory
         bases[msg[1]] = decode_basis(msg)
-        return None
+        return ("basis_ready", msg[1])
     _, rid, key, body = msg
     basis = bases.get(key)
     if basis is None:
@@ -160,13 +161,11 @@ def worker_main(fd: int) -> int:
             return 1
         if msg is None:
             return 0
-        reply = answer(bases, msg)
-        if reply is not None:
-            try:
-                wf.write(_frame(reply))
-                wf.flush()
-            except OSError:
-                return 0
+        try:
+            wf.write(_frame(answer(bases, msg)))
+            wf.flush()
+        except OSError:
+            return 0
 
 
 # --- the node's side -------------------------------------------------------------------------------
@@ -182,7 +181,8 @@ class _Worker:
         self.writer = writer
         self.ready = asyncio.get_running_loop().create_future()
         self.pending: dict[int, asyncio.Future[tuple[str, Any]]] = {}
-        self.sent_key: tuple[int, int] | None = None
+        self.sent_key: tuple[int, int] | None = None  # the basis sent last
+        self.held_key: tuple[int, int] | None = None  # the basis the worker said it has built
         self.task: asyncio.Task[None] | None = None
         self.started = time.monotonic()
 
@@ -219,6 +219,11 @@ class ProcessMatcher:
         if self.mode == "on":
             self._start()
 
+    def holds(self, basis: MatchBasis) -> bool:
+        """Whether a running worker has built ``basis`` (plans matched against it go there)."""
+        w = self._worker
+        return w is not None and w.held_key == basis_key(basis)
+
     @property
     def worker_pid(self) -> int | None:
         w = self._worker
@@ -231,7 +236,8 @@ class ProcessMatcher:
         if self._worker is None and self.mode == "on":
             self._start()
         w = self._worker
-        if w is not None and w.ready.done() and not w.ready.exception() and len(w.pending) < IN_FLIGHT_MAX:
+        if w is not None and w.ready.done() and not w.ready.exception() and len(w.pending) < IN_FLIGHT_MAX \
+                and self._holds(w, basis):
             got = await self._ask(w, cmd.intent, basis)
             if got is not None:
                 status, claims = got
@@ -264,13 +270,32 @@ class ProcessMatcher:
             self._start()
         return out
 
+    def _holds(self, w: _Worker, basis: MatchBasis) -> bool:
+        """Whether the worker has built ``basis``; if not, it is sent (once) and the loop matches
+        until the worker says it is built (a 10,000-concept registry takes it a second or two,
+        which must not count against a plan's timeout)."""
+        key = basis_key(basis)
+        if w.held_key == key:
+            return True
+        if w.sent_key != key:
+            w.sent_key = key
+            self._spawn(self._send_basis(w, basis))
+        return False
+
+    async def _send_basis(self, w: _Worker, basis: MatchBasis) -> None:
+        # Encoding a 10,000-concept registry takes ~0.1 s: on a thread, so the loop serves
+        # requests meanwhile (it still shares the GIL, but in slices, not one stall).
+        try:
+            data = await asyncio.get_running_loop().run_in_executor(None, lambda: _frame(encode_basis(basis)))
+            if w.sent_key == basis_key(basis):  # not overtaken by a newer basis meanwhile
+                w.writer.write(data)
+        except (OSError, RuntimeError, pickle.PicklingError) as e:
+            self._lost(w, f"cannot send it the registry: {e}")
+
     async def _ask(self, w: _Worker, body: IntentBody, basis: MatchBasis) -> tuple[str, Any] | None:
         """The worker's (status, claims) for ``body``; None to match on the loop instead."""
         try:
             key = basis_key(basis)
-            if w.sent_key != key:
-                w.writer.write(_frame(encode_basis(basis)))
-                w.sent_key = key
             self._rid += 1
             rid = self._rid
             fut: asyncio.Future[tuple[str, Any]] = asyncio.get_running_loop().create_future()
@@ -352,6 +377,9 @@ class ProcessMatcher:
                 if msg[0] == "ready":
                     if not w.ready.done():
                         w.ready.set_result(None)
+                    continue
+                if msg[0] == "basis_ready":
+                    w.held_key = msg[1]
                     continue
                 rid, status, claims = msg
                 fut = w.pending.get(rid)

@@ -75,6 +75,16 @@ async def workload(c: LocalCluster, keys: dict[str, Path]) -> list[dict]:
     return verdicts
 
 
+async def one_more_plan(c: LocalCluster, key: Path, i: int) -> None:
+    cl = MasterClient(masters_from_cluster_file(c.dir / "cluster.toml"), key, "ann")
+    aid = f"ann/{uuid.uuid4()}"
+    await cl.call(p.OpenSession, 20, agent_id=aid, tool="t", machine="m", repo_remote="git@x:y/z.git",
+                  base_commit="abcdef1")
+    await cl.call(p.SubmitIntent, 20, agent_id=aid, tool="t", trigger="initial",
+                  intent=p.Intent(summary=f"work on thing {i % 12}", steps=("x",)))
+    await cl.close()
+
+
 def wait_bootstrapped(c: LocalCluster, timeout_s: float = 20.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -125,11 +135,18 @@ def test_replicas_end_with_identical_state_and_survive_restart(cluster3_worker: 
     assert {"continue", "stop"} <= actions, actions
     tokens = [v["fencing_token"] for v in verdicts if v["action"] == "continue"]
     assert tokens == sorted(tokens) and len(set(tokens)) == len(tokens)
-    deadline = time.monotonic() + 10  # /metrics is cached for a moment ([limits] http_cache_s)
-    while sum((matched := proposer_matches(cluster3, leader)).values()) < len(verdicts):
+    # The worker is sent the registry with the first plan and matches once it has built it (the
+    # loop matches meanwhile): more plans until one was matched there, then every replica is
+    # compared with claims the worker made in the log.
+    submitted = len(verdicts)
+    deadline = time.monotonic() + 30
+    while (matched := proposer_matches(cluster3, leader)).get("worker", 0) < 1 or sum(matched.values()) < submitted:
         assert time.monotonic() < deadline, matched
-        time.sleep(0.2)
-    assert matched == {"worker": len(verdicts)}, matched
+        if sum(matched.values()) >= submitted:
+            asyncio.run(one_more_plan(cluster3, keys["ann"], submitted))
+            submitted += 1
+        time.sleep(0.3)  # /metrics is cached for a moment ([limits] http_cache_s)
+    assert sum(matched.values()) == submitted, matched
     dumps = full_dumps(cluster3)
     a, b, c = (dumps[n] for n in cluster3.ids)
     assert a["engine"]["intents"] and a == b == c

@@ -52,11 +52,11 @@ def cmd_for(body: IntentBody) -> SubmitIntent:
 def wire_differences(basis: MatchBasis) -> list[str]:
     """Plans whose claims differ when the basis and the plan travel the worker's wire."""
     bases: dict[tuple[int, int], MatchBasis] = {}
-    assert mw.answer(bases, mw.encode_basis(basis)) is None
+    assert mw.answer(bases, mw.encode_basis(basis)) == ("basis_ready", mw.basis_key(basis))
     out = []
     for i, body in enumerate(bodies()):
         want = prematched(cmd_for(body), basis).matched
-        _, status, claims = mw.answer(bases, ("match", i, mw.basis_key(basis), body)) or (0, "none", None)
+        _, status, claims = mw.answer(bases, ("match", i, mw.basis_key(basis), body))
         got = claims if status == "ok" else None
         if got != want:
             out.append(body.summary[:60])
@@ -99,21 +99,36 @@ async def _wait_ready(m: ProcessMatcher, timeout_s: float = 30.0) -> int:
     return m.worker_pid
 
 
+async def _wait_holding(m: ProcessMatcher, basis: MatchBasis, timeout_s: float = 30.0) -> None:
+    """Until the worker has built ``basis`` (the first plan sends it; plans go on the loop meanwhile)."""
+    m.start()
+    await _wait_ready(m, timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while not m.holds(basis):
+        got = await m.prematch(cmd_for(bodies()[0]), basis)
+        assert got.matched == prematched(cmd_for(bodies()[0]), basis).matched
+        assert time.monotonic() < deadline, "the match worker never built the basis"
+        await asyncio.sleep(0.05)
+
+
 def test_the_worker_process_gives_the_loops_claims_and_follows_a_new_registry() -> None:
     where: Counter[str] = Counter()
 
     async def run() -> None:
         m = ProcessMatcher("on", on_match=lambda w: where.update([w]))
         try:
-            await m.prematch(cmd_for(bodies()[0]), BASIS)  # starts it
-            await _wait_ready(m)
+            await _wait_holding(m, BASIS)
             where.clear()
             assert await _all_through(m, BASIS) == []
             assert where["worker"] == len(bodies()) and where["loop"] == 0
             # A push: new registry version, other concepts; the worker matches against it.
             concepts = list(RICH.registry.concepts.values())[:5]
             newer = MatchBasis(Registry(concepts, RICH.registry.version + 1), None, 0)
+            assert await _all_through(m, newer) == []  # the loop's until the worker has it, then its
+            await _wait_holding(m, newer)
+            where.clear()
             assert await _all_through(m, newer) == []
+            assert where["worker"] == len(bodies())
             got = await m.prematch(cmd_for(IntentBody("x", (), modify=(concepts[0].id,))), newer)
             assert got.matched is not None and got.matched["registry_version"] == newer.registry_version
         finally:
@@ -129,7 +144,7 @@ def test_a_killed_worker_falls_back_to_the_loop_and_is_started_again(monkeypatch
     async def run() -> None:
         m = ProcessMatcher("on")
         try:
-            await m.prematch(cmd_for(bodies()[0]), BASIS)
+            await _wait_holding(m, BASIS)
             pid = await _wait_ready(m)
             os.kill(pid, signal.SIGKILL)  # our own child
             for body in bodies()[:20]:  # answered all along, by the loop while there is no worker
@@ -146,7 +161,7 @@ def test_a_hung_worker_costs_one_timeout_then_the_loop_matches() -> None:
     async def run() -> None:
         m = ProcessMatcher("on", timeout_s=0.3)
         try:
-            await m.prematch(cmd_for(bodies()[0]), BASIS)
+            await _wait_holding(m, BASIS)
             pid = await _wait_ready(m)
             proc = m._worker.proc  # type: ignore[union-attr]
             os.kill(pid, signal.SIGSTOP)
