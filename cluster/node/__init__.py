@@ -9,6 +9,7 @@
   metrics, read API); ``control``: the local control socket;
 - ``matcher``: where the leader matches plans before proposing them (a worker process, or the
   event loop);
+- ``gcpolicy``: when the node's long-lived state is frozen out of CPython's full collections;
 - ``clock``, ``errors``, ``keys``, ``metrics``, ``logs``; ``process``: the wiring (``run_node``).
 
 Imports ``replica``, ``core`` and ``protocol``.

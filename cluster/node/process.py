@@ -29,6 +29,7 @@ from tetherlab.cluster.node.access import AccessRule
 from tetherlab.cluster.node.clock import SystemClock
 from tetherlab.cluster.node.control import ControlServer
 from tetherlab.cluster.node.duties import LeaderDuties
+from tetherlab.cluster.node.gcpolicy import GcPolicy
 from tetherlab.cluster.node.http import HttpApi
 from tetherlab.cluster.node.matcher import ProcessMatcher
 from tetherlab.cluster.node.metrics import NodeCollector, NodeMetrics
@@ -41,6 +42,7 @@ from tetherlab.cluster.replica import pysyncobj_patches
 from tetherlab.cluster.replica.lmdbstore import LmdbStore
 
 log = logging.getLogger("tetherlab.node")
+GC_TICK_S = 5.0  # how often the garbage-collection policy is asked (it acts every 20 s at most)
 
 
 def backup_header(store: LmdbStore) -> dict[str, Any]:
@@ -84,6 +86,8 @@ class MasterNode:
         self.control = ControlServer(cfg.data_dir / "control.sock", self.replica, self.status, self._backup,
                                      self.replica.compact, self.clock.now_ms)
         self._duties: asyncio.Task[None] | None = None
+        self.gc = GcPolicy()
+        self._gc_task: asyncio.Task[None] | None = None
 
     def _members_addresses(self) -> list[NodeAddresses]:
         """Every member's addresses, those added online included (for the world view's health)."""
@@ -144,10 +148,19 @@ class MasterNode:
         await self.ssh.start()
         self.matcher.start()
         self._duties = self.loop.create_task(self.duties.run())
+        self.gc.start(self.clock.monotonic())  # the state is loaded: freeze it
+        self._gc_task = self.loop.create_task(self._gc_housekeeping())
+
+    async def _gc_housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(GC_TICK_S)
+            self.gc.tick(self.clock.monotonic())
 
     async def stop(self) -> None:
         if self._duties is not None:
             self._duties.cancel()
+        if self._gc_task is not None:
+            self._gc_task.cancel()
         await self.ssh.stop()
         await self.matcher.close()
         self.control.close()
