@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -47,7 +46,7 @@ import time
 from typing import Any, BinaryIO, Protocol
 
 from tetherlab.cluster.core.config import MATCH_WORKER_MODES
-from tetherlab.cluster.core.engine import IntentBody, MatchBasis, SubmitIntent, prematched
+from tetherlab.cluster.core.engine import IntentBody, MatchBasis, SubmitIntent, needs_match, prematched, with_match
 from tetherlab.cluster.core.engine.codeindex import CodeIndex
 from tetherlab.cluster.core.engine.registry import Registry, concept_from_json
 from tetherlab.cluster.core.errors import CommandError
@@ -55,7 +54,6 @@ from tetherlab.cluster.protocol import jsoncodec
 
 log = logging.getLogger("tetherlab.matcher")
 
-MODES = MATCH_WORKER_MODES
 AUTO_START_BUSY_S = 0.1  # matching time on the loop within one second that starts the worker ("auto")
 AUTO_MIN_CPUS = 4  # "auto" starts no worker on a smaller machine (see above)
 REQUEST_TIMEOUT_S = 2.0  # longer than this and the plan is matched on the loop (and the worker restarted)
@@ -73,10 +71,6 @@ class Matcher(Protocol):
         ...
 
     async def close(self) -> None: ...
-
-
-def needs_match(cmd: SubmitIntent) -> bool:
-    return cmd.intent is not None and cmd.trigger in ("initial", "replan") and cmd.matched is None
 
 
 class InlineMatcher:
@@ -184,7 +178,6 @@ class _Worker:
         self.sent_key: tuple[int, int] | None = None  # the basis sent last
         self.held_key: tuple[int, int] | None = None  # the basis the worker said it has built
         self.task: asyncio.Task[None] | None = None
-        self.started = time.monotonic()
 
 
 class ProcessMatcher:
@@ -194,8 +187,8 @@ class ProcessMatcher:
                  auto_start_busy_s: float = AUTO_START_BUSY_S, cpus: int | None = None,
                  python: str = sys.executable,
                  on_match: Any = None, on_up: Any = None) -> None:
-        if mode not in MODES:
-            raise ValueError(f"match_worker must be one of {', '.join(MODES)}, got {mode!r}")
+        if mode not in MATCH_WORKER_MODES:
+            raise ValueError(f"match_worker must be one of {', '.join(MATCH_WORKER_MODES)}, got {mode!r}")
         self.mode = mode
         self.timeout_s = timeout_s
         self.auto_start_busy_s = auto_start_busy_s
@@ -242,7 +235,7 @@ class ProcessMatcher:
             if got is not None:
                 status, claims = got
                 self._count("worker")
-                return dataclasses.replace(cmd, matched=claims) if status == "ok" else cmd
+                return with_match(cmd, claims) if status == "ok" else cmd
         return self._inline(cmd, basis)
 
     async def close(self) -> None:

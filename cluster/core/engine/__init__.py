@@ -35,7 +35,16 @@ from tetherlab.cluster.core.engine.commands import (
     SubmitIntent,
     decode_command,
 )
-from tetherlab.cluster.core.engine.engine import NAMESPACES, Applied, Engine, Limits, MatchBasis, prematched
+from tetherlab.cluster.core.engine.engine import (
+    NAMESPACES,
+    Applied,
+    Engine,
+    Limits,
+    MatchBasis,
+    needs_match,
+    prematched,
+    with_match,
+)
 from tetherlab.cluster.core.engine.matching import match_intent
 from tetherlab.cluster.core.engine.model import IntentBody
 from tetherlab.cluster.core.engine.registry import Concept, Registry, parse_toml, validate_concepts
@@ -67,7 +76,9 @@ __all__ = [
     "SubmitIntent",
     "decode_command",
     "match_intent",
+    "needs_match",
     "parse_toml",
     "prematched",
     "validate_concepts",
+    "with_match",
 ]

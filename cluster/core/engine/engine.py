@@ -165,16 +165,27 @@ class MatchBasis:
         return claims
 
 
+def needs_match(cmd: SubmitIntent) -> bool:
+    """Whether a proposer has a plan to match for ``cmd`` (one with a new plan, not yet matched)."""
+    return cmd.intent is not None and cmd.trigger in ("initial", "replan") and cmd.matched is None
+
+
+def with_match(cmd: SubmitIntent, claims: dict[str, Any]) -> SubmitIntent:
+    """``cmd`` carrying the proposer's claims (``SubmitIntent.matched``)."""
+    return dataclasses.replace(cmd, matched=claims)
+
+
 def prematched(cmd: SubmitIntent, basis: MatchBasis) -> SubmitIntent:
     """``cmd`` carrying the proposer's match (``SubmitIntent.matched``), or ``cmd`` itself when
     there is nothing to match or matching refuses (apply then refuses the same way, in order)."""
-    if cmd.intent is None or cmd.trigger not in ("initial", "replan") or cmd.matched is not None:
+    if not needs_match(cmd):
         return cmd
+    assert cmd.intent is not None
     try:
         claims = basis.match(cmd.intent)
     except CommandError:
         return cmd
-    return dataclasses.replace(cmd, matched=claims)
+    return with_match(cmd, claims)
 
 
 @dataclass(frozen=True)
