@@ -353,12 +353,13 @@ class Service:
         st = self.replica.status()
         lapsed = [a for a in res.get("lapsed", []) if a in mine]
         unknown = [a for a in res.get("unknown", []) if a in mine]
+        gone = set(lapsed).union(unknown)
         # A shim counts only an id listed in "confirmed" as kept alive, and re-checks its
         # fail-closed margin against the TTL the cluster applies now (it may have changed).
         settings = self.replica.store.engine_view(lambda e: e.cluster_settings()) or {}
         return {
             "ok": True,
-            "confirmed": [a for a in dict.fromkeys(req.agent_ids) if a not in lapsed and a not in unknown],
+            "confirmed": [a for a in dict.fromkeys(req.agent_ids) if a not in gone],
             "lapsed": lapsed,
             "unknown": unknown,
             "notices": {a: n for a, n in res.get("notices", {}).items() if a in mine},

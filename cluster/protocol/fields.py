@@ -8,6 +8,7 @@ from dataclasses import MISSING, Field, dataclass, fields
 from typing import Any, Final
 
 from tetherlab.cluster.protocol.errors import ErrorCode, LocalProtocolError, RequestId
+from tetherlab.cluster.protocol.memo import Passed
 
 # --- Limits ------------------------------------------------------------------------------
 
@@ -102,8 +103,11 @@ class Str(Spec):
         choices: tuple[str, ...] = (),
         multiline: bool = False,
         min_chars: int = 1,
+        memo: bool = False,
     ) -> None:
         self.max_chars = max_chars
+        # Values that passed this check (agent ids: every heartbeat repeats them).
+        self.memo = Passed() if memo else None
         self.pattern = pattern
         self.pattern_name = pattern_name
         self.choices = choices
@@ -111,6 +115,9 @@ class Str(Spec):
         self.min_chars = min_chars
 
     def check(self, value: Any, path: str) -> str:
+        memo = self.memo
+        if memo is not None and value in memo:
+            return value  # type: ignore[no-any-return]
         if not isinstance(value, str):
             raise bad_field(path, f"must be a string, got {json_type(value)}")
         if len(value) < self.min_chars:
@@ -131,6 +138,8 @@ class Str(Spec):
                 raise bad_field(path, "must not contain NUL")
         elif not (value.isprintable() if ascii_text else _CONTROL.search(value) is None):
             raise bad_field(path, "must not contain control characters")
+        if memo is not None and type(value) is str:
+            memo.add(value)
         return str(value)  # a StrEnum such as ErrorCode becomes its plain value
 
 
@@ -298,7 +307,7 @@ def spec(spec: Spec) -> dict[str, Spec]:
 ID = IdSpec()
 NAME = Str(MAX_NAME_CHARS)
 TEXT = Str(MAX_TEXT_CHARS, multiline=True)
-AGENT = Str(MAX_NAME_CHARS, pattern=AGENT_ID_RE, pattern_name="'<developer>/<uuid>'")
+AGENT = Str(MAX_NAME_CHARS, pattern=AGENT_ID_RE, pattern_name="'<developer>/<uuid>'", memo=True)
 DEVELOPER = Str(64, pattern=re.compile(DEVELOPER_PATTERN), pattern_name="a developer name ([A-Za-z0-9._-], 1-64)")
 
 

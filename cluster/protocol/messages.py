@@ -49,6 +49,7 @@ from tetherlab.cluster.protocol.fields import (
     preview,
     spec,
 )
+from tetherlab.cluster.protocol.memo import Passed
 
 # --- Messages -----------------------------------------------------------------------------
 
@@ -502,10 +503,18 @@ MESSAGE_TYPES: Final[dict[str, type[Message]]] = {
 def split_agent_id(agent_id: str) -> tuple[str, str]:
     """``"alice/<uuid>"`` -> ``("alice", "<uuid>")``; the node compares the developer part with
     the authenticated key's developer. Raises LocalProtocolError(bad_field) if malformed."""
+    if agent_id in _SPLIT_OK:  # a well-formed id has exactly one "/" (neither part may hold one)
+        developer, _, rest = agent_id.partition("/")
+        return developer, rest
     m = AGENT_ID_RE.fullmatch(agent_id) if isinstance(agent_id, str) else None
     if m is None:
         raise bad_field("agent_id", f"must be '<developer>/<uuid>'; got {preview(agent_id)}")
+    if type(agent_id) is str:
+        _SPLIT_OK.add(agent_id)
     return m.group(1), m.group(2)
+
+
+_SPLIT_OK = Passed()  # ids split_agent_id has accepted (each heartbeat names a developer's agents)
 
 
 def split_address(address: str) -> tuple[str, int]:

@@ -30,6 +30,7 @@ from tetherlab.cluster.core.engine.model import (
 from tetherlab.cluster.core.engine.registry import Concept, load_toml, validate_concepts
 from tetherlab.cluster.core.engine.validate import check_bool, check_int, check_str
 from tetherlab.cluster.core.errors import CommandError
+from tetherlab.cluster.protocol.memo import Passed
 
 SESSION_TTL_MS_DEFAULT = 30_000
 SESSION_TTL_MS_MIN = 1_000
@@ -39,10 +40,19 @@ TOML_MAX_CHARS = 64 * 1024 * 1024
 
 
 def _agent_id(value: Any, field: str) -> str:
+    if value in _AGENT_IDS_OK:
+        return value  # type: ignore[no-any-return]
     check_str(value, field, AGENT_ID_MAX_CHARS)
     if not AGENT_ID_RE.match(value):
         raise CommandError("bad_field", f"field {field!r}: {value!r} is not an agent id like 'alice/<uuid>'")
+    if type(value) is str:
+        _AGENT_IDS_OK.add(value)
     return value
+
+
+# Agent ids _agent_id accepted: every heartbeat entry names the same ids again, and every replica
+# decodes every entry (the leader twice: building the command, then applying it).
+_AGENT_IDS_OK = Passed()
 
 
 class _Command:
@@ -200,7 +210,10 @@ class Heartbeat(_Command):
             raise CommandError("bad_field", "field 'agent_ids' must be a list of agent ids")
         if len(self.agent_ids) > AGENT_IDS_PER_HEARTBEAT_MAX:
             raise CommandError("too_large", f"field 'agent_ids' has more than {AGENT_IDS_PER_HEARTBEAT_MAX} entries")
-        ids = tuple(_agent_id(a, f"agent_ids[{i}]") for i, a in enumerate(self.agent_ids))
+        try:  # no field name built per id unless one is bad
+            ids = tuple([_agent_id(a, "agent_ids") for a in self.agent_ids])
+        except CommandError:
+            ids = tuple(_agent_id(a, f"agent_ids[{i}]") for i, a in enumerate(self.agent_ids))
         object.__setattr__(self, "agent_ids", tuple(dict.fromkeys(ids)))
 
 

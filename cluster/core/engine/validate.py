@@ -39,4 +39,7 @@ def check_str_list(value: Any, field: str, max_items: int, max_chars: int) -> tu
         raise CommandError("bad_field", f"field {field!r} must be a list of strings, got {type(value).__name__}")
     if len(value) > max_items:
         raise CommandError("too_large", f"field {field!r} has more than {max_items} entries")
-    return tuple(check_str(v, f"{field}[{i}]", max_chars) for i, v in enumerate(value))
+    try:  # no field name built per item unless one is bad
+        return tuple([check_str(v, field, max_chars) for v in value])
+    except CommandError:
+        return tuple(check_str(v, f"{field}[{i}]", max_chars) for i, v in enumerate(value))
