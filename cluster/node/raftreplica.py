@@ -55,6 +55,12 @@ class RaftReplica:
             cfg.data_dir.mkdir(parents=True, exist_ok=True)
             store = LmdbStore(cfg.data_dir / "state", cfg.raft.state_map_size_bytes, batch_applies=True)
         self.store = store
+        # Before the Raft node exists: its tick thread may apply (a replay) as soon as it starts.
+        # Ordered (a dict, not a set): failing them goes in proposal order, the same on every run.
+        self._pending: dict[asyncio.Future[dict[str, Any]], None] = {}
+        self._results: collections.deque[_Result] = collections.deque()
+        self._applied: collections.deque[Outcome] = collections.deque()
+        self._listeners: list[ApplyListener] = []
         self.store.on_apply = self._on_apply
         m = metrics
         self.raft = RaftNode(
@@ -66,13 +72,9 @@ class RaftReplica:
             on_rtt=lambda peer, s: m.peer_rtt_seconds.labels(peer).observe(s),
             on_apply_seconds=m.apply_seconds.observe,
             io=io,
+            on_results_ready=self._deliver_results,
         )
-        # Ordered (a dict, not a set): failing them goes in proposal order, the same on every run.
-        self._pending: dict[asyncio.Future[dict[str, Any]], None] = {}
-        self._results: collections.deque[_Result] = collections.deque()
-        self._applied: collections.deque[Outcome] = collections.deque()
         self.raft.addOnTickCallback(self._deliver_results)
-        self._listeners: list[ApplyListener] = []
         self._ssh_by_id = {n.id: str(n.ssh) for n in cfg.all_nodes()}
         self._load_members()
         self._barrier_running = False
@@ -107,7 +109,8 @@ class RaftReplica:
 
     def _deliver_results(self) -> None:
         """Once per tick: the entries applied and the proposals answered in it reach the loop in
-        one cross-thread wake-up (after the tick's applies are committed to the state)."""
+        one cross-thread wake-up, when the store's flush says they may (Store.flush_applied), and
+        again as a tick callback for whatever is left (a proposal refused without an apply)."""
         applied = _drain(self._applied)
         batch = _drain(self._results)
         if batch or applied:

@@ -10,7 +10,8 @@ sync (MDB_NOSYNC, which this store used before) LMDB documents that a system cra
 the database unless the file system preserves write order, and LMDB has no checksums to notice.
 The cost is one fsync per write transaction, so a Raft node applies in batches
 (``batch_applies``): every entry applied in one tick shares one transaction, committed by
-:meth:`LmdbStore.flush_applied` before any result is handed out. A state written before a
+:meth:`LmdbStore.flush_applied`, whose results are handed out before that commit when the batch
+wrote only engine records (see Store.flush_applied). A state written before a
 snapshot is made durable with ``env.sync``, so the log can be compacted safely.
 """
 
@@ -190,16 +191,28 @@ class LmdbStore:
             self.engine = Engine.from_records(self._engine_records(txn))
         return out
 
-    def flush_applied(self) -> None:
-        """Commit the applies batched so far (one fsync), then tell ``on_apply`` about each."""
+    def flush_applied(self, before_commit: Callable[[], None] | None = None) -> None:
+        """Commit the applies batched so far (one fsync) and tell ``on_apply`` about each; see
+        Store.flush_applied for when ``before_commit`` runs."""
         with self._lock:
             txn, self._batch = self._batch, None
             outcomes, self._batch_outcomes = self._batch_outcomes, []
+        early = txn is not None and before_commit is not None and not any(
+            o.kv_writes or o.reset_engine for o in outcomes)
+        if early:
+            self._tell(outcomes)
+            before_commit()  # type: ignore[misc]
         # The commit (and its fsync) runs outside the lock: readers on other threads use their
         # own read transactions and must not wait for the disk. Only this (the tick) thread
         # writes or swaps the environment, so nothing can change it meanwhile.
         if txn is not None:
             txn.commit()
+        if not early:
+            self._tell(outcomes)
+            if before_commit is not None:
+                before_commit()
+
+    def _tell(self, outcomes: list[Outcome]) -> None:
         if self.on_apply is not None:
             for out in outcomes:
                 self.on_apply(out)

@@ -73,6 +73,7 @@ class MemoryStore:
         self.files = files or OsFiles()
         self.step = step
         self._unsynced = False
+        self._unsynced_kv = False  # the unsynced applies wrote a key-value record or reset the engine
 
     # --- StateView (read by core.apply) -------------------------------------------------------
 
@@ -116,6 +117,7 @@ class MemoryStore:
             live.applied = index
             live.revision = out.revision
             self._unsynced = True
+            self._unsynced_kv = self._unsynced_kv or bool(out.kv_writes) or out.reset_engine
             if out.reset_engine:
                 self.engine = self._engine_from(live)
         if self.on_apply is not None:
@@ -153,17 +155,23 @@ class MemoryStore:
             return {"applied_index": self._live.applied, "revision": self._live.revision,
                     "records": records, "engine": engine}
 
-    def flush_applied(self) -> None:
-        """The LMDB store commits a batch of applies with fsync here: make them durable."""
+    def flush_applied(self, before_commit: Callable[[], None] | None = None) -> None:
+        """The LMDB store commits a batch of applies with fsync here: make them durable, with
+        ``before_commit`` on the same side of it as there (Store.flush_applied)."""
+        early = before_commit is not None and self._unsynced and not self._unsynced_kv
+        if early:
+            before_commit()  # type: ignore[misc]
         if self._unsynced:
             self.sync()
+        if before_commit is not None and not early:
+            before_commit()
 
     def sync(self) -> None:
         with self._lock:
             if self.step is not None:
                 self.step("state_sync")
             self._durable = self._live.copy()
-            self._unsynced = False
+            self._unsynced = self._unsynced_kv = False
             self.syncs += 1
 
     def close(self) -> None:

@@ -260,6 +260,7 @@ class RaftNode(SyncObj):
         on_rtt: Callable[[str, float], None] | None = None,
         on_apply_seconds: Callable[[float], None] | None = None,
         io: RaftIO | None = None,
+        on_results_ready: Callable[[], None] | None = None,
     ) -> None:
         io = io or RaftIO.production(cfg, on_fsync)
         missing = set(io.required_patches) - set(pysyncobj_patches.installed())
@@ -274,6 +275,8 @@ class RaftNode(SyncObj):
         self._tl_on_state_changed = on_state_changed
         self._tl_on_rtt = on_rtt
         self._tl_on_apply_seconds = on_apply_seconds
+        # Hands this tick's results out: before the state's commit when Store.flush_applied allows.
+        self._tl_on_results_ready = on_results_ready
         self._tl_rtt_pending: dict[Any, float] = {}
         self._tl_heard_by: dict[Any, float] = {}  # follower -> latest leader send time it echoed
         self._tl_echo: float | None = None
@@ -328,9 +331,10 @@ class RaftNode(SyncObj):
     # --- tick thread ------------------------------------------------------------------------
 
     def _tl_on_tick(self) -> None:
-        # The entries applied this tick are committed to the state in one transaction (one fsync)
-        # before the results go out (RaftReplica's tick callback runs after this one).
-        self._tl_store.flush_applied()
+        # The entries applied this tick are committed to the state in one transaction (one fsync);
+        # their results go out in on_results_ready, before that commit when only engine records
+        # changed (Store.flush_applied), so the replies overlap the fsync.
+        self._tl_store.flush_applied(self._tl_on_results_ready)
         if self._tl_notifier is None and self._tl_io.auto_tick:
             self._tl_notifier = CoalescingNotifier(self._poller)
         # Send new entries as soon as they are in the log, not on the next heartbeat: the

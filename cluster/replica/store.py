@@ -73,9 +73,17 @@ class Store(Protocol):
         """Make every applied entry durable."""
         ...
 
-    def flush_applied(self) -> None:
+    def flush_applied(self, before_commit: Callable[[], None] | None = None) -> None:
         """Commit (durably) what was applied since the last flush; the Raft node calls it once per
-        tick, before any result of those entries is handed out."""
+        tick, and hands the results of those entries out in ``before_commit``.
+
+        ``before_commit`` runs before the commit when no entry of the batch wrote a key-value
+        record (or reset the engine): engine state is read from memory, which already holds the
+        batch, and a node that crashes before the commit replays the entries from its log (the
+        commit index never passes the log's durable end, and the log is compacted only after a
+        snapshot of a synced state). The commit's fsync then overlaps the replies. Otherwise it
+        runs after the commit: key-value records are read from the store by other threads (a
+        revoked key must be gone before anyone hears it was revoked)."""
         ...
 
     def close(self) -> None: ...

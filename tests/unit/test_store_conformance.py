@@ -222,3 +222,73 @@ def test_reads_during_snapshot_installs_never_fail(tmp_path: Path) -> None:
         t.join(10)
     assert errors == []
     assert s.get("a", "k") is not None
+
+
+# --- when a tick's results may go out (Store.flush_applied's before_commit) ---------------------
+
+
+def _batched(kind: str, path: Path) -> Any:
+    return LmdbStore(path, batch_applies=True) if kind == "lmdb" else MemoryStore()
+
+
+def _durable_index(s: Any) -> int:
+    """How far a crash now would keep the state: LMDB's committed meta, the twin's synced copy."""
+    return s.applied_index if isinstance(s, LmdbStore) else s._durable.applied
+
+
+def _told_at_commit(s: Any, payloads: list[bytes]) -> tuple[list[int], int, bool]:
+    """Applies ``payloads`` as one tick and flushes: (entries told to on_apply by the time the
+    results went out, the durable index then, whether record keys/k1 could be read then)."""
+    told: list[int] = []
+    s.on_apply = lambda out: told.append(out.index)
+    seen: dict[str, Any] = {}
+    for i, payload in enumerate(payloads, start=1):
+        s.apply(i, payload)
+
+    def results_out() -> None:
+        seen["told"], seen["durable"] = list(told), _durable_index(s)
+        seen["readable"] = s.get("keys", "k1") is not None  # from this thread: a reader's own transaction
+
+    s.flush_applied(results_out)
+    return seen["told"], seen["durable"], seen["readable"]
+
+
+@pytest.mark.parametrize("kind", ["lmdb", "memory"])
+def test_an_engine_only_batch_is_answered_before_its_commit(kind: str, tmp_path: Path) -> None:
+    s = _batched(kind, tmp_path / "s")
+    told, durable, _ = _told_at_commit(s, [engine(ec.Init(remote="git@x:y/z.git")),
+                                           engine(ec.Init(remote="git@x:y/z.git"))])
+    assert durable == 0  # the fsync overlaps the replies; a crash replays both from the log
+    if kind == "lmdb":
+        assert told == [1, 2]  # listeners hear of every entry before the results go out
+    assert _durable_index(s) == 2  # and the commit still happens in the same flush
+
+
+def _kv_answered_after_commit(s: Any) -> bool:
+    _, durable, readable = _told_at_commit(s, [engine(ec.Init(remote="git@x:y/z.git")), put("keys", "k1", "v")])
+    return durable == 2 and readable
+
+
+@pytest.mark.parametrize("kind", ["lmdb", "memory"])
+def test_a_batch_that_writes_a_record_is_answered_after_its_commit(kind: str, tmp_path: Path) -> None:
+    # Records are read from the store by other threads: a revoked key must be gone before the
+    # revoking admin hears it is done.
+    assert _kv_answered_after_commit(_batched(kind, tmp_path / "s"))
+
+
+def test_a_store_that_always_answers_early_is_caught(tmp_path: Path) -> None:
+    class AlwaysEarly(LmdbStore):  # the planted bug: ignores what the batch wrote
+        def flush_applied(self, before_commit: Callable[[], None] | None = None) -> None:
+            if before_commit is not None:
+                before_commit()
+            super().flush_applied()
+
+    assert not _kv_answered_after_commit(AlwaysEarly(tmp_path / "s", batch_applies=True))
+
+
+@pytest.mark.parametrize("kind", ["lmdb", "memory"])
+def test_without_a_hook_the_flush_only_commits(kind: str, tmp_path: Path) -> None:
+    s = _batched(kind, tmp_path / "s")
+    s.apply(1, put("a", "k", "v"))
+    s.flush_applied()
+    assert _durable_index(s) == 1
