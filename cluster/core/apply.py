@@ -72,6 +72,12 @@ class Outcome:
     replayed: bool = False  # at or below the applied index: nothing to write, not even the index
     reset_engine: bool = False  # the engine failed mid-command: rebuild it from the stored records
 
+    @property
+    def engine_only(self) -> bool:
+        """Changed no key-value record and left the engine whole: its result may be handed out
+        before the state's commit (Store.flush_applied)."""
+        return not self.kv_writes and not self.reset_engine
+
 
 def _internal(index: int, revision: int, what: str) -> Outcome:
     log.exception("%s failed on raft index %d; every replica refuses it the same way", what, index)

@@ -138,7 +138,7 @@ class Str(Spec):
                 raise bad_field(path, "must not contain NUL")
         elif not (value.isprintable() if ascii_text else _CONTROL.search(value) is None):
             raise bad_field(path, "must not contain control characters")
-        if memo is not None and type(value) is str:
+        if memo is not None:
             memo.add(value)
         return str(value)  # a StrEnum such as ErrorCode becomes its plain value
 

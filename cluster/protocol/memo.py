@@ -30,6 +30,9 @@ class Passed:
         return len(self._seen)
 
     def add(self, value: str) -> None:
+        """Remember ``value`` if it is a plain ``str`` (a subclass may compare differently)."""
+        if type(value) is not str:
+            return
         if len(self._seen) >= self.max_items:
             self._seen.clear()
         self._seen.add(value)

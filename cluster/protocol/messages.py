@@ -509,8 +509,7 @@ def split_agent_id(agent_id: str) -> tuple[str, str]:
     m = AGENT_ID_RE.fullmatch(agent_id) if isinstance(agent_id, str) else None
     if m is None:
         raise bad_field("agent_id", f"must be '<developer>/<uuid>'; got {preview(agent_id)}")
-    if type(agent_id) is str:
-        _SPLIT_OK.add(agent_id)
+    _SPLIT_OK.add(agent_id)
     return m.group(1), m.group(2)
 
 

@@ -197,8 +197,7 @@ class LmdbStore:
         with self._lock:
             txn, self._batch = self._batch, None
             outcomes, self._batch_outcomes = self._batch_outcomes, []
-        early = txn is not None and before_commit is not None and not any(
-            o.kv_writes or o.reset_engine for o in outcomes)
+        early = txn is not None and before_commit is not None and all(o.engine_only for o in outcomes)
         if early:
             self._tell(outcomes)
             before_commit()  # type: ignore[misc]

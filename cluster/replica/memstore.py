@@ -117,7 +117,7 @@ class MemoryStore:
             live.applied = index
             live.revision = out.revision
             self._unsynced = True
-            self._unsynced_kv = self._unsynced_kv or bool(out.kv_writes) or out.reset_engine
+            self._unsynced_kv = self._unsynced_kv or not out.engine_only
             if out.reset_engine:
                 self.engine = self._engine_from(live)
         if self.on_apply is not None:

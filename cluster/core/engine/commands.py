@@ -28,7 +28,7 @@ from tetherlab.cluster.core.engine.model import (
     IntentBody,
 )
 from tetherlab.cluster.core.engine.registry import Concept, load_toml, validate_concepts
-from tetherlab.cluster.core.engine.validate import check_bool, check_int, check_str
+from tetherlab.cluster.core.engine.validate import check_bool, check_each, check_int, check_str
 from tetherlab.cluster.core.errors import CommandError
 from tetherlab.cluster.protocol.memo import Passed
 
@@ -45,8 +45,7 @@ def _agent_id(value: Any, field: str) -> str:
     check_str(value, field, AGENT_ID_MAX_CHARS)
     if not AGENT_ID_RE.match(value):
         raise CommandError("bad_field", f"field {field!r}: {value!r} is not an agent id like 'alice/<uuid>'")
-    if type(value) is str:
-        _AGENT_IDS_OK.add(value)
+    _AGENT_IDS_OK.add(value)
     return value
 
 
@@ -210,10 +209,7 @@ class Heartbeat(_Command):
             raise CommandError("bad_field", "field 'agent_ids' must be a list of agent ids")
         if len(self.agent_ids) > AGENT_IDS_PER_HEARTBEAT_MAX:
             raise CommandError("too_large", f"field 'agent_ids' has more than {AGENT_IDS_PER_HEARTBEAT_MAX} entries")
-        try:  # no field name built per id unless one is bad
-            ids = tuple([_agent_id(a, "agent_ids") for a in self.agent_ids])
-        except CommandError:
-            ids = tuple(_agent_id(a, f"agent_ids[{i}]") for i, a in enumerate(self.agent_ids))
+        ids = check_each(self.agent_ids, "agent_ids", _agent_id)
         object.__setattr__(self, "agent_ids", tuple(dict.fromkeys(ids)))
 
 

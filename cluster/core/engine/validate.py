@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 from tetherlab.cluster.core.errors import CommandError
+
+T = TypeVar("T")
 
 
 def check_str(value: Any, field: str, max_chars: int, *, empty_ok: bool = False) -> str:
@@ -39,7 +42,13 @@ def check_str_list(value: Any, field: str, max_items: int, max_chars: int) -> tu
         raise CommandError("bad_field", f"field {field!r} must be a list of strings, got {type(value).__name__}")
     if len(value) > max_items:
         raise CommandError("too_large", f"field {field!r} has more than {max_items} entries")
-    try:  # no field name built per item unless one is bad
-        return tuple([check_str(v, field, max_chars) for v in value])
+    return check_each(value, field, lambda v, name: check_str(v, name, max_chars))
+
+
+def check_each(values: Iterable[Any], field: str, check: Callable[[Any, str], T]) -> tuple[T, ...]:
+    """``check(value, name)`` of every item; the item's name ("steps[3]") is built only to
+    name a bad one (a heartbeat carries hundreds of items, nearly always good)."""
+    try:
+        return tuple([check(v, field) for v in values])
     except CommandError:
-        return tuple(check_str(v, f"{field}[{i}]", max_chars) for i, v in enumerate(value))
+        return tuple(check(v, f"{field}[{i}]") for i, v in enumerate(values))
