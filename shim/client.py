@@ -74,6 +74,10 @@ class HostKeyMismatch(ClientError):
     """A node presented a host key other than the pinned one: refused."""
 
 
+class ClientClosed(ClientError):
+    """The client was closed: it opens no connection and sends nothing more."""
+
+
 @dataclass(frozen=True)
 class Master:
     id: str
@@ -142,7 +146,10 @@ class _Link:
         self.waiting[req.id] = fut
         self.proc.stdin.write(data)
         try:
-            return await asyncio.wait_for(fut, timeout_s)
+            # Not wait_for: on Python 3.11 it returns the reply when a cancellation arrives with it,
+            # and the cancelled caller carries on (after close(), opening connections no one closes).
+            async with asyncio.timeout(timeout_s):
+                return await fut
         finally:
             self.waiting.pop(req.id, None)
 
@@ -178,6 +185,7 @@ class MasterClient:
         self.client_version = client_version
         self.agent = agent
         self._links: dict[str, _Link] = {}  # at most one per node
+        self._closed = False  # set by close(): no connection is opened after it
         self._locks: dict[str, asyncio.Lock] = {}  # one connect at a time, per node
         self._suspect_until: dict[str, float] = {}  # node id -> monotonic time
         self._rr = random.randrange(len(self.masters))  # spread shims over the nodes
@@ -191,16 +199,15 @@ class MasterClient:
         known: Any = ([asyncssh.import_public_key(m.host_key)], [], []) if m.host_key else None
         deadline = time.monotonic() + timeout_s
         try:
-            conn = await asyncio.wait_for(
-                asyncssh.connect(
+            async with asyncio.timeout(timeout_s):  # not wait_for (see _Link.call)
+                conn = await asyncssh.connect(
                     m.host, m.port, username=self.developer, client_keys=[self.key], known_hosts=known,
                     agent_path=None, password=None, kbdint_auth=False, gss_auth=False,
                     keepalive_interval=5, keepalive_count_max=3, encryption_algs=ENCRYPTION_ALGS,
-                ),
-                timeout_s,
-            )
+                )
         except asyncssh.HostKeyNotVerifiable as e:
             raise HostKeyMismatch(f"node {m.id} at {m.address} presented an unexpected host key: {e}") from None
+        link: _Link | None = None
         try:
             async with asyncio.timeout(max(0.01, deadline - time.monotonic())):
                 proc = await conn.create_process(subsystem="tetherlab", encoding=None)
@@ -209,8 +216,12 @@ class MasterClient:
                                          agent=self.agent)
                 reply = await link.call(hello, max(0.01, deadline - time.monotonic()))
         except BaseException:
-            conn.close()
+            if link is not None:
+                link.close()  # its reader too, not only the connection
+            else:
+                conn.close()
             raise
+        assert link is not None
         if isinstance(reply, p.Error):
             link.close()
             raise RequestError(reply.code, reply.message)
@@ -229,7 +240,12 @@ class MasterClient:
                 if link is not None:
                     link.close()
                     del self._links[m.id]
+                if self._closed:
+                    raise ClientClosed("the client is closed")
                 link = await self._open(m, timeout_s)
+                if self._closed:  # closed while this connection was being opened: nobody else would close it
+                    link.close()
+                    raise ClientClosed("the client was closed while connecting")
                 self._links[m.id] = link
                 return link
 
@@ -265,6 +281,8 @@ class MasterClient:
         return backoff_s * self._rng.uniform(0.5, 1.5)
 
     async def close(self) -> None:
+        """Close every connection; requests still running end with ClientClosed."""
+        self._closed = True
         for link in self._links.values():
             link.close()
         self._links.clear()
@@ -382,7 +400,7 @@ class MasterClient:
                     if err is None:
                         self.last_confirmed = max(self.last_confirmed or sent_at, sent_at)
                         return t.result()
-                    if isinstance(err, RequestError | HostKeyMismatch):
+                    if isinstance(err, RequestError | HostKeyMismatch | ClientClosed):  # final: no other node helps
                         raise err
                     reasons.append(str(err))
             while tasks and (left := deadline - time.monotonic()) > 0:
@@ -393,7 +411,7 @@ class MasterClient:
                     if err is None:
                         self.last_confirmed = max(self.last_confirmed or sent_at, sent_at)
                         return t.result()
-                    if isinstance(err, RequestError | HostKeyMismatch):
+                    if isinstance(err, RequestError | HostKeyMismatch | ClientClosed):  # final: no other node helps
                         raise err
                     reasons.append(str(err))
         finally:
