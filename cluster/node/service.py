@@ -355,8 +355,8 @@ class Service:
         unknown = [a for a in res.get("unknown", []) if a in mine]
         gone = set(lapsed).union(unknown)
         # A shim counts only an id listed in "confirmed" as kept alive, and re-checks its
-        # fail-closed margin against the TTL the cluster applies now (it may have changed).
-        settings = self.replica.store.engine_view(lambda e: e.cluster_settings()) or {}
+        # fail-closed margin against the TTL the renewal applied (it may have changed); taken from
+        # the apply's result, so a heartbeat never waits for the store lock behind an apply.
         return {
             "ok": True,
             "confirmed": [a for a in dict.fromkeys(req.agent_ids) if a not in gone],
@@ -364,7 +364,7 @@ class Service:
             "unknown": unknown,
             "notices": {a: n for a, n in res.get("notices", {}).items() if a in mine},
             "soft": {a: n for a, n in res.get("soft", {}).items() if a in mine},
-            "session_ttl_ms": settings.get("session_ttl_ms"),
+            "session_ttl_ms": res.get("session_ttl_ms"),
             "leader": self.settings.node_id,
             "term": st.get("term"),
         }
@@ -383,7 +383,7 @@ class Service:
             await self.clock.sleep(HEARTBEAT_BATCH_WINDOW_S)
             ids, self._hb_pending = list(self._hb_pending), {}
             waiters, self._hb_waiters = self._hb_waiters, []
-            merged: dict[str, Any] = {"lapsed": [], "unknown": [], "notices": {}, "soft": {}}
+            merged: dict[str, Any] = {"lapsed": [], "unknown": [], "notices": {}, "soft": {}, "session_ttl_ms": None}
             error: BaseException | None = None
             step = ec.AGENT_IDS_PER_HEARTBEAT_MAX
             try:
@@ -393,6 +393,7 @@ class Service:
                     merged["unknown"] += res.get("unknown", [])
                     merged["notices"].update(res.get("notices", {}))
                     merged["soft"].update(res.get("soft", {}))
+                    merged["session_ttl_ms"] = res.get("session_ttl_ms")
             except BaseException as e:  # handed to every waiter of this batch
                 error = e
             for w in waiters:

@@ -201,6 +201,9 @@ def test_a_heartbeat_confirms_only_the_sessions_it_kept_alive_and_carries_the_tt
         rep = await r.ok(ALICE, p.Heartbeat, agent_ids=(alive, ghost))
         assert rep["confirmed"] == [alive] and rep["unknown"] == [ghost]
         assert rep["session_ttl_ms"] == 30_000  # the cluster's TTL now, for the shim's margin check
+        await r.service.engine(ec.Init(remote="git@x:acme/shop.git", session_ttl_ms=10_000))
+        rep = await r.ok(ALICE, p.Heartbeat, agent_ids=(alive,))
+        assert rep["confirmed"] == [alive] and rep["session_ttl_ms"] == 10_000  # lowered: the renewal's TTL
     run(body)
 
 

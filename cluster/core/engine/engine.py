@@ -843,8 +843,10 @@ class Engine:
             self._renewals[index] = {"at_ms": now, "deadline_ms": deadline, "agents": renewed}
             self._renew_live[index] = len(renewed)
             self._touch(NS_RENEWALS, _renewal_key(index))
+        # The TTL in force at this renewal: the shim re-checks its fail-closed bound against it.
+        ttl_ms = self._cluster["session_ttl_ms"] if self._cluster is not None else None
         return {"ok": True, "refreshed": len(renewed), "lapsed": lapsed, "unknown": unknown, "notices": notices,
-                "soft": soft}
+                "soft": soft, "session_ttl_ms": ttl_ms}
 
     def _leader_elected(self, cmd: LeaderElected, index: int, now: int) -> dict[str, Any]:
         # Heartbeats sent while there was no leader never reached the log: give every session
@@ -862,8 +864,13 @@ class Engine:
         lapsed: list[str] = []
         intents: list[str] = []
         forgotten: list[str] = []
-        # Sessions number in the thousands at most; a sweep once a second is cheap.
-        for a in sorted(self._sessions):
+        # Runs once a second on every replica over thousands of sessions: only the due ones are
+        # sorted (the order of the lapses is part of the result).
+        retain_ms = self.limits.session_retain_ms
+        due = sorted(a for a, s in self._sessions.items()
+                     if (s.deadline_ms < now if s.status == SESSION_OPEN
+                         else s.status == SESSION_LAPSED and (s.lapsed_ms or 0) + retain_ms < now))
+        for a in due:
             s = self._sessions[a]
             it = self._intents.get(s.intent_id) if s.intent_id else None
             if s.status == SESSION_OPEN and s.deadline_ms < now:
@@ -873,7 +880,7 @@ class Engine:
                 if it is not None and it.status == ACTIVE:
                     self._finish(it, LAPSED, index, now, "session lapsed")
                     intents.append(it.intent_id)
-            elif s.status == SESSION_LAPSED and (s.lapsed_ms or 0) + self.limits.session_retain_ms < now:
+            elif s.status == SESSION_LAPSED and (s.lapsed_ms or 0) + retain_ms < now:
                 if it is not None and it.status == LAPSED:
                     self._finish(it, ABANDONED, index, now, "session lapsed and was forgotten")
                 del self._sessions[a]
