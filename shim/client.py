@@ -78,6 +78,10 @@ class ClientClosed(ClientError):
     """The client was closed: it opens no connection and sends nothing more."""
 
 
+# Errors that end a hedged heartbeat at once: asking another node would not change them.
+_FINAL = (RequestError, HostKeyMismatch, ClientClosed)
+
+
 @dataclass(frozen=True)
 class Master:
     id: str
@@ -400,7 +404,7 @@ class MasterClient:
                     if err is None:
                         self.last_confirmed = max(self.last_confirmed or sent_at, sent_at)
                         return t.result()
-                    if isinstance(err, RequestError | HostKeyMismatch | ClientClosed):  # final: no other node helps
+                    if isinstance(err, _FINAL):
                         raise err
                     reasons.append(str(err))
             while tasks and (left := deadline - time.monotonic()) > 0:
@@ -411,7 +415,7 @@ class MasterClient:
                     if err is None:
                         self.last_confirmed = max(self.last_confirmed or sent_at, sent_at)
                         return t.result()
-                    if isinstance(err, RequestError | HostKeyMismatch | ClientClosed):  # final: no other node helps
+                    if isinstance(err, _FINAL):
                         raise err
                     reasons.append(str(err))
         finally:
