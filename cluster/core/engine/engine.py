@@ -865,7 +865,8 @@ class Engine:
         intents: list[str] = []
         forgotten: list[str] = []
         # Runs once a second on every replica over thousands of sessions: only the due ones are
-        # sorted (the order of the lapses is part of the result).
+        # sorted (the order of the lapses is part of the result). Due: open past its deadline, or
+        # lapsed past retention; nothing below changes another session, so the status decides.
         retain_ms = self.limits.session_retain_ms
         due = sorted(a for a, s in self._sessions.items()
                      if (s.deadline_ms < now if s.status == SESSION_OPEN
@@ -873,14 +874,14 @@ class Engine:
         for a in due:
             s = self._sessions[a]
             it = self._intents.get(s.intent_id) if s.intent_id else None
-            if s.status == SESSION_OPEN and s.deadline_ms < now:
+            if s.status == SESSION_OPEN:
                 s.status, s.lapsed_ms = SESSION_LAPSED, now
                 self._touch(NS_SESSIONS, a)
                 lapsed.append(a)
                 if it is not None and it.status == ACTIVE:
                     self._finish(it, LAPSED, index, now, "session lapsed")
                     intents.append(it.intent_id)
-            elif s.status == SESSION_LAPSED and (s.lapsed_ms or 0) + retain_ms < now:
+            else:
                 if it is not None and it.status == LAPSED:
                     self._finish(it, ABANDONED, index, now, "session lapsed and was forgotten")
                 del self._sessions[a]
