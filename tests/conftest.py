@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -38,6 +40,18 @@ def make_cluster(tmp_path: Path, nodes: int = 3, extra_toml: str = "") -> LocalC
     return c
 
 
+def until_available(call: Callable[[], dict[str, Any]], timeout_s: float = 20.0) -> dict[str, Any]:
+    """``call``'s reply, asked again while the node answers ``unavailable``: on a busy machine a
+    follower can miss the leader's heartbeats for a moment (or a new election runs), and a client
+    is told to retry then. Only used for idempotent requests (a put of the same value, a get)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        r = call()
+        if r["ok"] or r.get("error", {}).get("code") != "unavailable" or time.monotonic() > deadline:
+            return r
+        time.sleep(0.1)
+
+
 class BackgroundWriter:
     """Writes keys ``<ns>/<prefix><i>`` in a loop through whichever nodes are up (skipping
     ``avoid``), recording what was acknowledged and the longest pause between acknowledgements.
@@ -54,8 +68,6 @@ class BackgroundWriter:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        import time
-
         i = 0
         last_ok = time.monotonic()
         while not self._stop.is_set():

@@ -159,7 +159,9 @@ class LocalCluster:
 
     def wait_leader(self, timeout_s: float = 20.0, among: list[str] | None = None,
                     exclude: str | None = None) -> str:
-        """The id of a leader that the other live nodes agree on."""
+        """The id of a leader backed by a quorum (``quorum_backed``); a node outside that quorum
+        may not have heard of it yet, so a request through a follower can still meet
+        ``unavailable`` for a moment and should be retried."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             st = self.status()

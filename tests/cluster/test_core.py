@@ -16,7 +16,7 @@ import pytest
 
 from tetherlab.cluster.ops.localcluster import LocalCluster
 
-from conftest import BackgroundWriter, make_cluster
+from conftest import BackgroundWriter, make_cluster, until_available
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +25,7 @@ def put_many(c: LocalCluster, nid: str, n: int, prefix: str) -> list[str]:
     acked = []
     with c.client(nid) as cl:
         for i in range(n):
-            r = cl.put("t", f"{prefix}{i}", f"value-{i}")
+            r = until_available(lambda: cl.put("t", f"{prefix}{i}", f"value-{i}"))  # noqa: B023 (called at once)
             assert r["ok"], r
             acked.append(f"{prefix}{i}")
     return acked
@@ -50,9 +50,10 @@ def test_writes_replicate_and_any_node_reads_them(cluster3: LocalCluster) -> Non
     for nid in cluster3.ids:
         with cluster3.client(nid) as cl:
             # Linearizable read right after the writes, on every node, including followers.
-            r = cl.get("t", "F19")
+            r = until_available(lambda: cl.get("t", "F19"))
             assert r["ok"] and r["result"]["record"]["value"] == "value-19", (nid, r)
-            assert cl.get("t", "L0")["result"]["record"]["value"] == "value-0"
+            r = until_available(lambda: cl.get("t", "L0"))
+            assert r["ok"] and r["result"]["record"]["value"] == "value-0", (nid, r)
     dumps = converge(cluster3, cluster3.ids)
     assert dumps[cluster3.ids[0]] == dumps[cluster3.ids[1]] == dumps[cluster3.ids[2]]
     assert len(dumps[leader]) == 40
@@ -163,7 +164,7 @@ def test_leader_cut_off_from_majority_stops_acknowledging_writes_and_reads(clust
             cluster3.signal(f, signal.SIGCONT)
     new_leader = cluster3.wait_leader(timeout_s=20)
     with cluster3.client(new_leader) as cl:
-        assert cl.put("t", "healed", "x")["ok"]
+        assert until_available(lambda: cl.put("t", "healed", "x"))["ok"]
         assert cl.get("t", "during")["result"]["record"] is None or True  # indeterminate: either is allowed
 
 
@@ -205,7 +206,7 @@ def test_stranger_on_the_raft_port_is_ignored(cluster3: LocalCluster, tmp_path: 
     assert cluster3.wait_leader() is not None
     assert converge(cluster3, cluster3.ids) == before
     with cluster3.client(leader) as cl:
-        assert cl.put("t", "still-works", "y")["ok"]
+        assert until_available(lambda: cl.put("t", "still-works", "y"))["ok"]
 
 
 def test_node_refuses_to_start_without_the_secret(tmp_path: Path) -> None:

@@ -16,6 +16,8 @@ import pytest
 from tetherlab.cluster.ops.client import http_get_json
 from tetherlab.cluster.ops.localcluster import LocalCluster
 
+from conftest import until_available
+
 pytestmark = pytest.mark.slow
 
 
@@ -30,7 +32,7 @@ def test_every_nodes_metrics_pass_promtool_check_metrics(cluster3: LocalCluster)
     leader = cluster3.wait_leader()
     with cluster3.client(leader) as cl:
         for i in range(20):
-            assert cl.put("m", f"k{i}", "v")["ok"]
+            assert until_available(lambda: cl.put("m", f"k{i}", "v"))["ok"]  # noqa: B023 (called at once)
     for nid in cluster3.ids:
         text = metrics_text(cluster3, nid)
         p = subprocess.run(["promtool", "check", "metrics"], input=text.encode(), capture_output=True, timeout=30)

@@ -21,6 +21,8 @@ from tetherlab.cluster.ops.keys import generate_key_pair
 from tetherlab.cluster.ops.localcluster import LocalCluster, free_base_port
 from tetherlab.shim.client import MasterClient, masters_from_cluster_file
 
+from conftest import until_available
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "deploy" / "systemd" / "tetherlab.service"
@@ -200,8 +202,8 @@ def test_disaster_recovery_from_the_one_surviving_node(tmp_path: Path) -> None:
         _workload(c, tmp_path)
         with c.client(leader) as cl:
             for i in range(50):
-                r = cl.put("t", f"k{i}", "v")
-                assert r["ok"]
+                r = until_available(lambda: cl.put("t", f"k{i}", "v"))  # noqa: B023 (called at once)
+                assert r["ok"], r
         survivor = next(n for n in c.ids if n != leader)
         c.wait_applied(r["result"]["index"], [survivor])
         for nid in c.ids:
@@ -229,6 +231,6 @@ def test_disaster_recovery_from_the_one_surviving_node(tmp_path: Path) -> None:
         assert _comparable(recovered) == _comparable(survivor_state)
         assert all(f"k{i}" in recovered["records"]["t"] for i in range(50))
         with rc.client("n1") as cl:
-            assert cl.put("t", "after-recovery", "x")["ok"]
+            assert until_available(lambda: cl.put("t", "after-recovery", "x"))["ok"]
     finally:
         rc.close()
