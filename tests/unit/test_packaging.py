@@ -4,11 +4,14 @@ files the code reads at run time, and no generic top-level names."""
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
+import sysconfig
 import tomllib
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -55,3 +58,40 @@ def test_test_modules_have_unique_names() -> None:
             continue  # inside a package: imported by its dotted name
         assert path.name not in names, f"{path} and {names[path.name]} share a name"
         names[path.name] = path
+
+
+def _dev_links() -> Any:
+    spec = importlib.util.spec_from_file_location("dev_links", ROOT / "deploy" / "scripts" / "dev_links.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dev_links_point_the_editable_install_at_the_source_folders(tmp_path: Path) -> None:
+    site, venv = tmp_path / "site", tmp_path / "venv"
+    site.mkdir()
+    pth = site / "__editable__.tetherlab-0.1.0.pth"
+    pth.write_text("import __editable___tetherlab_0_1_0_finder; __editable___tetherlab_0_1_0_finder.install()\n")
+    tree = _dev_links().link(site, venv, ROOT)
+    assert pth.read_text() == f"{tree}\n"  # a path entry: nothing imported at start-up
+    for folder, name in SOURCES.items():
+        assert (tree / name.replace(".", "/")).resolve() == ROOT / folder
+    r = subprocess.run([sys.executable, "-S", "-c", f"import sys; sys.path.insert(0, {str(tree)!r}); "
+                        "import tetherlab.shim.hooks as h, os; print(os.path.realpath(h.__file__))"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == str(ROOT / "shim" / "hooks.py"), r.stderr
+
+
+def test_the_dev_install_starts_without_an_import_hook() -> None:
+    """`make venv` runs deploy/scripts/dev_links.py after `pip install -e`: setuptools' finder
+    for the remapped folders costs ~13 ms of every `tether` start (the hook runs on every tool
+    call). A regular install has no finder, so there is nothing to check."""
+    site = Path(sysconfig.get_paths()["purelib"])
+    if not list(site.glob("__editable__.tetherlab-*.pth")):
+        pytest.skip("tetherlab is not installed editable here")
+    r = subprocess.run([sys.executable, "-c", "import sys, tetherlab.shim.cli; "
+                        "print([getattr(f, '__module__', '') for f in sys.meta_path])"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "__editable__" not in r.stdout, f"an import-hook finder runs at start-up ({r.stdout.strip()}): run make venv"
