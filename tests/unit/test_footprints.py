@@ -3,10 +3,14 @@ claims and with each other (core/engine/footprint.py)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from tetherlab.cluster.core.engine.engine import Engine
 from tetherlab.cluster.core.engine.testing import Driver
 
 REGISTRY = """
@@ -218,3 +222,105 @@ def test_replicas_rebuilt_from_records_agree_on_footprints(order: int) -> None:
     rebuilt = d.rebuilt()
     assert rebuilt.dump_records() == d.engine.dump_records()
     assert rebuilt._index_view() == d.engine._index_view()
+
+
+def _churn(d: Driver, rounds: int) -> tuple[str, str]:
+    """Alice and Bob both change setup.cfg, alternately with and without it: a soft-conflict
+    event every report."""
+    va, vb = plan(d, ALICE, "auth.sessions"), plan(d, BOB, "billing.invoices")
+    report(d, ALICE, va["intent_id"], f("setup.cfg"))
+    for i in range(rounds):
+        files = [f("src/billing/pay.py")] + ([f("setup.cfg")] if i % 2 == 0 else [])
+        report(d, BOB, vb["intent_id"], *files)
+    return va["intent_id"], vb["intent_id"]
+
+
+def test_logging_a_conflict_event_writes_that_event_not_the_whole_log() -> None:
+    d = driver()
+    _, vb = _churn(d, 500)  # an event every other report: past CONFLICT_LOG_MAX (200), trimmed
+    report(d, BOB, vb, f("src/billing/pay.py"), f("setup.cfg"))
+    events = [(k, v) for ns, k, v in d.last_writes if ns == "conflicts"]
+    assert events and len(events) <= 4, d.last_writes  # the new event(s) and the trimmed ones
+    assert sum(len(v or b"") for _, v in events) < 2000
+    assert not [w for w in d.last_writes if w[0] == "meta" and w[1] == "conflicts"]
+    recent = d.engine.list_conflicts()["recent"]
+    assert len(recent) == 200 and recent[0]["index"] == d.index
+    rebuilt = d.rebuilt()
+    assert rebuilt.dump_records() == d.engine.dump_records()
+    assert rebuilt.list_conflicts() == d.engine.list_conflicts()
+
+
+def test_a_state_with_the_one_record_conflict_log_loads_and_migrates_on_the_next_event() -> None:
+    d = driver()
+    _, vb = _churn(d, 30)
+    before = d.engine.list_conflicts()
+    # The layout written before per-event records: every event in meta/conflicts.
+    events = [json.loads(v) for ns, _, v in d.records() if ns == "conflicts"]
+    legacy = [r for r in d.records() if r[0] != "conflicts"]
+    legacy.append(("meta", "conflicts", json.dumps({"events": events}).encode()))
+    old = Engine.from_records(sorted(legacy), d.limits)
+    assert old.list_conflicts() == before
+    assert Engine.from_records(old.dump_records(), d.limits).list_conflicts() == before
+    # The next event moves the log to per-event records and deletes the old one.
+    d.engine, d.store = old, {(ns, k): v for ns, k, v in legacy}
+    report(d, BOB, vb, f("src/billing/pay.py"), f("setup.cfg"))
+    assert ("meta", "conflicts", None) in d.last_writes
+    assert ("meta", "conflicts") not in d.store
+    assert len([k for ns, k in d.store if ns == "conflicts"]) == len(events) + 1
+    rebuilt = d.rebuilt()
+    assert rebuilt.dump_records() == d.engine.dump_records()
+    assert rebuilt.list_conflicts()["recent"][1:] == before["recent"]
+
+
+def test_a_plainly_valid_report_decodes_as_the_checked_decoder_does() -> None:
+    from tetherlab.cluster.core.engine import footprint as fp
+
+    reports = [
+        [f("src/a.py", "A.run", "b"), {"path": "./docs/x.md", "change": "added", "hunks": [[1, 4], [7, 7]]}],
+        [{"path": "new.py", "change": "renamed", "old_path": "old.py",
+          "symbols": [{"name": "f", "change": "renamed", "old_name": "g"}]}],
+        [{"path": "z/"}, {"path": "a"}],
+    ]
+    for files in reports:
+        plain = fp._decode_plain(files)
+        try:
+            checked: Any = fp._decode_checked(files)
+        except Exception as e:
+            checked = e
+        assert plain is None or plain == checked, (files, plain, checked)
+    assert fp._decode_plain(reports[0]) is not None and fp._decode_plain(reports[1]) is not None
+    # Anything not plainly valid goes to the checked decoder, which names it.
+    for files in ([{"path": "a.py", "hunks": [[True, 2]]}], [{"path": "a.py", "hunks": [[5, 1]]}],
+                  [{"path": "a.py", "symbols": [{"name": " "}]}], [{"path": "a.py", "x": 1}],
+                  [{"path": "a\x00.py"}], [{"path": "a.py"}, {"path": "./a.py"}]):
+        assert fp._decode_plain(files) is None, files
+
+
+# Mostly valid values (so whole reports often pass the plain decoder), one in five anything.
+_odd = st.one_of(st.none(), st.booleans(), st.integers(-2, 9), st.sampled_from(
+    ["", " ", "../e", "/abs", "f\x00", "g//h", "exploded", "x" * 1100, "\\w"]), st.lists(st.integers(), max_size=2))
+
+
+def _mostly(valid: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.integers(0, 4).flatmap(lambda k: _odd if k == 0 else valid)
+
+
+_path = _mostly(st.sampled_from(["a.py", "./b/c.py", "d/", "a.py/", "e f.md"]))
+_name = _mostly(st.sampled_from(["A.run", "f", " g "]))
+_num = _mostly(st.one_of(st.integers(0, 5), st.booleans()))
+_sym = st.fixed_dictionaries({"name": _name}, optional={
+    "change": _mostly(st.sampled_from(["modified", "renamed"])), "old_name": _name})
+_file = _mostly(st.fixed_dictionaries({"path": _path}, optional={
+    "change": _mostly(st.sampled_from(["modified", "added", "renamed", "deleted"])), "old_path": _path,
+    "symbols": _mostly(st.lists(_mostly(_sym), max_size=3)),
+    "hunks": _mostly(st.lists(_mostly(st.lists(_num, min_size=2, max_size=2)), max_size=3))}))
+
+
+@settings(max_examples=1000, deadline=None)
+@given(_mostly(st.lists(_file, max_size=4)))
+def test_the_plain_decoder_agrees_with_the_checked_one_on_anything(files: list[Any]) -> None:
+    from tetherlab.cluster.core.engine import footprint as fp
+
+    plain = fp._decode_plain(files)
+    if plain is not None:
+        assert fp._decode_checked(files) == plain

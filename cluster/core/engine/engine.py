@@ -96,8 +96,11 @@ NS_INDEX = "index"
 # Heartbeats: one record per heartbeat entry ({"at_ms", "deadline_ms", "agents"}) instead of a
 # rewrite of every session it renews; deleted once every agent in it was renewed again.
 NS_RENEWALS = "renewals"
+# The recent drift and soft-conflict events, one record each (key: the event's sequence number),
+# so logging one writes one small record instead of re-encoding the whole bounded log.
+NS_CONFLICTS = "conflicts"
 NAMESPACES = (NS_META, NS_REGISTRY, NS_CONCEPTS, NS_SESSIONS, NS_INTENTS, NS_HISTORY, NS_GRANTS, NS_INDEX,
-              NS_RENEWALS)
+              NS_RENEWALS, NS_CONFLICTS)
 KEY_STAGING = "staging"
 UNCOORDINATED_ACCEPT = "accept"
 UNCOORDINATED_REFUSE = "refuse"
@@ -105,7 +108,9 @@ VERIFY_COMMITS_MAX = 256  # commits judged in one query
 VERIFY_PATHS_MAX = 4096  # paths of one commit judged in one query (a client splits bigger ones)
 KEY_CLUSTER = "cluster"
 KEY_CLOCK = "clock"
-KEY_CONFLICTS = "conflicts"  # meta/conflicts: the recent drift and soft-conflict events
+# meta/conflicts: the whole event log in one record, as states written before NS_CONFLICTS hold
+# it; read on load and replaced by per-event records when the next event is logged.
+KEY_CONFLICTS = "conflicts"
 KEY_CURRENT = "current"
 
 # Bounds (every replica must use the same values: they shape the records).
@@ -132,6 +137,10 @@ class Applied:
 
 def _encode(obj: Any) -> bytes:
     return jsoncodec.dumps(obj, sort_keys=True)
+
+
+def _conflict_key(seq: int) -> str:
+    return f"{seq:012d}"  # sorts as it counts
 
 
 def _chunk_key(kind: str, seq: int) -> str:
@@ -213,6 +222,8 @@ class Engine:
         # without scanning every intent)
         self._soft_by: dict[str, dict[str, None]] = {}
         self._conflict_log: list[dict[str, Any]] = []  # recent drifts and soft conflicts, bounded
+        self._conflict_seq0 = 0  # the sequence number (NS_CONFLICTS key) of _conflict_log[0]
+        self._conflicts_legacy = False  # loaded from one meta/conflicts record, not yet migrated
         # Finished (and lapsed) intents, oldest first: compaction pops from the front.
         self._finished: dict[str, None] = {}
         self._mod: dict[str, str] = {}
@@ -321,8 +332,11 @@ class Engine:
             obj = self._history.get(key)
         elif ns == NS_GRANTS:
             obj = self._grants.get(key)
+        elif ns == NS_CONFLICTS:
+            j = int(key) - self._conflict_seq0
+            obj = self._conflict_log[j] if not self._conflicts_legacy and 0 <= j < len(self._conflict_log) else None
         elif ns == NS_META and key == KEY_CONFLICTS:
-            obj = {"events": self._conflict_log} if self._conflict_log else None
+            obj = {"events": self._conflict_log} if self._conflicts_legacy else None
         elif ns == NS_CONCEPTS:
             c = self._registry.concepts.get(key) if self._registry is not None else None
             obj = c.to_json() if c is not None else None
@@ -355,8 +369,10 @@ class Engine:
         keys.extend((NS_INTENTS, i) for i in self._intents)
         keys.extend((NS_HISTORY, c) for c in self._history)
         keys.extend((NS_GRANTS, c) for c in self._grants)
-        if self._conflict_log:
+        if self._conflicts_legacy:
             keys.append((NS_META, KEY_CONFLICTS))
+        else:
+            keys.extend((NS_CONFLICTS, _conflict_key(self._conflict_seq0 + j)) for j in range(len(self._conflict_log)))
         return sorted(keys)
 
     def dump_records(self) -> list[tuple[str, str, bytes]]:
@@ -375,6 +391,7 @@ class Engine:
         concepts = []
         version: int | None = None
         chunks: dict[int, str] = {}
+        conflicts: dict[int, dict[str, Any]] = {}
         for ns, key, raw in records:
             obj = json.loads(raw)
             if ns == NS_INDEX:
@@ -404,10 +421,16 @@ class Engine:
                 e._history[key] = obj
             elif ns == NS_GRANTS:
                 e._grants[key] = obj
+            elif ns == NS_CONFLICTS:
+                conflicts[int(key)] = obj
             elif ns == NS_META and key == KEY_CONFLICTS:
-                e._conflict_log = obj["events"]
+                e._conflict_log, e._conflicts_legacy = obj["events"], True
             else:
                 raise ValueError(f"unknown record {ns}/{key}")
+        if conflicts and not e._conflicts_legacy:
+            # Written in sequence and trimmed from the oldest: the keys are consecutive.
+            e._conflict_seq0 = min(conflicts)
+            e._conflict_log = [conflicts[k] for k in sorted(conflicts)]
         for j in sorted(e._renewals):
             # An agent's latest renewal after its session was (re)opened is its reference; times
             # only ever move forward, so applying every such renewal in order gives the live ones.
@@ -1211,10 +1234,25 @@ class Engine:
                 self._touch(NS_INTENTS, o.intent_id)
 
     def _log_conflicts(self, events: list[dict[str, Any]], index: int, now: int) -> None:
+        if not events:
+            return
+        log = self._conflict_log
+        if self._conflicts_legacy:
+            # First event since a state written with one meta/conflicts record: that record goes,
+            # and every kept event gets its own.
+            self._conflicts_legacy = False
+            self._touch(NS_META, KEY_CONFLICTS)
+            for j in range(len(log)):
+                self._touch(NS_CONFLICTS, _conflict_key(self._conflict_seq0 + j))
         for e in events:
-            self._conflict_log.append({"index": index, "at_ms": now, **e})
-        del self._conflict_log[: -CONFLICT_LOG_MAX]
-        self._touch(NS_META, KEY_CONFLICTS)
+            self._touch(NS_CONFLICTS, _conflict_key(self._conflict_seq0 + len(log)))
+            log.append({"index": index, "at_ms": now, **e})
+        drop = len(log) - CONFLICT_LOG_MAX
+        if drop > 0:
+            for j in range(drop):
+                self._touch(NS_CONFLICTS, _conflict_key(self._conflict_seq0 + j))
+            del log[:drop]
+            self._conflict_seq0 += drop
 
     _HANDLERS: dict[type, Callable[[Engine, Any, int, int], dict[str, Any]]] = {
         Init: _init,
