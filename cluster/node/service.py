@@ -48,6 +48,8 @@ FAILED_CLOSED_WINDOW_S = 300.0  # tetherlab_shims_failing_closed counts reports 
 FAILED_CLOSED_MAX = 10_000
 RETRY_TIMEOUT_MS = 1000
 KEYS_LIST_MAX = 10_000
+KEYS_OK_MAX = 10_000  # registered keys remembered by _check_key (more are read from the store each time)
+BOOTSTRAPPED = ("meta", "bootstrapped")  # the record that says the cluster has a key registry
 
 
 @dataclass
@@ -119,6 +121,12 @@ class Service:
         self._hb_waiters: list[asyncio.Future[dict[str, Any]]] = []
         self._hb_task: asyncio.Task[None] | None = None
         self.failed_closed: dict[str, float] = {}  # agent id -> when it reported (monotonic)
+        # Keys _check_key found registered in this leader term: it ran two LMDB reads per request
+        # (each dropping the GIL, a tenth of a busy leader). Cleared when an applied entry writes
+        # a key or the bootstrap mark; a new term starts afresh, since a follower can take a
+        # snapshot (holding a revocation) without applying the entries, so no listener hears it.
+        self._keys_ok: set[str] = set()
+        self._keys_ok_term: int | None = None
         self.new_secret: Callable[[], str] = lambda: secrets.token_urlsafe(32)  # tests substitute their own
         self.quotas = Quotas(settings.limits)
         for name in LoadLimits.__dataclass_fields__:
@@ -128,6 +136,8 @@ class Service:
     def _on_applied(self, out: Outcome) -> None:
         """A revoked key's connections end on every node, as each node applies the revoke."""
         for ns, key, rec in out.kv_writes:
+            if ns == KEYS_NS or (ns, key) == BOOTSTRAPPED:
+                self._keys_ok.clear()
             if ns == KEYS_NS and rec is None:
                 self.connections.drop_key(key, "the SSH key was revoked")
 
@@ -250,11 +260,18 @@ class Service:
         revocation applied since (or a registry this node had not caught up on when it became
         leader: a quorum-backed leader has applied every earlier term's entries) ends it here.
         Before the cluster is bootstrapped there is no registry (and nobody can log in)."""
+        term = self.replica.status().get("term")
+        if who.key_id in self._keys_ok and term == self._keys_ok_term:
+            return
         store = self.replica.store
-        if store.get("meta", "bootstrapped") is None:
+        if store.get(*BOOTSTRAPPED) is None:
             return
         if store.get(KEYS_NS, who.key_id) is None:
             raise Refused("key_revoked", f"the SSH key {who.key_id} is no longer registered")
+        if term != self._keys_ok_term:
+            self._keys_ok, self._keys_ok_term = set(), term
+        if len(self._keys_ok) < KEYS_OK_MAX:
+            self._keys_ok.add(who.key_id)
 
     def _public_status(self) -> dict[str, Any]:
         st = self.replica.status()

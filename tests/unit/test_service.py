@@ -555,6 +555,43 @@ def test_a_key_revoked_after_its_connection_opened_is_refused_at_the_next_reques
     run(body)
 
 
+def test_a_registered_key_is_read_from_the_store_once_per_leader_term() -> None:
+    async def body(r: Rig) -> None:
+        await r.replica.propose(encode_command(sm.Put("meta", "bootstrapped", "1")))
+        agent = await r.session(ALICE)
+        reads: list[tuple[str, str]] = []
+        real_get = r.replica.store.get
+
+        def get(ns: str, key: str) -> Any:
+            reads.append((ns, key))
+            return real_get(ns, key)
+
+        r.replica.store.get = get  # type: ignore[method-assign]
+        for _ in range(5):
+            assert isinstance(await r.call(ALICE, p.Heartbeat, agent_ids=(agent,)), p.Result)
+        assert (KEYS_NS, ALICE.key_id) not in reads
+        r.replica.set_role("leader", term=7)  # a new term: checked again
+        assert isinstance(await r.call(ALICE, p.Heartbeat, agent_ids=(agent,)), p.Result)
+        assert reads.count((KEYS_NS, ALICE.key_id)) == 1
+    run(body)
+
+
+def test_a_key_revoked_by_a_snapshot_is_refused_once_the_node_leads_again() -> None:
+    # A follower that fell behind installs a snapshot holding the revocation: no entry is applied,
+    # so no listener hears of it; what this node remembered from its last term must not count.
+    async def body(r: Rig) -> None:
+        await r.replica.propose(encode_command(sm.Put("meta", "bootstrapped", "1")))
+        agent = await r.session(ALICE)
+        r.replica.set_role("follower", leader="n2")
+        listener, r.replica.store.on_apply = r.replica.store.on_apply, None
+        r.replica.store.apply(r.replica.store.applied_index + 1, encode_command(sm.Delete(KEYS_NS, ALICE.key_id)))
+        r.replica.store.on_apply = listener
+        r.replica.set_role("leader", term=9)
+        reply = await r.call(ALICE, p.Heartbeat, agent_ids=(agent,))
+        assert isinstance(reply, p.Error) and reply.code == "key_revoked"
+    run(body)
+
+
 def test_authenticate_reads_the_key_registry() -> None:
     r = Rig()
     who = authenticate(r.replica.store, "alice", ALICE.key_id)
