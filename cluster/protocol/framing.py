@@ -104,7 +104,7 @@ def parse_frame(line: bytes, sender: Role) -> Message:
     except UnicodeDecodeError as exc:
         raise RemoteProtocolError(ErrorCode.BAD_JSON, f"frame is not UTF-8 (byte {exc.start})") from None
     try:
-        obj = json.loads(text, parse_constant=_refuse_constant)
+        obj = _DECODER.decode(text)
     except RecursionError:
         raise RemoteProtocolError(ErrorCode.BAD_JSON, "frame nests too deeply") from None
     except ValueError as exc:  # JSONDecodeError, and ints too long to convert
@@ -114,3 +114,7 @@ def parse_frame(line: bytes, sender: Role) -> Message:
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+# One decoder for every frame: json.loads with an argument builds a new one per call.
+_DECODER: Final = json.JSONDecoder(parse_constant=_refuse_constant)
