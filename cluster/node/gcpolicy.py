@@ -20,10 +20,12 @@ all and up to 30 ms each.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import time
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 log = logging.getLogger("tetherlab.gc")
 
@@ -80,3 +82,32 @@ class GcPolicy:
         took_s = time.perf_counter() - t0
         if took_s > SLOW_COLLECTION_S:
             log.info("gc %s took %.0f ms", "thaw and collect" if thaw else "collect and freeze", took_s * 1000)
+
+
+class GcPauses:
+    """Times every collection through ``gc.callbacks`` and hands ``observe`` its generation and
+    seconds: while one runs, every thread of the node stands still, so operators see the pauses
+    (``tetherlab_gc_pause_seconds``) beside the latencies they add to. One collection runs at a
+    time (it holds the GIL), so one start time is enough."""
+
+    def __init__(self, observe: Callable[[int, float], None], callbacks: list[Any] = gc.callbacks,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.observe = observe
+        self.callbacks = callbacks
+        self.clock = clock
+        self._started: float | None = None
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = self.clock()
+        elif self._started is not None:
+            self.observe(int(info.get("generation", 0)), self.clock() - self._started)
+            self._started = None
+
+    def install(self) -> None:
+        if self not in self.callbacks:
+            self.callbacks.append(self)
+
+    def remove(self) -> None:
+        with contextlib.suppress(ValueError):
+            self.callbacks.remove(self)

@@ -57,6 +57,10 @@ class NodeMetrics:
             "tetherlab_journal_fsync_duration_seconds", "Raft journal group-commit fsync time.",
             buckets=_FAST_BUCKETS_S, registry=r,
         )
+        self.gc_pause_seconds = Histogram(
+            "tetherlab_gc_pause_seconds", "Garbage collections (every thread of the node waits), by generation.",
+            ["generation"], buckets=_FAST_BUCKETS_S, registry=r,
+        )
         self.apply_seconds = Histogram(
             "tetherlab_apply_duration_seconds", "Time to apply one log entry to the state.",
             buckets=_FAST_BUCKETS_S, registry=r,

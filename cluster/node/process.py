@@ -29,7 +29,7 @@ from tetherlab.cluster.node.access import AccessRule
 from tetherlab.cluster.node.clock import SystemClock
 from tetherlab.cluster.node.control import ControlServer
 from tetherlab.cluster.node.duties import LeaderDuties
-from tetherlab.cluster.node.gcpolicy import GcPolicy
+from tetherlab.cluster.node.gcpolicy import GcPauses, GcPolicy
 from tetherlab.cluster.node.http import HttpApi
 from tetherlab.cluster.node.matcher import ProcessMatcher
 from tetherlab.cluster.node.metrics import NodeCollector, NodeMetrics
@@ -87,6 +87,8 @@ class MasterNode:
                                      self.replica.compact, self.clock.now_ms)
         self._duties: asyncio.Task[None] | None = None
         self.gc = GcPolicy()
+        by_generation = [self.metrics.gc_pause_seconds.labels(str(g)) for g in range(3)]  # resolved once
+        self.gc_pauses = GcPauses(lambda g, s: by_generation[min(g, 2)].observe(s))
         self._gc_task: asyncio.Task[None] | None = None
 
     def _members_addresses(self) -> list[NodeAddresses]:
@@ -149,6 +151,7 @@ class MasterNode:
         self.matcher.start()
         self._duties = self.loop.create_task(self.duties.run())
         self.gc.start(self.clock.monotonic())  # the state is loaded: freeze it
+        self.gc_pauses.install()
         self._gc_task = self.loop.create_task(self._gc_housekeeping())
 
     async def _gc_housekeeping(self) -> None:
@@ -159,6 +162,7 @@ class MasterNode:
     async def stop(self) -> None:
         if self._duties is not None:
             self._duties.cancel()
+        self.gc_pauses.remove()
         if self._gc_task is not None:
             self._gc_task.cancel()
         await self.ssh.stop()

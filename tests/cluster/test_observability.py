@@ -39,6 +39,7 @@ def test_every_nodes_metrics_pass_promtool_check_metrics(cluster3: LocalCluster)
         assert p.returncode == 0, (nid, p.stdout.decode(), p.stderr.decode())
         assert "tetherlab_has_leader 1.0" in text
         assert "tetherlab_journal_fsync_duration_seconds_bucket" in text
+        assert "tetherlab_gc_pause_seconds_bucket{generation=\"0\"" in text
         assert 'tetherlab_lmdb_map_size_bytes{db="log"}' in text
     leader_text = metrics_text(cluster3, leader)
     assert "tetherlab_is_leader 1.0" in leader_text

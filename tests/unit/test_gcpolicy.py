@@ -3,11 +3,13 @@ real one in a child process."""
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
-from tetherlab.cluster.node.gcpolicy import FREEZE_EVERY_S, THAW_EVERY_S, GcPolicy
+from tetherlab.cluster.node.gcpolicy import FREEZE_EVERY_S, THAW_EVERY_S, GcPauses, GcPolicy
 
 
 class FakeGc:
@@ -79,3 +81,33 @@ def test_on_the_real_collector_frozen_state_is_not_scanned_and_thawed_garbage_is
     # The periodic freeze does not scan what was made since the last one (a full collect would).
     assert float(freeze_pause) < float(before) / 5, (before, freeze_pause)
     assert frozen_survived == "True" and freed == "True"
+
+
+def test_every_collection_is_timed_by_generation() -> None:
+    seen: list[tuple[int, float]] = []
+    ticks = iter([1.0, 1.004, 2.0, 2.25])
+    callbacks: list[Any] = []
+    pauses = GcPauses(lambda g, s: seen.append((g, s)), callbacks=callbacks, clock=lambda: next(ticks))
+    pauses.install()
+    pauses.install()  # once only
+    assert callbacks == [pauses]
+    for cb in callbacks:
+        cb("start", {"generation": 0})
+        cb("stop", {"generation": 0, "collected": 3, "uncollectable": 0})
+        cb("start", {"generation": 2})
+        cb("stop", {"generation": 2, "collected": 0, "uncollectable": 0})
+    assert [(g, round(s, 3)) for g, s in seen] == [(0, 0.004), (2, 0.25)]
+    pauses.remove()
+    pauses.remove()
+    assert callbacks == []
+
+
+def test_a_real_collection_reaches_the_observer() -> None:
+    seen: list[int] = []
+    pauses = GcPauses(lambda g, s: seen.append(g))
+    pauses.install()
+    try:
+        gc.collect()
+    finally:
+        pauses.remove()
+    assert 2 in seen and pauses not in gc.callbacks
