@@ -42,7 +42,7 @@ from tetherlab.cluster.replica import pysyncobj_patches
 from tetherlab.cluster.replica.lmdbstore import LmdbStore
 
 log = logging.getLogger("tetherlab.node")
-GC_TICK_S = 5.0  # how often the garbage-collection policy is asked (it acts every 20 s at most)
+GC_TICK_S = 1.0  # how often the garbage-collection policy is asked (it acts every 5 s at most)
 
 
 def backup_header(store: LmdbStore) -> dict[str, Any]:
