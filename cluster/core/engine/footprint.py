@@ -101,7 +101,7 @@ def _decode_plain(raw: Any) -> tuple[FileChange, ...] | None:
     """decode_files for a well-formed report, or None at the first thing that is not plainly
     valid (then the checked decoder runs and names it). Every replica decodes every report at
     apply, and the shim reports every few seconds per holding agent: naming each field of a valid
-    report (an f-string per file, symbol and hunk bound) was a third of a report's apply."""
+    report (an f-string per file, symbol and hunk bound) was a tenth of a report's apply."""
     if type(raw) is not list or len(raw) > FILES_MAX:
         return None
     out: list[FileChange] = []
