@@ -181,10 +181,11 @@ class Service:
                 raise Refused("forbidden", f"{req.type} needs an admin key; {who.developer}'s key is a {who.role} key")
             if who.role == "verifier" and not isinstance(req, p.VerifyCommits):
                 raise Refused("forbidden", f"{who.developer}'s key is a verifier key: it may only verify commits")
-            routed = self._route(req)
+            st = self.replica.status()
+            routed = self._route(req, st)
             if routed is not None:
                 return routed
-            self._check_key(who)
+            self._check_key(who, st.get("term"))
             handler = getattr(self, f"_h_{req.type}", None)
             if handler is None:
                 raise Refused("not_implemented", f"{req.type} is not served by this node version")
@@ -253,14 +254,13 @@ class Service:
             self.quotas.intents.release(who.developer)
             self.metrics.intents_in_flight.dec()
 
-    def _check_key(self, who: Identity) -> None:
+    def _check_key(self, who: Identity, term: int | None) -> None:
         """The key that authenticated the connection must still be registered now.
 
         The SSH layer checked it when the connection opened, against this node's state then; a
         revocation applied since (or a registry this node had not caught up on when it became
         leader: a quorum-backed leader has applied every earlier term's entries) ends it here.
         Before the cluster is bootstrapped there is no registry (and nobody can log in)."""
-        term = self.replica.status().get("term")
         if who.key_id in self._keys_ok and term == self._keys_ok_term:
             return
         store = self.replica.store
@@ -285,8 +285,7 @@ class Service:
             "remote": (self.replica.store.engine_view(lambda e: e.cluster_settings()) or {}).get("remote"),
         }
 
-    def _route(self, req: p.Request) -> p.Message | None:
-        st = self.replica.status()
+    def _route(self, req: p.Request, st: dict[str, Any]) -> p.Message | None:
         if st.get("quorum_backed"):
             return None
         leader = st.get("leader")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import sysconfig
 import tomllib
 from pathlib import Path
 
@@ -53,18 +54,14 @@ def link(venv_site: Path, venv_root: Path, root: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    ap.add_argument("--python", default=sys.executable, help="the virtual environment's interpreter")
-    args = ap.parse_args(argv)
-    out = subprocess.run([args.python, "-c", "import sys, sysconfig; print(sysconfig.get_paths()['purelib']);"
-                          " print(sys.prefix)"], capture_output=True, text=True, check=True).stdout.split("\n")
-    site, prefix = Path(out[0]), Path(out[1])
+    # Run by the virtual environment's own interpreter (the Makefile's $(BIN)/python).
+    argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None).parse_args(argv)
     try:
-        tree = link(site, prefix, ROOT)
+        tree = link(Path(sysconfig.get_paths()["purelib"]), Path(sys.prefix), ROOT)
     except FileNotFoundError as e:
         print(f"dev_links: {e}", file=sys.stderr)
         return 1
-    check = subprocess.run([args.python, "-c", "import sys, tetherlab.shim.cli, tetherlab.cluster.cli.main;"
+    check = subprocess.run([sys.executable, "-c", "import sys, tetherlab.shim.cli, tetherlab.cluster.cli.main;"
                             " sys.exit(any('__editable__' in getattr(f, '__module__', '') for f in sys.meta_path))"],
                            capture_output=True, text=True)
     if check.returncode != 0:

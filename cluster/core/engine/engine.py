@@ -334,7 +334,7 @@ class Engine:
             obj = self._grants.get(key)
         elif ns == NS_CONFLICTS:
             j = int(key) - self._conflict_seq0
-            obj = self._conflict_log[j] if not self._conflicts_legacy and 0 <= j < len(self._conflict_log) else None
+            obj = self._conflict_log[j] if 0 <= j < len(self._conflict_log) else None
         elif ns == NS_META and key == KEY_CONFLICTS:
             obj = {"events": self._conflict_log} if self._conflicts_legacy else None
         elif ns == NS_CONCEPTS:
@@ -372,7 +372,7 @@ class Engine:
         if self._conflicts_legacy:
             keys.append((NS_META, KEY_CONFLICTS))
         else:
-            keys.extend((NS_CONFLICTS, _conflict_key(self._conflict_seq0 + j)) for j in range(len(self._conflict_log)))
+            keys.extend((NS_CONFLICTS, self._conflict_key_at(j)) for j in range(len(self._conflict_log)))
         return sorted(keys)
 
     def dump_records(self) -> list[tuple[str, str, bytes]]:
@@ -1243,16 +1243,20 @@ class Engine:
             self._conflicts_legacy = False
             self._touch(NS_META, KEY_CONFLICTS)
             for j in range(len(log)):
-                self._touch(NS_CONFLICTS, _conflict_key(self._conflict_seq0 + j))
+                self._touch(NS_CONFLICTS, self._conflict_key_at(j))
         for e in events:
-            self._touch(NS_CONFLICTS, _conflict_key(self._conflict_seq0 + len(log)))
+            self._touch(NS_CONFLICTS, self._conflict_key_at(len(log)))
             log.append({"index": index, "at_ms": now, **e})
         drop = len(log) - CONFLICT_LOG_MAX
         if drop > 0:
             for j in range(drop):
-                self._touch(NS_CONFLICTS, _conflict_key(self._conflict_seq0 + j))
+                self._touch(NS_CONFLICTS, self._conflict_key_at(j))
             del log[:drop]
             self._conflict_seq0 += drop
+
+    def _conflict_key_at(self, j: int) -> str:
+        """The NS_CONFLICTS key of ``_conflict_log[j]``."""
+        return _conflict_key(self._conflict_seq0 + j)
 
     _HANDLERS: dict[type, Callable[[Engine, Any, int, int], dict[str, Any]]] = {
         Init: _init,
