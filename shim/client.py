@@ -112,6 +112,10 @@ class _Link:
         self.on_notify = on_notify
         self.reader = asyncio.get_running_loop().create_task(self._read())
         self.hello: p.HelloOk | None = None
+        # Requests sent in one loop iteration leave in one channel write: one SSH packet, one
+        # cipher call and one syscall for all of them here, and one packet to decrypt at the node.
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
 
     async def _read(self) -> None:
         try:
@@ -134,6 +138,24 @@ class _Link:
         finally:
             self._fail_all()
 
+    def _send(self, data: bytes) -> None:
+        self._out.append(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        data = b"".join(self._out)
+        self._out.clear()
+        if not data or not self.alive:
+            return
+        try:
+            self.proc.stdin.write(data)
+        except (asyncssh.Error, ConnectionError, OSError) as e:
+            log.debug("writing to %s failed: %s", self.master.id, e)
+            self.reader.cancel()  # its finally fails every waiting request: none of them was sent
+
     def _fail_all(self) -> None:
         for fut in self.waiting.values():
             if not fut.done():
@@ -148,7 +170,7 @@ class _Link:
         fut: asyncio.Future[p.Message] = asyncio.get_running_loop().create_future()
         data = self.proto.send(req)
         self.waiting[req.id] = fut
-        self.proc.stdin.write(data)
+        self._send(data)
         try:
             # Not wait_for: on Python 3.11 it returns the reply when a cancellation arrives with it,
             # and the cancelled caller carries on (after close(), opening connections no one closes).
@@ -158,6 +180,7 @@ class _Link:
             self.waiting.pop(req.id, None)
 
     def close(self) -> None:
+        self._out.clear()
         self.reader.cancel()
         with contextlib.suppress(Exception):
             self.conn.close()
@@ -235,6 +258,9 @@ class MasterClient:
 
     async def _link_to(self, m: Master, timeout_s: float) -> _Link:
         """The connection to ``m``, opened if needed; waiting for another opener counts too."""
+        link = self._links.get(m.id)
+        if link is not None and link.alive:
+            return link  # the common case: no lock, no timer
         async with asyncio.timeout(timeout_s):
             lock = self._locks.setdefault(m.id, asyncio.Lock())
             async with lock:
@@ -268,9 +294,11 @@ class MasterClient:
 
     def _next_node(self, avoid: set[str]) -> Master:
         """The known leader if it is answering, else the next node in turn; suspects last."""
+        leader = self.by_id.get(self.leader_id or "")
+        if leader is not None and leader.id not in avoid and not self._suspect(leader.id):
+            return leader  # the common case, without building the turn
         n = len(self.masters)
         turn = [self.masters[(self._rr + i) % n] for i in range(n)]
-        leader = self.by_id.get(self.leader_id or "")
         if leader is not None:
             turn.remove(leader)
             turn.insert(0, leader)

@@ -279,6 +279,7 @@ def _developers(prefix: str, n_dev: int, agents_per_dev: int) -> dict[str, list[
 def run_load(workers: Workers, server_pids: list[int], rate: float | None, warmup_s: float, duration_s: float,
              concurrency: int, label: str, **extra: Any) -> dict[str, Any]:
     cpu0 = [cpu_s(p) for p in server_pids]
+    client0 = sum(cpu_s(p) for p in workers.pids)
     per_worker_rate = rate / len(workers.conns) if rate else None
     req = {"op": "load", "rate": per_worker_rate, "warmup_s": warmup_s, "duration_s": duration_s,
            "concurrency": concurrency, "hb_interval_s": HB_INTERVAL_S[0], "report_interval_s": REPORT_INTERVAL_S[0],
@@ -291,13 +292,17 @@ def run_load(workers: Workers, server_pids: list[int], rate: float | None, warmu
     # rates, it hardly moves with what else the machine is running.
     done = res["verdicts_per_s"] * wall
     res["server_cpu_ms_per_verdict"] = round(1000 * sum(used) / done, 3) if done else None
+    # The simulated shims share the machine: what they spend per verdict is CPU the servers lack.
+    client_used = sum(cpu_s(p) for p in workers.pids) - client0
+    res["client_cpu_ms_per_verdict"] = round(1000 * client_used / done, 3) if done else None
     res["rss_mb"] = [rss_mb(p) for p in server_pids]
     res["offered_per_s"] = rate
     res["loadavg"] = loadavg()
     _say(f"{label}: {res['verdicts_per_s']:.0f} verdicts/s, p50 {res['p50_ms']} ms, p99 {res['p99_ms']} ms, "
          f"p999 {res['p999_ms']} ms, {res['heartbeats_per_s']:.0f} heartbeats/s, {res['reports_per_s']:.0f} reports/s, "
          f"errors {res['errors'] or 0}, "
-         f"server cpu% {res['server_cpu_pct']}, loadavg {res['loadavg']}")
+         f"server cpu% {res['server_cpu_pct']}, load generators cpu% {round(100 * client_used / wall)}, "
+         f"loadavg {res['loadavg']}")
     return res
 
 
@@ -656,6 +661,9 @@ def summary(out: dict[str, Any]) -> dict[str, Any]:
         # Tetherlab spends less CPU on a verdict than etcd does).
         "cpu_ms_per_verdict": tl.get("saturation", {}).get("server_cpu_ms_per_verdict"),
         "etcd_cpu_ms_per_verdict": out.get("etcd", {}).get("saturation", {}).get("server_cpu_ms_per_verdict"),
+        # The same for the load generators (the simulated shims or etcd clients) on this machine.
+        "client_cpu_ms_per_verdict": tl.get("saturation", {}).get("client_cpu_ms_per_verdict"),
+        "etcd_client_cpu_ms_per_verdict": out.get("etcd", {}).get("saturation", {}).get("client_cpu_ms_per_verdict"),
         "scale_p99_ms": out.get("scale", {}).get("offered", {}).get("p99_ms"),
         "scale_rss_mb_max": max((v for v in out.get("scale", {}).get("rss_mb", {}).values() if v), default=None),
     }

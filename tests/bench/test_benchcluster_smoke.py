@@ -49,6 +49,8 @@ def test_tiny_run_has_the_issue_keys() -> None:
     assert sum(ph["reports_per_s"] for ph in [*tl["offered"].values(), tl["saturation"]]) > 0
     assert all(ph["server_cpu_ms_per_verdict"] > 0 for ph in [*tl["offered"].values(), tl["saturation"]])
     assert out["cpu_ms_per_verdict"] == tl["saturation"]["server_cpu_ms_per_verdict"]
+    assert all(ph["client_cpu_ms_per_verdict"] > 0 for ph in [*tl["offered"].values(), tl["saturation"]])
+    assert out["client_cpu_ms_per_verdict"] == tl["saturation"]["client_cpu_ms_per_verdict"]
     assert len(tl["rss_mb"]) == 3
     fo = d["failover"]["runs"][0]
     assert fo["to_new_leader_s"] is not None and fo["to_first_verdict_s"] is not None

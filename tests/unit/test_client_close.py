@@ -10,6 +10,7 @@ exercised against real nodes in tests/cluster/test_ssh.py.
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -103,5 +104,41 @@ def test_a_cancelled_call_is_cancelled_even_when_its_reply_arrives_at_the_same_m
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+        link.close()
+    asyncio.run(body())
+
+
+
+def test_requests_sent_in_one_loop_iteration_leave_in_one_channel_write() -> None:
+    """Coalescing: frames go out in order in one write (one SSH packet, one cipher call); a failed
+    write fails the requests it carried as a broken connection."""
+    async def body() -> None:
+        proc = FakeProc()
+        link = sc._Link(Master("n1", "127.0.0.1", 1, None), FakeConn(), proc,  # type: ignore[arg-type]
+                        lambda n: None)
+        hello = link.proto.hello(client_name="t", client_version="0", agent=None)
+        link.proto.send(hello)
+        link.proto.receive_data(p.encode(p.HelloOk(id=hello.id, version=1, node_id="n1", server_version="0")))
+        assert link.proto.events()
+        loop = asyncio.get_running_loop()
+        pings = [p.Ping(id=link.proto.next_id()) for _ in range(3)]
+        tasks = [loop.create_task(link.call(r, 5.0)) for r in pings]
+        await asyncio.sleep(0)  # every call has queued its frame
+        assert proc.stdin.written == []  # not yet: the write waits for the end of the iteration
+        await asyncio.sleep(0)
+        assert len(proc.stdin.written) == 1
+        frames = proc.stdin.written[0].splitlines()
+        assert [json.loads(f)["id"] for f in frames] == [r.id for r in pings]
+
+        def broken(data: bytes) -> None:
+            raise BrokenPipeError("channel closed")
+
+        proc.stdin.write = broken  # type: ignore[method-assign]
+        late = loop.create_task(link.call(p.Ping(id=link.proto.next_id()), 5.0))
+        with pytest.raises(ConnectionError):
+            await late
+        assert not link.alive
+        for t in tasks:  # sent, unanswered: they end as a broken connection too
+            assert isinstance(t.exception(), ConnectionError)
         link.close()
     asyncio.run(body())
