@@ -182,7 +182,7 @@ def test_a_hung_worker_costs_one_timeout_then_the_loop_matches() -> None:
 
 
 @pytest.mark.parametrize(("mode", "busy_s", "cpus", "starts"),
-                         [("auto", 0.0, 4, 1), ("auto", 1e9, 4, 0), ("auto", 0.0, 2, 0), ("off", 0.0, 8, 0)])
+                         [("auto", 0.0, 2, 1), ("auto", 1e9, 4, 0), ("auto", 0.0, 1, 0), ("off", 0.0, 8, 0)])
 def test_auto_starts_the_worker_only_once_matching_is_busy_on_a_machine_with_cores_to_spare(
         mode: str, busy_s: float, cpus: int, starts: int) -> None:
     async def run() -> None:
