@@ -46,6 +46,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, BinaryIO, Protocol
 
 from tetherlab.cluster.core.config import MATCH_WORKER_MODES
@@ -61,6 +62,9 @@ AUTO_START_BUSY_S = 0.02  # matching time on the loop within one second that sta
 AUTO_MIN_CPUS = 2  # "auto" starts no worker on a single-core machine (see above)
 REQUEST_TIMEOUT_S = 2.0  # longer than this and the plan is matched on the loop (and the worker restarted)
 IN_FLIGHT_MAX = 1024  # plans at the worker at once; more are matched on the loop
+# Below this many proposals waiting for their commit the node is not queueing: the loop matches
+# (no round trip to the worker, so the lowest latency); above it the worker does (throughput).
+OFFLOAD_MIN_QUEUED = 32
 RESTART_BACKOFF_S = 5.0  # between starts of a worker that died or hung
 READY_TIMEOUT_S = 30.0  # a worker that has not said it is ready by then is stopped
 STOP_WAIT_S = 2.0  # for the child to exit after its socket closes, before SIGKILL
@@ -188,7 +192,8 @@ class ProcessMatcher:
 
     def __init__(self, mode: str = "auto", *, timeout_s: float = REQUEST_TIMEOUT_S,
                  auto_start_busy_s: float = AUTO_START_BUSY_S, cpus: int | None = None,
-                 python: str = sys.executable,
+                 python: str = sys.executable, queued: Callable[[], int] | None = None,
+                 offload_min_queued: int = OFFLOAD_MIN_QUEUED,
                  on_match: Any = None, on_up: Any = None) -> None:
         if mode not in MATCH_WORKER_MODES:
             raise ValueError(f"match_worker must be one of {', '.join(MATCH_WORKER_MODES)}, got {mode!r}")
@@ -197,6 +202,8 @@ class ProcessMatcher:
         self.auto_start_busy_s = auto_start_busy_s
         self.cpus = cpus if cpus is not None else len(os.sched_getaffinity(0))
         self.python = python
+        self.queued = queued  # how many proposals wait for their commit (None: always offload)
+        self.offload_min_queued = offload_min_queued
         self.on_match = on_match  # called with "worker" or "loop" for each plan matched (metrics)
         self.on_up = on_up  # called with True when a worker is ready, False when it is gone (metrics)
         self._worker: _Worker | None = None
@@ -233,7 +240,7 @@ class ProcessMatcher:
             self._start()
         w = self._worker
         if w is not None and w.ready.done() and not w.ready.exception() and len(w.pending) < IN_FLIGHT_MAX \
-                and self._holds(w, basis):
+                and self._holds(w, basis) and self._queueing():
             got = await self._ask(w, cmd.intent, basis)
             if got is not None:
                 status, claims = got
@@ -265,6 +272,11 @@ class ProcessMatcher:
                 and self.cpus >= AUTO_MIN_CPUS):
             self._start()
         return out
+
+    def _queueing(self) -> bool:
+        """Whether requests queue at this node, so the worker's round trip costs less than the
+        loop's time it frees (a node that keeps up answers sooner matching on the loop)."""
+        return self.queued is None or self.queued() >= self.offload_min_queued
 
     def _holds(self, w: _Worker, basis: MatchBasis) -> bool:
         """Whether the worker has built ``basis``; if not, it is sent (once) and the loop matches

@@ -66,7 +66,7 @@ class MasterNode:
         self._leader_seen: str | None = None
         self.ssh = SshEndpoint(cfg.node.ssh, cfg.ssh_host_key, cfg.id, self.version, self.store, self.metrics,
                                cfg.limits)
-        self.matcher = ProcessMatcher(cfg.match_worker,
+        self.matcher = ProcessMatcher(cfg.match_worker, queued=self.replica.proposals_in_flight,
                                       on_match=lambda where: self.metrics.proposer_matches.labels(where).inc(),
                                       on_up=lambda up: self.metrics.match_worker_up.set(1 if up else 0))
         self.service = Service(

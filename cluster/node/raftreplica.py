@@ -153,6 +153,10 @@ class RaftReplica:
         finally:
             m.proposals_pending.dec()
 
+    def proposals_in_flight(self) -> int:
+        """Proposals made on this node still waiting for their outcome."""
+        return len(self._pending)
+
     async def read_barrier(self, timeout_s: float = READ_TIMEOUT_S) -> None:
         fut: asyncio.Future[None] = self.loop.create_future()
         # A reader that gave up (its own timeout) leaves the future behind: its outcome is read

@@ -225,3 +225,34 @@ def test_the_node_file_sets_the_mode_and_names_a_bad_one(tmp_path: Any) -> None:
                      ({"workers": "on"}, r"\[matching\] has unknown key\(s\) \['workers'\]")]:
         with pytest.raises(ConfigError, match=why):
             parse_node_config({**base, "matching": bad}, path)
+
+
+def test_the_worker_is_used_only_while_requests_queue_at_the_node() -> None:
+    """A node that keeps up matches on its loop (no round trip); one with proposals queueing hands
+    plans to the worker (its loop time goes to SSH and applying instead)."""
+    where: Counter[str] = Counter()
+    queued = [0]
+
+    async def run() -> None:
+        m = ProcessMatcher("on", queued=lambda: queued[0], offload_min_queued=32,
+                           on_match=lambda w: where.update([w]))
+        try:
+            m.start()
+            await _wait_ready(m)
+            for _ in range(3):  # the first plan sends the basis even while the loop matches
+                await m.prematch(cmd_for(bodies()[0]), BASIS)
+            deadline = time.monotonic() + 30.0
+            while not m.holds(BASIS):
+                assert time.monotonic() < deadline, "the match worker never built the basis"
+                await asyncio.sleep(0.05)
+            where.clear()
+            assert await _all_through(m, BASIS) == []
+            assert where == {"loop": len(bodies())}
+            queued[0] = 32
+            where.clear()
+            assert await _all_through(m, BASIS) == []
+            assert where == {"worker": len(bodies())}
+        finally:
+            await m.close()
+
+    asyncio.run(run())
