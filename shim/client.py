@@ -154,7 +154,9 @@ class _Link:
             self.proc.stdin.write(data)
         except (asyncssh.Error, ConnectionError, OSError) as e:
             log.debug("writing to %s failed: %s", self.master.id, e)
-            self.reader.cancel()  # its finally fails every waiting request: none of them was sent
+            # The reader's finally fails every waiting request as a lost connection: the callers
+            # treat it as any broken link (retry, or Indeterminate for a write).
+            self.reader.cancel()
 
     def _fail_all(self) -> None:
         for fut in self.waiting.values():
