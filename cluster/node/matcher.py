@@ -25,7 +25,9 @@ the Raft thread's applies) long before the machine's cores are. On the 2-core be
 verdicts/s (means of three interleaved runs) once the simulated shims had stopped writing one SSH
 packet per request; before that, with the cores busy, it had lowered it (1,021 to 857). It is
 started early (2% of the loop busy matching) so its start-up, a second of CPU with a large
-registry, does not land on a node already at its limit; on one core it only adds IPC.
+registry, does not land on a node already at its limit, and ``"auto"`` sends it plans only while
+``OFFLOAD_MIN_QUEUED`` proposals wait at the node (below that the loop answers sooner); on one
+core it only adds IPC.
 
 The child speaks length-prefixed pickles over a socketpair (it is this node's own child:
 nothing else can write to the socket) and exits when the node closes it or dies.
@@ -202,7 +204,7 @@ class ProcessMatcher:
         self.auto_start_busy_s = auto_start_busy_s
         self.cpus = cpus if cpus is not None else len(os.sched_getaffinity(0))
         self.python = python
-        self.queued = queued  # how many proposals wait for their commit (None: always offload)
+        self.queued = queued  # proposals waiting for their commit ("auto"; None: always offload)
         self.offload_min_queued = offload_min_queued
         self.on_match = on_match  # called with "worker" or "loop" for each plan matched (metrics)
         self.on_up = on_up  # called with True when a worker is ready, False when it is gone (metrics)
@@ -274,9 +276,10 @@ class ProcessMatcher:
         return out
 
     def _queueing(self) -> bool:
-        """Whether requests queue at this node, so the worker's round trip costs less than the
-        loop's time it frees (a node that keeps up answers sooner matching on the loop)."""
-        return self.queued is None or self.queued() >= self.offload_min_queued
+        """Whether a plan goes to the worker: always when the mode is "on" (the operator gave it a
+        core); with "auto" only while requests queue at this node, so the round trip costs less
+        than the loop's time it frees (a node that keeps up answers sooner matching on the loop)."""
+        return self.mode == "on" or self.queued is None or self.queued() >= self.offload_min_queued
 
     def _holds(self, w: _Worker, basis: MatchBasis) -> bool:
         """Whether the worker has built ``basis``; if not, it is sent (once) and the loop matches

@@ -316,13 +316,15 @@ class LmdbStore:
         self.flush_applied()
         with self._lock:
             self.env.sync(True)
+            # Header and data from one read transaction: a batch the tick thread commits
+            # meanwhile (its commit runs outside the lock) must be in neither or in both.
             with self.env.begin() as txn:
                 header = {
                     **header,
                     "applied_index": self._meta_int(txn, META_APPLIED),
                     "revision": self._meta_int(txn, META_REVISION),
                 }
-            self.env.copy(str(tmp_dir), compact=True)
+                self.env.copy(str(tmp_dir), compact=True, txn=txn)
         try:
             with open(path, "wb") as out, open(tmp_dir / "data.mdb", "rb") as src:
                 write_header(out, SNAPSHOT_MAGIC, header)

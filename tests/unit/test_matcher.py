@@ -228,16 +228,17 @@ def test_the_node_file_sets_the_mode_and_names_a_bad_one(tmp_path: Any) -> None:
 
 
 def test_the_worker_is_used_only_while_requests_queue_at_the_node() -> None:
-    """A node that keeps up matches on its loop (no round trip); one with proposals queueing hands
-    plans to the worker (its loop time goes to SSH and applying instead)."""
+    """With "auto", a node that keeps up matches on its loop (no round trip); one with proposals
+    queueing hands plans to the worker (its loop time goes to SSH and applying instead). "on"
+    always uses the worker (test_the_worker_process_gives_the_loops_claims...)."""
     where: Counter[str] = Counter()
     queued = [0]
 
     async def run() -> None:
-        m = ProcessMatcher("on", queued=lambda: queued[0], offload_min_queued=32,
-                           on_match=lambda w: where.update([w]))
+        m = ProcessMatcher("auto", auto_start_busy_s=0.0, cpus=2, queued=lambda: queued[0],
+                           offload_min_queued=32, on_match=lambda w: where.update([w]))
         try:
-            m.start()
+            await m.prematch(cmd_for(bodies()[0]), BASIS)  # matched on the loop: starts the worker
             await _wait_ready(m)
             for _ in range(3):  # the first plan sends the basis even while the loop matches
                 await m.prematch(cmd_for(bodies()[0]), BASIS)

@@ -203,6 +203,35 @@ def test_a_batch_is_committed_before_a_snapshot_is_written(tmp_path: Path) -> No
     assert header["applied_index"] == 1
 
 
+def test_a_snapshot_header_matches_its_data_when_a_commit_lands_while_it_is_written(tmp_path: Path) -> None:
+    """The tick thread commits outside the store's lock: a commit that lands after the header is
+    read must not reach the copied data (a backup was refused: "header says 29, data says 30")."""
+    s = LmdbStore(tmp_path / "s", batch_applies=True)
+    s.apply(1, put("a", "k", "v1"))
+    s.flush_applied()
+    read_meta = s._meta_int
+    landed: list[bool] = []
+
+    def meta_then_commit(txn: Any, key: bytes) -> int:
+        value = read_meta(txn, key)
+        if key != META_APPLIED and not landed:  # the header has been read: another thread commits
+            def commit() -> None:
+                with s.env.begin(write=True) as w:
+                    w.put(META_APPLIED, b"2", db=s._meta)
+            t = threading.Thread(target=commit)
+            t.start()
+            t.join()
+            landed.append(True)
+        return value
+
+    s._meta_int = meta_then_commit  # type: ignore[method-assign]
+    header = s.write_snapshot(tmp_path / "snap.tls", {"node": "n1"})
+    assert landed and header["applied_index"] == 1
+    restored = LmdbStore(tmp_path / "r")
+    assert restored.install_snapshot(tmp_path / "snap.tls", force=True)
+    assert restored.applied_index == header["applied_index"]
+
+
 def test_engine_peek_sees_what_engine_view_sees(new_store: Factory, tmp_path: Path) -> None:
     s = new_store(tmp_path / "s")
     s.apply(1, engine(ec.Init(remote="git@x:y/z.git")))
