@@ -84,6 +84,10 @@ class LmdbStore:
         # fewer LMDB calls per entry, and py-lmdb gives up the GIL in every call (the loop thread
         # takes it, and the applying thread waits for it back).
         self._batch_meta: tuple[int, int] | None = None
+        # The thread that opened the batch: only it may commit it while it runs. LMDB's writer
+        # lock belongs to that thread; a commit from another (a backup's executor) leaves the
+        # lock held and the owner's next write transaction waits for ever.
+        self._batch_thread: threading.Thread | None = None
 
     def _open(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -169,6 +173,7 @@ class LmdbStore:
                 raise
             if own and self.batch_applies:
                 self._batch = txn
+                self._batch_thread = threading.current_thread()
             elif own:
                 txn.commit()
             if out.replayed:
@@ -209,9 +214,15 @@ class LmdbStore:
 
     def flush_applied(self, before_commit: Callable[[], None] | None = None) -> None:
         """Commit the applies batched so far (one fsync) and tell ``on_apply`` about each; see
-        Store.flush_applied for when ``before_commit`` runs."""
+        Store.flush_applied for when ``before_commit`` runs. From another thread than the one
+        that opened the batch, while that one runs, it does nothing (see ``_batch_thread``)."""
         with self._lock:
+            owner = self._batch_thread
+            if self._batch is not None and owner is not None and owner is not threading.current_thread() \
+                    and owner.is_alive():
+                return  # the applying thread commits it at the end of its tick
             txn, self._batch = self._batch, None
+            self._batch_thread = None
             outcomes, self._batch_outcomes = self._batch_outcomes, []
             meta, self._batch_meta = self._batch_meta, None
             if txn is not None and meta is not None:
@@ -309,7 +320,9 @@ class LmdbStore:
     # --- snapshots --------------------------------------------------------------------------
 
     def write_snapshot(self, path: Path, header: dict[str, Any]) -> dict[str, Any]:
-        """Write a consistent copy of the state to ``path`` (fsynced), with ``header``."""
+        """Write a consistent copy of the state to ``path`` (fsynced), with ``header``. On the
+        applying thread (a compaction snapshot) the open batch is committed first; on another (an
+        online backup) the copy is of the committed state, the batch's entries still in the log."""
         tmp_dir = path.with_name(path.name + ".copy")
         shutil.rmtree(tmp_dir, ignore_errors=True)
         tmp_dir.mkdir(parents=True)

@@ -232,6 +232,30 @@ def test_a_snapshot_header_matches_its_data_when_a_commit_lands_while_it_is_writ
     assert restored.applied_index == header["applied_index"]
 
 
+def test_a_backup_on_another_thread_leaves_the_applying_threads_batch_to_it(tmp_path: Path) -> None:
+    """LMDB's writer lock belongs to the thread that opened the batch: a backup (an executor
+    thread) that committed it left the lock held, and the applier's next write transaction hung."""
+    s = LmdbStore(tmp_path / "s", batch_applies=True)
+    opened, go, done = threading.Event(), threading.Event(), threading.Event()
+
+    def applier() -> None:  # the tick thread: a batch open across the backup
+        s.apply(1, put("a", "k1", "v"))
+        opened.set()
+        go.wait(10)
+        s.apply(2, put("a", "k2", "v"))
+        s.flush_applied()
+        done.set()
+
+    t = threading.Thread(target=applier, daemon=True)  # daemon: a hung applier must not hang the suite
+    t.start()
+    assert opened.wait(10)
+    header = s.write_snapshot(tmp_path / "backup.tls", {"node": "n1"})
+    assert header["applied_index"] == 0  # the committed state; entry 1 is still in the applier's batch
+    go.set()
+    assert done.wait(10), "the applying thread hung on its next write transaction"
+    assert s.applied_index == 2
+
+
 def test_engine_peek_sees_what_engine_view_sees(new_store: Factory, tmp_path: Path) -> None:
     s = new_store(tmp_path / "s")
     s.apply(1, engine(ec.Init(remote="git@x:y/z.git")))
