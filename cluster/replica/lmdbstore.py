@@ -141,6 +141,12 @@ class LmdbStore:
         with self._lock, self.env.begin() as txn:
             return self._meta_int(txn, META_REVISION)
 
+    def last_applied_index(self) -> int:
+        """The index of the last entry applied, whether or not its batch is committed yet."""
+        with self._lock:
+            meta = self._batch_meta
+            return meta[0] if meta is not None else self.applied_index
+
     def applied_index_now(self) -> int:  # StateView, inside apply's transaction
         assert self._wtxn is not None
         if self._batch_meta is not None:

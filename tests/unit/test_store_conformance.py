@@ -251,6 +251,7 @@ def test_a_backup_on_another_thread_leaves_the_applying_threads_batch_to_it(tmp_
     assert opened.wait(10)
     header = s.write_snapshot(tmp_path / "backup.tls", {"node": "n1"})
     assert header["applied_index"] == 0  # the committed state; entry 1 is still in the applier's batch
+    assert s.last_applied_index() == 1  # what a backup waits for the applier to commit
     go.set()
     assert done.wait(10), "the applying thread hung on its next write transaction"
     assert s.applied_index == 2
