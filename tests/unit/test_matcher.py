@@ -239,13 +239,7 @@ def test_the_worker_is_used_only_while_requests_queue_at_the_node() -> None:
                            offload_min_queued=32, on_match=lambda w: where.update([w]))
         try:
             await m.prematch(cmd_for(bodies()[0]), BASIS)  # matched on the loop: starts the worker
-            await _wait_ready(m)
-            for _ in range(3):  # the first plan sends the basis even while the loop matches
-                await m.prematch(cmd_for(bodies()[0]), BASIS)
-            deadline = time.monotonic() + 30.0
-            while not m.holds(BASIS):
-                assert time.monotonic() < deadline, "the match worker never built the basis"
-                await asyncio.sleep(0.05)
+            await _wait_holding(m, BASIS)  # plans send it the basis even while the loop matches them
             where.clear()
             assert await _all_through(m, BASIS) == []
             assert where == {"loop": len(bodies())}
