@@ -43,7 +43,6 @@ from tetherlab.cluster.replica.lmdbstore import LmdbStore
 
 log = logging.getLogger("tetherlab.node")
 BACKUP_CATCH_UP_TIMEOUT_S = 10.0  # for the state's commit to reach the backup's Raft index
-BACKUP_CATCH_UP_POLL_S = 0.005  # the Raft thread commits the state once per tick
 GC_TICK_S = 1.0  # how often the garbage-collection policy is asked (it acts every 5 s at most)
 
 
@@ -144,12 +143,9 @@ class MasterNode:
         # to LMDB (an engine-only batch's results go out first), and the copy is of the committed
         # state: wait until that has caught up with everything applied by now.
         target = self.store.last_applied_index()
-        deadline = self.clock.monotonic() + BACKUP_CATCH_UP_TIMEOUT_S
-        while self.store.applied_index < target:
-            if self.clock.monotonic() > deadline:
-                raise TimeoutError(f"the state's commit did not reach Raft index {target} within "
-                                   f"{BACKUP_CATCH_UP_TIMEOUT_S:.0f} s; nothing was written")
-            await asyncio.sleep(BACKUP_CATCH_UP_POLL_S)
+        if not await self.loop.run_in_executor(None, self.store.wait_committed, target, BACKUP_CATCH_UP_TIMEOUT_S):
+            raise TimeoutError(f"the state's commit did not reach Raft index {target} within "
+                               f"{BACKUP_CATCH_UP_TIMEOUT_S:.0f} s; nothing was written")
         hdr = {**backup_header(self.store), "node": self.cfg.id,
                "raft_commit_index": self.replica.commit_index(),
                "members": [n.to_json() for n in self.cfg.all_nodes()]}

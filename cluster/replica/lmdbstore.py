@@ -23,7 +23,9 @@ import os
 import shutil
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,21 @@ def _dec(raw: bytes) -> sm.Record:
     return sm.Record(bytes(raw[_REC.size :]).decode(), c, m, v)
 
 
+@dataclass
+class _Batch:
+    """Applies sharing one open write transaction until flush_applied commits it."""
+
+    txn: lmdb.Transaction
+    # Only this thread may commit the batch while it runs: LMDB's writer lock is the opening
+    # thread's, and a commit from another (a backup's executor) leaves the lock held, so the
+    # owner's next write transaction would wait for ever.
+    thread: threading.Thread
+    outcomes: list[Outcome] = field(default_factory=list)  # told to on_apply after the commit
+    # (applied index, revision), written once at the commit: two fewer LMDB calls per entry,
+    # and py-lmdb gives up the GIL in every call.
+    meta: tuple[int, int] | None = None
+
+
 def _put_meta(txn: lmdb.Transaction, db: Any, index: int, revision: int) -> None:
     txn.put(META_APPLIED, str(index).encode(), db=db)
     txn.put(META_REVISION, str(revision).encode(), db=db)
@@ -78,16 +95,10 @@ class LmdbStore:
         # batch_applies: applies share one open write transaction until flush_applied() (the
         # applying thread's); on_apply runs for each only once it is committed.
         self.batch_applies = batch_applies
-        self._batch: lmdb.Transaction | None = None
-        self._batch_outcomes: list[Outcome] = []
-        # (applied index, revision) of the open batch, written once when it is committed: two
-        # fewer LMDB calls per entry, and py-lmdb gives up the GIL in every call (the loop thread
-        # takes it, and the applying thread waits for it back).
-        self._batch_meta: tuple[int, int] | None = None
-        # The thread that opened the batch: only it may commit it while it runs. LMDB's writer
-        # lock belongs to that thread; a commit from another (a backup's executor) leaves the
-        # lock held and the owner's next write transaction waits for ever.
-        self._batch_thread: threading.Thread | None = None
+        self._batch: _Batch | None = None
+        # Signalled after every commit of applies: a backup waits on it for the batch that was
+        # open when it started (wait_committed).
+        self._committed = threading.Condition(self._lock)
 
     def _open(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -144,19 +155,31 @@ class LmdbStore:
     def last_applied_index(self) -> int:
         """The index of the last entry applied, whether or not its batch is committed yet."""
         with self._lock:
-            meta = self._batch_meta
-            return meta[0] if meta is not None else self.applied_index
+            batch = self._batch
+            return batch.meta[0] if batch is not None and batch.meta is not None else self.applied_index
+
+    def wait_committed(self, index: int, timeout_s: float) -> bool:
+        """Wait (on another thread than the applier's) until the committed state reaches Raft
+        ``index``; False after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        with self._committed:
+            while self.applied_index < index:
+                left_s = deadline - time.monotonic()
+                if left_s <= 0:
+                    return False
+                self._committed.wait(left_s)
+        return True
 
     def applied_index_now(self) -> int:  # StateView, inside apply's transaction
         assert self._wtxn is not None
-        if self._batch_meta is not None:
-            return self._batch_meta[0]
+        if self._batch is not None and self._batch.meta is not None:
+            return self._batch.meta[0]
         return self._meta_int(self._wtxn, META_APPLIED)
 
     def revision_now(self) -> int:
         assert self._wtxn is not None
-        if self._batch_meta is not None:
-            return self._batch_meta[1]
+        if self._batch is not None and self._batch.meta is not None:
+            return self._batch.meta[1]
         return self._meta_int(self._wtxn, META_REVISION)
 
     def read(self, ns: str, key: str) -> sm.Record | None:
@@ -167,25 +190,25 @@ class LmdbStore:
     def apply(self, index: int, payload: bytes) -> dict[str, Any]:
         """Apply the command at Raft ``index``; a replayed index changes nothing."""
         with self._lock:
-            own = self._batch is None
-            txn = self.env.begin(write=True) if own else self._batch
-            assert txn is not None
+            batch = self._batch
+            own = batch is None  # this apply opens the transaction
+            txn = self.env.begin(write=True) if batch is None else batch.txn
+            if batch is None and self.batch_applies:
+                batch = self._batch = _Batch(txn, threading.current_thread())
             try:
                 out = self._apply_in(txn, index, payload)
             except BaseException:
                 if own:
-                    self._batch_meta = None
+                    self._batch = None
                     txn.abort()
                 raise
-            if own and self.batch_applies:
-                self._batch = txn
-                self._batch_thread = threading.current_thread()
-            elif own:
+            if batch is None:
                 txn.commit()
+                self._committed.notify_all()
             if out.replayed:
                 return out.result
-            if self._batch is not None:
-                self._batch_outcomes.append(out)
+            if batch is not None:
+                batch.outcomes.append(out)
                 return out.result
         if self.on_apply is not None:
             self.on_apply(out)
@@ -210,8 +233,8 @@ class LmdbStore:
                 txn.delete(k, db=self._engine_db)
             else:
                 txn.put(k, value, db=self._engine_db)
-        if self.batch_applies:
-            self._batch_meta = (index, out.revision)  # put by flush_applied, before the commit
+        if self._batch is not None:
+            self._batch.meta = (index, out.revision)  # put by flush_applied, before the commit
         else:
             _put_meta(txn, self._meta, index, out.revision)
         if out.reset_engine:
@@ -221,27 +244,26 @@ class LmdbStore:
     def flush_applied(self, before_commit: Callable[[], None] | None = None) -> None:
         """Commit the applies batched so far (one fsync) and tell ``on_apply`` about each; see
         Store.flush_applied for when ``before_commit`` runs. From another thread than the one
-        that opened the batch, while that one runs, it does nothing (see ``_batch_thread``)."""
+        that opened the batch, while that one runs, it does nothing (see ``_Batch.thread``)."""
         with self._lock:
-            owner = self._batch_thread
-            if self._batch is not None and owner is not None and owner is not threading.current_thread() \
-                    and owner.is_alive():
+            batch = self._batch
+            if batch is not None and batch.thread is not threading.current_thread() and batch.thread.is_alive():
                 return  # the applying thread commits it at the end of its tick
-            txn, self._batch = self._batch, None
-            self._batch_thread = None
-            outcomes, self._batch_outcomes = self._batch_outcomes, []
-            meta, self._batch_meta = self._batch_meta, None
-            if txn is not None and meta is not None:
-                _put_meta(txn, self._meta, *meta)
-        early = txn is not None and before_commit is not None and all(o.engine_only for o in outcomes)
+            self._batch = None
+            if batch is not None and batch.meta is not None:
+                _put_meta(batch.txn, self._meta, *batch.meta)
+        outcomes = batch.outcomes if batch is not None else []
+        early = batch is not None and before_commit is not None and all(o.engine_only for o in outcomes)
         if early:
             self._tell(outcomes)
             before_commit()  # type: ignore[misc]
         # The commit (and its fsync) runs outside the lock: readers on other threads use their
         # own read transactions and must not wait for the disk. Only this (the tick) thread
         # writes or swaps the environment, so nothing can change it meanwhile.
-        if txn is not None:
-            txn.commit()
+        if batch is not None:
+            batch.txn.commit()
+            with self._committed:
+                self._committed.notify_all()
         if not early:
             self._tell(outcomes)
             if before_commit is not None:

@@ -185,7 +185,7 @@ def test_a_batch_writes_its_applied_index_once_and_still_skips_replays(tmp_path:
     log = [put("a", f"k{i % 7}", f"v{i}") for i in range(50)]
     for i, payload in enumerate(log, start=10):
         s.apply(i, payload)
-    assert s._batch is not None and bytes(s._batch.get(META_APPLIED, db=s._meta)) == b"1"  # not yet
+    assert s._batch is not None and bytes(s._batch.txn.get(META_APPLIED, db=s._meta)) == b"1"  # not yet
     for i, payload in enumerate(log, start=10):  # a replay inside the same batch changes nothing
         assert s.apply(i, payload).get("replayed") is True
     s.flush_applied()
@@ -252,7 +252,9 @@ def test_a_backup_on_another_thread_leaves_the_applying_threads_batch_to_it(tmp_
     header = s.write_snapshot(tmp_path / "backup.tls", {"node": "n1"})
     assert header["applied_index"] == 0  # the committed state; entry 1 is still in the applier's batch
     assert s.last_applied_index() == 1  # what a backup waits for the applier to commit
+    assert not s.wait_committed(1, timeout_s=0.05)  # the batch is still open
     go.set()
+    assert s.wait_committed(2, timeout_s=10)  # woken by the applier's commit
     assert done.wait(10), "the applying thread hung on its next write transaction"
     assert s.applied_index == 2
 
