@@ -169,6 +169,8 @@ class _Link:
         return not self.reader.done()
 
     async def call(self, req: p.Request, timeout_s: float) -> p.Message:
+        if not self.alive:  # its reader has failed what was waiting; _flush would drop this request
+            raise ConnectionError(f"connection to {self.master.id} lost")
         fut: asyncio.Future[p.Message] = asyncio.get_running_loop().create_future()
         data = self.proto.send(req)
         self.waiting[req.id] = fut

@@ -140,5 +140,8 @@ def test_requests_sent_in_one_loop_iteration_leave_in_one_channel_write() -> Non
         assert not link.alive
         for t in tasks:  # sent, unanswered: they end as a broken connection too
             assert isinstance(t.exception(), ConnectionError)
+        async with asyncio.timeout(1):  # a call on the dead link fails at once, not at its timeout
+            with pytest.raises(ConnectionError):
+                await link.call(p.Ping(id=link.proto.next_id()), 5.0)
         link.close()
     asyncio.run(body())
