@@ -179,11 +179,12 @@ def run_demo(directory: Path, as_json: bool, walkthrough: Walkthrough | None = N
         if not as_json:
             print(f"no running cluster in {directory}: starting a local three-node cluster", file=out)
         started = LocalCluster(directory, nodes=3)
-        started.start()
-        for nid in started.ids:
-            started.wait_serving(nid)
-        started.wait_leader()
     try:
+        if started is not None:  # inside the try: nodes that never elect a leader are stopped too
+            started.start()
+            for nid in started.ids:
+                started.wait_serving(nid)
+            started.wait_leader()
         cf = load_cluster_file(cluster_file)
         if cf.admin_key is None:
             raise ConfigError(f"{cluster_file} names no admin_key")
