@@ -194,6 +194,13 @@ class Rig:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
         self.cluster = LocalCluster(tmp / "cluster", nodes=3)
+        try:
+            self._set_up(tmp)
+        except BaseException:  # no one else holds the nodes yet: stop them here
+            self.cluster.close()
+            raise
+
+    def _set_up(self, tmp: Path) -> None:
         self.cluster.start()
         for nid in self.cluster.ids:
             self.cluster.wait_serving(nid)

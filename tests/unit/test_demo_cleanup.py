@@ -1,5 +1,5 @@
-"""`tetherlab demo` stops the nodes it started even when they never elect a leader (they were
-left running, orphaned, when the wait for a leader failed)."""
+"""`tetherlab demo` and the shim trials stop the nodes they started even when those never elect a
+leader (they were left running, orphaned, when the wait for a leader failed)."""
 
 from __future__ import annotations
 
@@ -33,8 +33,21 @@ class NoLeaderCluster:
 
 def test_nodes_started_by_the_demo_are_stopped_when_no_leader_appears(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    NoLeaderCluster.instances.clear()
     monkeypatch.setattr(demo, "LocalCluster", NoLeaderCluster)
     with pytest.raises(TimeoutError):
         demo.run_demo(tmp_path / "c", as_json=True)
+    [cluster] = NoLeaderCluster.instances
+    assert cluster.started and cluster.closed
+
+
+def test_the_shim_trials_rig_stops_its_nodes_when_no_leader_appears(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from tetherlab.chaos import shim_trials
+
+    NoLeaderCluster.instances.clear()
+    monkeypatch.setattr(shim_trials, "LocalCluster", NoLeaderCluster)
+    with pytest.raises(TimeoutError):
+        shim_trials.Rig(tmp_path)
     [cluster] = NoLeaderCluster.instances
     assert cluster.started and cluster.closed
