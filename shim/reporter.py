@@ -141,8 +141,8 @@ class ChangeReporter:
         self.schedule.collected(self._clock())
         self.collections += 1
         try:
-            report = await asyncio.wait_for(asyncio.to_thread(self._collect, self.repo, base, list(self.exclude)),
-                                            COLLECT_TIMEOUT_S)
+            async with asyncio.timeout(COLLECT_TIMEOUT_S):
+                report = await asyncio.to_thread(self._collect, self.repo, base, list(self.exclude))
         except (GitError, OSError, TimeoutError, ValueError) as e:
             self._on_error(f"could not read the working state: {e}")
             return None
@@ -160,4 +160,5 @@ class ChangeReporter:
 
     async def _wait(self, timeout_s: float | None) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await self._wake.wait()

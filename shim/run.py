@@ -467,9 +467,10 @@ class Shim:
                     if x is not None and x.is_relative_to(self.repo))
         loop = asyncio.get_running_loop()
         try:
-            result = await asyncio.wait_for(loop.run_in_executor(
-                None, revert_changes, self.repo, base, action.intent_id or "unknown", self.agent_id,
-                action.summary, own), REVERT_TIMEOUT_S)
+            async with asyncio.timeout(REVERT_TIMEOUT_S):
+                result = await loop.run_in_executor(
+                    None, revert_changes, self.repo, base, action.intent_id or "unknown", self.agent_id,
+                    action.summary, own)
             at_base = await loop.run_in_executor(None, tree_at, self.repo, base)
         except (UsageError, TimeoutError, OSError, subprocess.SubprocessError) as e:
             self.event("error", message=f"revert failed, nothing was deleted: {e}")
@@ -506,7 +507,8 @@ class Shim:
             await asyncio.wait([self._exit, gone], return_when=asyncio.FIRST_COMPLETED)
             if not self._exit.done():
                 try:
-                    await asyncio.wait_for(asyncio.shield(self._exit), FINALE_MAX_S)
+                    async with asyncio.timeout(FINALE_MAX_S):
+                        await asyncio.shield(self._exit)
                 except TimeoutError:
                     self.event("error", message=f"tether's clean-up did not finish within {FINALE_MAX_S:.0f} s")
                     return self.machine.exit_code if self.machine.exit_code is not None else int(EXIT_UNAVAILABLE)
@@ -815,7 +817,8 @@ class Shim:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, sig)
             try:
-                await asyncio.wait_for(loop.run_in_executor(None, proc.wait), grace)
+                async with asyncio.timeout(grace):
+                    await loop.run_in_executor(None, proc.wait)
                 break
             except TimeoutError:
                 continue
@@ -1032,7 +1035,8 @@ class Shim:
 
     async def _hook_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            line = await asyncio.wait_for(reader.readline(), HOOK_READ_TIMEOUT_S)
+            async with asyncio.timeout(HOOK_READ_TIMEOUT_S):
+                line = await reader.readline()
             req = json.loads(line)
             reply = await self.decide(req if isinstance(req, dict) else {})
         except (ValueError, TimeoutError, asyncio.LimitOverrunError) as e:
@@ -1073,7 +1077,8 @@ class Shim:
             if verdict.get("action") == "continue":
                 if self._world_task is not None:  # the world slice goes with the approval
                     with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                        await asyncio.wait_for(asyncio.shield(self._world_task), WORLD_WAIT_S)
+                        async with asyncio.timeout(WORLD_WAIT_S):
+                            await asyncio.shield(self._world_task)
                 return {"decision": "allow", "reason": "", "context": self.context_text()}
             return {"decision": "stop", "reason": f"Tetherlab: {s.why(verdict)}", "context": ""}
         if tool in READ_ONLY_TOOLS:
@@ -1090,7 +1095,8 @@ class Shim:
             wait_s = min(PENDING_WAIT_MAX_S, budget_s - HOOK_BUDGET_MARGIN_S - (self.now() - started))
             if wait_s > 0:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._settled.wait(), wait_s)
+                    async with asyncio.timeout(wait_s):
+                        await self._settled.wait()
             decision, reason = self.machine.edit_decision(self.now())
             if decision == "pending":
                 decision = "deny"

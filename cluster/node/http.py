@@ -210,7 +210,8 @@ class HttpApi:
             for g in list(self._conns):
                 g.abort()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(runner.cleanup(), STOP_TIMEOUT_S)
+                async with asyncio.timeout(STOP_TIMEOUT_S):
+                    await runner.cleanup()
 
     async def _accept(self, lsock: socket.socket, server: Callable[[], asyncio.Protocol]) -> None:
         """Accept at most ``http_accepts_per_s``: a connection flood waits in the kernel's queue

@@ -316,7 +316,8 @@ class ProcessMatcher:
             self._lost(w, f"cannot write to it: {e}")
             return None
         try:
-            status, claims = await asyncio.wait_for(fut, self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):
+                status, claims = await fut
         except TimeoutError:
             self._lost(w, f"no answer within {self.timeout_s} s")
             return None
@@ -368,7 +369,8 @@ class ProcessMatcher:
             return
         w.task = asyncio.get_running_loop().create_task(self._read(w))
         try:
-            await asyncio.wait_for(asyncio.shield(w.ready), READY_TIMEOUT_S)
+            async with asyncio.timeout(READY_TIMEOUT_S):
+                await asyncio.shield(w.ready)
             log.info("match worker %d ready: plans are matched there", proc.pid)
             if self.on_up is not None:
                 self.on_up(True)
@@ -433,7 +435,8 @@ class ProcessMatcher:
         loop = asyncio.get_running_loop()
         # The child exits when its socket closes; one that does not is killed (only our own child).
         try:
-            await asyncio.wait_for(loop.run_in_executor(None, w.proc.wait), STOP_WAIT_S)
+            async with asyncio.timeout(STOP_WAIT_S):
+                await loop.run_in_executor(None, w.proc.wait)
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 w.proc.kill()

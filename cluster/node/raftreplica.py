@@ -141,7 +141,8 @@ class RaftReplica:
         fut.add_done_callback(lambda f: self._pending.pop(f, None))
         self.raft.tl_submit(payload, done)
         try:
-            res = await asyncio.wait_for(fut, timeout_s)
+            async with asyncio.timeout(timeout_s):
+                res = await fut
             m.proposals_committed.inc()
             return res
         except TimeoutError:
@@ -165,7 +166,8 @@ class RaftReplica:
         self._barrier_next.append(fut)
         if not self._barrier_running:
             self.loop.create_task(self._run_barriers(timeout_s))
-        await asyncio.wait_for(asyncio.shield(fut), timeout_s + 1.0)
+        async with asyncio.timeout(timeout_s + 1.0):
+            await asyncio.shield(fut)
 
     async def _run_barriers(self, timeout_s: float) -> None:
         self._barrier_running = True
@@ -225,7 +227,8 @@ class RaftReplica:
             self.raft.removeNodeFromCluster(raft_addr, callback=done)
         self.raft.tl_wake()
         try:
-            await asyncio.wait_for(fut, timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await fut
         except TimeoutError:
             raise Indeterminate("timeout") from None
 

@@ -149,7 +149,8 @@ class Channel(Peer):
         self._flush()
         self.ep.metrics.ssh_backpressure.inc()
         try:
-            await asyncio.wait_for(self.process.stdout.drain(), STALLED_CHANNEL_S)
+            async with asyncio.timeout(STALLED_CHANNEL_S):
+                await self.process.stdout.drain()
         except TimeoutError:
             log.warning("closing an SSH channel of %s: its replies went unread for %.0f s",
                         self.info.identity.developer if self.info.identity else "?", STALLED_CHANNEL_S)

@@ -173,7 +173,8 @@ class WorldView:
                 await resp.write(_event("intents", catch_up))
             while True:
                 try:
-                    kind, data = await asyncio.wait_for(q.get(), KEEPALIVE_S)
+                    async with asyncio.timeout(KEEPALIVE_S):
+                        kind, data = await q.get()
                 except TimeoutError:
                     await resp.write(b": keepalive\n\n")
                     continue

@@ -73,10 +73,12 @@ class ControlClient:
 
 
 async def control_call_async(path: str | Path, op: str, timeout_s: float = 10.0, **fields: Any) -> dict[str, Any]:
-    reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), timeout_s)
+    async with asyncio.timeout(timeout_s):
+        reader, writer = await asyncio.open_unix_connection(str(path))
     try:
         writer.write(json.dumps({"id": 1, "op": op, **fields}).encode() + b"\n")
-        line = await asyncio.wait_for(reader.readline(), timeout_s)
+        async with asyncio.timeout(timeout_s):
+            line = await reader.readline()
         reply: dict[str, Any] = json.loads(line)
         return reply
     finally:
