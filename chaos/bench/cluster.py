@@ -82,6 +82,30 @@ def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+HOST_LOOP_ADDITIONS = 2_000_000  # about 0.17 s a pass on this machine when its host is quiet
+HOST_LOOP_PASSES = 3
+
+
+def host_loop_ms(additions: int = HOST_LOOP_ADDITIONS, passes: int = HOST_LOOP_PASSES) -> float:
+    """The best of ``passes`` timings of a plain Python loop on one core, in ms: how fast this
+    host runs Python right now. A shared host's speed moves by half within an hour (and a slow
+    host does not show as load or steal): runs are comparable only at a similar figure."""
+    best_s = float("inf")
+    for _ in range(passes):
+        t0 = time.perf_counter()
+        total = 0
+        for i in range(additions):
+            total += i
+        best_s = min(best_s, time.perf_counter() - t0)
+    return round(best_s * 1000, 1)
+
+
+def _probe_host(out: dict[str, Any], when: str) -> None:
+    ms = host_loop_ms()
+    out["machine"].setdefault("host_loop_ms", {})[when] = ms
+    _say(f"host speed ({when}): a {HOST_LOOP_ADDITIONS:,}-addition Python loop takes {ms} ms")
+
+
 # --- process observation ----------------------------------------------------------------------------
 
 
@@ -644,6 +668,7 @@ def summary(out: dict[str, Any]) -> dict[str, Any]:
     at500 = tl.get("offered", {}).get("500", {})
     fo = out.get("failover", {})
     scale_sat = out.get("scale", {}).get("saturation", {}).get("verdicts_per_s")
+    probes = list(out.get("machine", {}).get("host_loop_ms", {}).values())
     s = {
         "saturation_verdicts_per_s": sat,
         "p99_ms_at_500": at500.get("p99_ms"),
@@ -666,6 +691,10 @@ def summary(out: dict[str, Any]) -> dict[str, Any]:
         "etcd_client_cpu_ms_per_verdict": out.get("etcd", {}).get("saturation", {}).get("client_cpu_ms_per_verdict"),
         "scale_p99_ms": out.get("scale", {}).get("offered", {}).get("p99_ms"),
         "scale_rss_mb_max": max((v for v in out.get("scale", {}).get("rss_mb", {}).values() if v), default=None),
+        # The host's speed at the fastest and slowest probe (host_loop_ms): compare runs only
+        # when these are alike.
+        "host_loop_ms_min": min(probes, default=None),
+        "host_loop_ms_max": max(probes, default=None),
     }
     tl_cpu, etcd_cpu = s["cpu_ms_per_verdict"], s["etcd_cpu_ms_per_verdict"]
     s["cpu_ratio_vs_etcd"] = round(etcd_cpu / tl_cpu, 3) if tl_cpu and etcd_cpu else None
@@ -692,16 +721,20 @@ def bench_cluster(args: argparse.Namespace) -> dict[str, Any]:
         work = Path(tmp)
         skip = set(args.skip or [])
         if "tetherlab" not in skip:
+            _probe_host(out, "before_tetherlab")
             tetherlab_phase(work, args, out)
         if "bare" not in skip:
             bare_phase(work, args, out)
         if "etcd" not in skip:
+            _probe_host(out, "before_etcd")
             _guarded("etcd", etcd_phase, work, args, out)
         if "hook" not in skip:
             out["hook"] = hook_latency(args.hook_calls, work)
             _say(f"hook: {out['hook']}")
         if args.scale:
+            _probe_host(out, "before_scale")
             _guarded("scale", scale_phase, work, args, out)
+    _probe_host(out, "at_end")
     out["machine"]["loadavg_at_end"] = loadavg()
     out["elapsed_s"] = round(time.monotonic() - t0, 1)
     return {**summary(out), "details": out}
