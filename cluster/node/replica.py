@@ -75,3 +75,11 @@ def encode_command(cmd: sm.Command) -> bytes:
 def encode_engine(cmd: EngineCommand, now_ms: int) -> bytes:
     """An engine command stamped with the proposing leader's clock."""
     return jsoncodec.dumps({"op": "engine", "now_ms": now_ms, "cmd": cmd.to_json()})
+
+
+def engine_entry(store: Store, cmd: EngineCommand, now_ms: int) -> bytes:
+    """``encode_engine``'s bytes, remembered with ``cmd`` until this node applies them
+    (``Store.proposed``): its apply then skips decoding what it has just encoded."""
+    payload = encode_engine(cmd, now_ms)
+    store.proposed.put(payload, now_ms, cmd)
+    return payload

@@ -36,7 +36,7 @@ from tetherlab.cluster.core.apply import Outcome
 from tetherlab.cluster.core.apply import apply as core_apply
 from tetherlab.cluster.core.engine.engine import Engine
 from tetherlab.cluster.replica.journal import fsync_dir
-from tetherlab.cluster.replica.store import OnApply, read_snapshot_header, write_header
+from tetherlab.cluster.replica.store import OnApply, ProposedCommands, read_snapshot_header, write_header
 
 log = logging.getLogger("tetherlab.store")
 
@@ -91,6 +91,7 @@ class LmdbStore:
         self.env: lmdb.Environment
         self._open()
         self.on_apply: OnApply | None = None
+        self.proposed = ProposedCommands()
         self._wtxn: lmdb.Transaction | None = None
         # batch_applies: applies share one open write transaction until flush_applied() (the
         # applying thread's); on_apply runs for each only once it is committed.
@@ -217,7 +218,7 @@ class LmdbStore:
     def _apply_in(self, txn: lmdb.Transaction, index: int, payload: bytes) -> Outcome:
         self._wtxn = txn
         try:
-            out = core_apply(index, payload, self)
+            out = core_apply(index, payload, self, self.proposed.take(payload))
         finally:
             self._wtxn = None
         if out.replayed:

@@ -22,7 +22,7 @@ from tetherlab.cluster.core import statemachine as sm
 from tetherlab.cluster.core.apply import apply as core_apply
 from tetherlab.cluster.core.engine.engine import Engine
 from tetherlab.cluster.replica.files import Files, OsFiles
-from tetherlab.cluster.replica.store import OnApply, read_snapshot_header, write_header
+from tetherlab.cluster.replica.store import OnApply, ProposedCommands, read_snapshot_header, write_header
 
 SNAPSHOT_MAGIC = b"TLSNAPM1"  # the body is the memory store's JSON image
 
@@ -69,6 +69,7 @@ class MemoryStore:
         self._durable = _Image()
         self.engine = Engine()
         self.on_apply: OnApply | None = None
+        self.proposed = ProposedCommands()
         self.syncs = 0
         self.files = files or OsFiles()
         self.step = step
@@ -100,7 +101,7 @@ class MemoryStore:
 
     def apply(self, index: int, payload: bytes) -> dict[str, Any]:
         with self._lock:
-            out = core_apply(index, payload, self)
+            out = core_apply(index, payload, self, self.proposed.take(payload))
             if out.replayed:
                 return out.result
             live = self._live
