@@ -87,9 +87,7 @@ HOST_LOOP_PASSES = 3
 
 
 def host_loop_ms(additions: int = HOST_LOOP_ADDITIONS, passes: int = HOST_LOOP_PASSES) -> float:
-    """The best of ``passes`` timings of a plain Python loop on one core, in ms: how fast this
-    host runs Python right now. A shared host's speed moves by half within an hour (and a slow
-    host does not show as load or steal): runs are comparable only at a similar figure."""
+    """The best of ``passes`` timings of a plain Python loop on one core, in ms."""
     best_s = float("inf")
     for _ in range(passes):
         t0 = time.perf_counter()
@@ -100,10 +98,19 @@ def host_loop_ms(additions: int = HOST_LOOP_ADDITIONS, passes: int = HOST_LOOP_P
     return round(best_s * 1000, 1)
 
 
+def host_speed_ms() -> list[float]:
+    """``host_loop_ms`` on every core at once (one process each), slowest last: how fast this
+    host runs Python right now. A shared host's speed moves by half within an hour, and one
+    core can lag the other, without showing as load or steal: runs are comparable only at
+    similar figures."""
+    with mp.get_context("spawn").Pool(os.cpu_count() or 1) as pool:
+        return sorted(pool.starmap(host_loop_ms, [()] * (os.cpu_count() or 1)))
+
+
 def _probe_host(out: dict[str, Any], when: str) -> None:
-    ms = host_loop_ms()
+    ms = host_speed_ms()
     out["machine"].setdefault("host_loop_ms", {})[when] = ms
-    _say(f"host speed ({when}): a {HOST_LOOP_ADDITIONS:,}-addition Python loop takes {ms} ms")
+    _say(f"host speed ({when}): a {HOST_LOOP_ADDITIONS:,}-addition Python loop takes {ms} ms on each core")
 
 
 # --- process observation ----------------------------------------------------------------------------
@@ -668,7 +675,7 @@ def summary(out: dict[str, Any]) -> dict[str, Any]:
     at500 = tl.get("offered", {}).get("500", {})
     fo = out.get("failover", {})
     scale_sat = out.get("scale", {}).get("saturation", {}).get("verdicts_per_s")
-    probes = list(out.get("machine", {}).get("host_loop_ms", {}).values())
+    probes = [ms for per_core in out.get("machine", {}).get("host_loop_ms", {}).values() for ms in per_core]
     s = {
         "saturation_verdicts_per_s": sat,
         "p99_ms_at_500": at500.get("p99_ms"),
