@@ -90,7 +90,7 @@ def apply(index: int, payload: bytes, view: StateView,
           decoded: tuple[int, EngineCommand] | None = None) -> Outcome:
     """``decoded``: the (now_ms, command) this node encoded into ``payload`` when it proposed it
     (replica.store.ProposedCommands): applied instead of decoding the same bytes again, which
-    costs about a third of an entry's apply. Bytes that ``encode_engine`` made from a command
+    costs about a quarter of an entry's apply. Bytes that ``encode_engine`` made from a command
     decode to an equal command (tests/unit/test_proposed_commands.py), so every replica applies
     the same command either way."""
     try:

@@ -42,7 +42,7 @@ OnApply = Callable[[Outcome], None]
 class ProposedCommands:
     """Engine commands this node proposed, by the exact bytes of their log entry, until its own
     apply takes them: the proposer built and checked each command before encoding it, and
-    decoding the bytes again (JSON and every field check) was about a third of the apply. Put
+    decoding the bytes again (JSON and every field check) was about a quarter of the apply. Put
     on the event loop, taken on the Raft thread; a follower has none and takes nothing."""
 
     def __init__(self, capacity: int = PROPOSED_MAX) -> None:

@@ -1,6 +1,6 @@
 """A node applies the engine commands it proposed without decoding their bytes again
 (``replica.store.ProposedCommands``): decoding and checking an entry it has just encoded was about
-a third of its apply. Every replica must still apply the same command: the round trip through the
+a quarter of its apply. Every replica must still apply the same command: the round trip through the
 entry's bytes gives back an equal command for every kind the node proposes, and a store that takes
 the proposed command ends in exactly the state of one that decodes the bytes."""
 
