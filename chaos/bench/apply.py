@@ -17,7 +17,6 @@ the difference). Progress goes to stderr; ``--json`` prints the result object on
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tetherlab.chaos.bench import load as bl
+from tetherlab.chaos.bench.figures import print_figures
 from tetherlab.cluster.core.engine import commands as ec
 from tetherlab.cluster.core.engine.engine import with_match
 from tetherlab.cluster.core.engine.registry import load_toml
@@ -148,12 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("concepts", "entries", "batch", "passes"):
         if getattr(a, name) < 1:
             p.error(f"--{name} must be at least 1")
-    result = run_bench(a.concepts, a.entries, a.batch, a.passes, a.seed)
-    if a.json:
-        print(json.dumps(result))
-    else:
-        for k, v in result.items():
-            print(f"{k:>22}: {v}")
+    print_figures(run_bench(a.concepts, a.entries, a.batch, a.passes, a.seed), a.json, 22)
     return 0
 
 

@@ -44,6 +44,7 @@ from typing import Any
 
 from tetherlab.chaos.bench import load as bl
 from tetherlab.chaos.bench.baselines import EtcdCluster, ensure_etcd
+from tetherlab.chaos.bench.figures import print_figures
 from tetherlab.cluster import protocol as p
 from tetherlab.cluster.core.engine.registry import load_toml
 from tetherlab.cluster.ops.config import load_cluster_file
@@ -808,7 +809,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
     result = bench_cluster(args)
-    print_result(result, args.json)
+    print_figures(result, args.json, 28, skip=("details",))
     if earlier is not None:
         print(compare(earlier, result), file=sys.stderr if args.json else sys.stdout)
     return 0
@@ -836,10 +837,3 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
 
 
-def print_result(result: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(result))
-    else:
-        for k, v in result.items():
-            if k != "details":
-                print(f"{k:>28}: {v}")

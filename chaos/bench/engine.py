@@ -17,11 +17,11 @@ of a free concept (drift, claimed), the mix a busy team produces.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 from typing import Any
 
+from tetherlab.chaos.bench.figures import print_figures
 from tetherlab.cluster.core.engine.commands import decode_command
 from tetherlab.cluster.core.engine.engine import Engine
 
@@ -212,11 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     result = run_bench(a.concepts, a.active_intents, a.verdicts, a.seed, a.reports, a.report_files)
-    if a.json:
-        print(json.dumps(result))
-    else:
-        for k, v in result.items():
-            print(f"{k:>16}: {v}")
+    print_figures(result, a.json, 16)
     return 0
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import random
 import shutil
 import statistics
@@ -32,6 +31,7 @@ except ImportError:  # pragma: no cover
     webdriver = None  # type: ignore[assignment]
 
 from tetherlab.chaos.bench.engine import concept_record
+from tetherlab.chaos.bench.figures import print_figures
 from tetherlab.cluster.core.config import Address, NodeAddresses
 from tetherlab.cluster.core.engine import commands as ec
 from tetherlab.cluster.node.fake import FakeReplica
@@ -216,9 +216,5 @@ def main(argv: list[str] | None = None) -> int:
         print("tetherlab bench worldview: needs Debian's chromium and chromium-driver", flush=True)
         return 2
     result = run(a.concepts, a.intents, a.seed, progress=not a.json, screenshot=a.screenshot, demo=a.demo)
-    if a.json:
-        print(json.dumps(result))
-    else:
-        for k, v in result.items():
-            print(f"{k:>24}: {v}")
+    print_figures(result, a.json, 24)
     return 0
