@@ -83,7 +83,7 @@ def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-HOST_LOOP_ADDITIONS = 2_000_000  # about 0.17 s a pass on this machine when its host is quiet
+HOST_LOOP_ADDITIONS = 2_000_000  # about 75 ms a pass on this machine when its host is quiet
 HOST_LOOP_PASSES = 3
 
 
@@ -104,8 +104,9 @@ def host_speed_ms() -> list[float]:
     host runs Python right now. A shared host's speed moves by half within an hour, and one
     core can lag the other, without showing as load or steal: runs are comparable only at
     similar figures."""
-    with mp.get_context("spawn").Pool(os.cpu_count() or 1) as pool:
-        return sorted(pool.starmap(host_loop_ms, [()] * (os.cpu_count() or 1)))
+    cpus = os.cpu_count() or 1
+    with mp.get_context("spawn").Pool(cpus) as pool:
+        return sorted(pool.starmap(host_loop_ms, [()] * cpus))
 
 
 def _probe_host(out: dict[str, Any], when: str) -> None:

@@ -57,7 +57,9 @@ class ProposedCommands:
                 del self._by_payload[next(iter(self._by_payload))]
 
     def take(self, payload: bytes) -> tuple[int, EngineCommand] | None:
-        if not self._by_payload:  # a follower's case: no lock (a racing put is found next time)
+        # A follower's case, without the lock: an entry's put comes before its proposal, so a
+        # leader's map is never empty when that entry is applied.
+        if not self._by_payload:
             return None
         with self._lock:
             return self._by_payload.pop(payload, None)
