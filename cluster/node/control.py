@@ -28,7 +28,7 @@ from tetherlab.cluster.core import statemachine as sm
 from tetherlab.cluster.core.engine.commands import decode_command as decode_engine_command
 from tetherlab.cluster.core.errors import CommandError
 from tetherlab.cluster.node.errors import Indeterminate, Unavailable
-from tetherlab.cluster.node.replica import Replica, encode_command, engine_entry
+from tetherlab.cluster.node.replica import Replica, encode_command
 
 CONTROL_LINE_MAX_BYTES = 256 * 1024
 CONTROL_CONNECTIONS_MAX = 256
@@ -231,7 +231,7 @@ class ControlServer:
         except ValueError as e:
             raise CommandError("bad_json", f"{path} is not JSON: {e}") from None
         cmd = decode_engine_command(obj)
-        return await self.replica.propose(engine_entry(self.replica.store, cmd, self.now_ms()), ENGINE_FILE_TIMEOUT_S)
+        return await self.replica.propose_engine(cmd, self.now_ms(), ENGINE_FILE_TIMEOUT_S)
 
 
 def _line(obj: dict[str, Any]) -> bytes:

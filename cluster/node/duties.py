@@ -26,7 +26,7 @@ from tetherlab.cluster.node.clock import Clock
 from tetherlab.cluster.node.errors import Indeterminate, Refused, Unavailable
 from tetherlab.cluster.node.keys import KEYS_NS, KeyError_, make_registered
 from tetherlab.cluster.node.metrics import NodeMetrics
-from tetherlab.cluster.node.replica import Replica, encode_command, engine_entry
+from tetherlab.cluster.node.replica import Replica, encode_command
 
 log = logging.getLogger("tetherlab.node")
 
@@ -87,7 +87,7 @@ class LeaderDuties:
                 log.info("sessions lapsed: %s", ", ".join(res["lapsed"]))
 
     async def _engine(self, cmd: ec.Command) -> dict[str, Any]:
-        res = await self.replica.propose(engine_entry(self.replica.store, cmd, self.clock.now_ms()))
+        res = await self.replica.propose_engine(cmd, self.clock.now_ms())
         err = res.get("error")
         if err is not None:
             raise Refused(err.get("code", "refused"), err.get("message", "refused"))

@@ -18,8 +18,15 @@ from collections.abc import Callable
 from typing import Any
 
 from tetherlab.cluster.core.apply import Outcome
+from tetherlab.cluster.core.engine.commands import Command as EngineCommand
 from tetherlab.cluster.node.errors import Indeterminate, Unavailable
-from tetherlab.cluster.node.replica import MEMBERS_NS, PROPOSE_TIMEOUT_S, READ_TIMEOUT_S, ApplyListener
+from tetherlab.cluster.node.replica import (
+    MEMBERS_NS,
+    PROPOSE_TIMEOUT_S,
+    READ_TIMEOUT_S,
+    ApplyListener,
+    engine_entry,
+)
 from tetherlab.cluster.replica.memstore import MemoryStore
 
 FAULTS_MAX = 1000  # queued failures: a test that queues more has a bug
@@ -107,6 +114,10 @@ class FakeReplica:
         self._index += 1
         self.log.append(bytes(payload))
         return self.store.apply(self._index, payload)
+
+    async def propose_engine(self, cmd: EngineCommand, now_ms: int,
+                             timeout_s: float = PROPOSE_TIMEOUT_S) -> dict[str, Any]:
+        return await self.propose(engine_entry(self.store, cmd, now_ms), timeout_s)
 
     async def read_barrier(self, timeout_s: float = READ_TIMEOUT_S) -> None:
         await asyncio.sleep(0)

@@ -24,9 +24,16 @@ from typing import Any
 from tetherlab.cluster.core import statemachine as sm
 from tetherlab.cluster.core.apply import Outcome
 from tetherlab.cluster.core.config import NodeConfig
+from tetherlab.cluster.core.engine.commands import Command as EngineCommand
 from tetherlab.cluster.node.errors import Indeterminate, Unavailable
 from tetherlab.cluster.node.metrics import NodeMetrics
-from tetherlab.cluster.node.replica import MEMBERS_NS, PROPOSE_TIMEOUT_S, READ_TIMEOUT_S, ApplyListener
+from tetherlab.cluster.node.replica import (
+    MEMBERS_NS,
+    PROPOSE_TIMEOUT_S,
+    READ_TIMEOUT_S,
+    ApplyListener,
+    engine_entry,
+)
 from tetherlab.cluster.replica.lmdbstore import LmdbStore
 from tetherlab.cluster.replica.raft import FailReason, RaftIO, RaftNode
 from tetherlab.cluster.replica.store import Store
@@ -153,6 +160,10 @@ class RaftReplica:
             raise
         finally:
             m.proposals_pending.dec()
+
+    async def propose_engine(self, cmd: EngineCommand, now_ms: int,
+                             timeout_s: float = PROPOSE_TIMEOUT_S) -> dict[str, Any]:
+        return await self.propose(engine_entry(self.store, cmd, now_ms), timeout_s)
 
     def proposals_in_flight(self) -> int:
         """Proposals made on this node still waiting for their outcome."""

@@ -45,6 +45,13 @@ class Replica(Protocol):
         (nothing applied) or ``Indeterminate`` (outcome unknown)."""
         ...
 
+    async def propose_engine(self, cmd: EngineCommand, now_ms: int,
+                             timeout_s: float = PROPOSE_TIMEOUT_S) -> dict[str, Any]:
+        """:meth:`propose` the engine command ``cmd`` stamped with ``now_ms`` (this leader's
+        clock); this node's own apply takes ``cmd`` instead of decoding the entry again
+        (:func:`engine_entry`). Both implementations do exactly that."""
+        ...
+
     async def read_barrier(self, timeout_s: float = READ_TIMEOUT_S) -> None:
         """Return once every write acknowledged before this call is applied here."""
         ...

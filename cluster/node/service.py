@@ -37,7 +37,7 @@ from tetherlab.cluster.node.keys import KEYS_NS, KeyError_, RegisteredKey, make_
 from tetherlab.cluster.node.matcher import InlineMatcher, Matcher
 from tetherlab.cluster.node.metrics import NodeMetrics
 from tetherlab.cluster.node.quotas import Quotas, TokenBucket
-from tetherlab.cluster.node.replica import MEMBERS_NS, Replica, encode_command, engine_entry
+from tetherlab.cluster.node.replica import MEMBERS_NS, Replica, encode_command
 from tetherlab.cluster.replica.store import Store
 
 log = logging.getLogger("tetherlab.service")
@@ -145,7 +145,7 @@ class Service:
 
     async def engine(self, cmd: ec.Command) -> dict[str, Any]:
         """Commit one engine command stamped with this leader's clock; refusals raise Refused."""
-        res = await self.replica.propose(engine_entry(self.replica.store, cmd, self.clock.now_ms()))
+        res = await self.replica.propose_engine(cmd, self.clock.now_ms())
         err = res.get("error")
         if err is not None:
             raise Refused(err.get("code", "refused"), err.get("message", "refused"))
