@@ -432,6 +432,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # here, not at exit: a reader gone (`| head`) is caught below
+    except BrokenPipeError:
+        # The reader of our output stopped early: no traceback. What is still buffered goes to
+        # /dev/null, so the interpreter's own flush at exit cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILED
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in PASSTHROUGH:
         return _passthrough(argv[0], argv[1:])
@@ -447,8 +461,6 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except KeyboardInterrupt:
         return EXIT_FAILED
-    except BrokenPipeError:
-        os._exit(EXIT_FAILED)
 
 
 if __name__ == "__main__":

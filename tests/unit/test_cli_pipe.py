@@ -1,0 +1,27 @@
+"""`tetherlab ... | head`: a reader that stops early ends the command quietly, exit code 1."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+# argparse's own --help swallows the write error and exits 0 as usual.
+@pytest.mark.parametrize(("argv", "code"), [
+    (["bench", "--help"], 1), (["status", "--help"], 0), (["--help"], 0),
+    (["bench", "apply", "--concepts", "20", "--entries", "60", "--passes", "1"], 1),
+], ids=["bench-help", "argparse-help", "top-help", "bench-run"])
+def test_a_closed_stdout_ends_the_command_without_a_traceback(argv: list[str], code: int) -> None:
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before the first line: every write fails with EPIPE
+    try:
+        p = subprocess.run([sys.executable, "-m", "tetherlab.cluster.cli", *argv], stdout=w,
+                           stderr=subprocess.PIPE, timeout=120)
+    finally:
+        os.close(w)
+    err = p.stderr.decode()
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    assert p.returncode == code, err
