@@ -30,6 +30,7 @@ from tetherlab.chaos.sim.schedule import run_seed
 from tetherlab.cluster.core.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 PROGRESS_EVERY_S = 2.0
+PROGRESS_IDLE_EVERY_S = 15.0  # the same count again only after this long
 CHUNK_SEEDS = 25  # seeds per task: few round trips to the workers, and progress stays live
 IN_FLIGHT_PER_JOB = 2
 
@@ -152,11 +153,16 @@ def _many(args: argparse.Namespace) -> int:
                 if args.stop_on_violation:
                     stop = True
 
+    last_done = -1
+
     def progress(final: bool = False) -> None:
-        nonlocal last_progress
+        # A line when the count moved, or now and then while a chunk runs (still alive); not the
+        # same count every PROGRESS_EVERY_S.
+        nonlocal last_progress, last_done
         now = time.perf_counter()
-        if final or now - last_progress >= PROGRESS_EVERY_S:
-            last_progress = now
+        due = now - last_progress >= (PROGRESS_EVERY_S if done != last_done else PROGRESS_IDLE_EVERY_S)
+        if final or due:
+            last_progress, last_done = now, done
             rate = done / (now - t0) if now > t0 else 0.0
             print(f"sim: {done}/{args.seeds} seeds, {rate:.1f}/s, {len(violations)} violation(s)",
                   file=sys.stderr, flush=True)

@@ -134,3 +134,16 @@ def test_each_fix_has_a_schedule_that_fails_without_it(patch: str, seed: int, no
     assert broken.violations, (
         f"seed {seed} ({nodes} nodes) no longer shows a violation without {patch}: the schedules moved. "
         f"Find another: run seeds with patches.without({patch!r}) until one fails, and put it here.")
+
+
+def test_progress_prints_a_count_once_not_again_on_every_tick(capsys: pytest.CaptureFixture[str],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ticks far more often than a chunk of seeds finishes: before the change, each tick printed
+    # the same count again.
+    monkeypatch.setattr(cli, "PROGRESS_EVERY_S", 0.01)
+    monkeypatch.setattr(cli, "PROGRESS_IDLE_EVERY_S", 1e9, raising=False)  # the "still alive" line: not here
+    code = cli.main(["--seeds", "30", "--jobs", "2"])
+    counts = [ln.split()[1] for ln in capsys.readouterr().err.splitlines() if ln.startswith("sim: ")]
+    assert code == 0 and counts[-1] == "30/30", counts
+    body = counts[:-1]  # the final line may repeat the last count
+    assert len(body) == len(set(body)), counts
