@@ -29,6 +29,7 @@ from tetherlab.cluster.core.engine.commands import decode_command as decode_engi
 from tetherlab.cluster.core.errors import CommandError
 from tetherlab.cluster.node.errors import Indeterminate, Unavailable
 from tetherlab.cluster.node.replica import Replica, encode_command
+from tetherlab.cluster.node.unixsock import usable_path
 
 CONTROL_LINE_MAX_BYTES = 256 * 1024
 CONTROL_CONNECTIONS_MAX = 256
@@ -113,8 +114,8 @@ class ControlServer:
             self.path.unlink()
         old_umask = os.umask(0o177)
         try:
-            self._server = await asyncio.start_unix_server(self._conn, path=str(self.path),
-                                                           limit=CONTROL_LINE_MAX_BYTES)
+            with usable_path(self.path) as path:  # a deep data_dir is longer than a socket path may be
+                self._server = await asyncio.start_unix_server(self._conn, path=path, limit=CONTROL_LINE_MAX_BYTES)
         finally:
             os.umask(old_umask)
 

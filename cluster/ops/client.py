@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tetherlab.cluster.core.config import ClusterFile, NodeAddresses
+from tetherlab.cluster.node.unixsock import usable_path
 
 HTTP_TIMEOUT_S = 2.0
 
@@ -31,7 +32,12 @@ class ControlClient:
         if self._sock is None:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.settimeout(self.timeout_s)
-            s.connect(self.path)
+            try:
+                with usable_path(self.path) as path:
+                    s.connect(path)
+            except OSError:
+                s.close()
+                raise
             self._sock = s
         return self._sock
 
@@ -74,7 +80,8 @@ class ControlClient:
 
 async def control_call_async(path: str | Path, op: str, timeout_s: float = 10.0, **fields: Any) -> dict[str, Any]:
     async with asyncio.timeout(timeout_s):
-        reader, writer = await asyncio.open_unix_connection(str(path))
+        with usable_path(path) as short:
+            reader, writer = await asyncio.open_unix_connection(short)
     try:
         writer.write(json.dumps({"id": 1, "op": op, **fields}).encode() + b"\n")
         async with asyncio.timeout(timeout_s):
