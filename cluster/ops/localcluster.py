@@ -27,6 +27,9 @@ from tetherlab.cluster.ops.layout import init_cluster
 from tetherlab.cluster.ops.procs import start_node_process, stop_processes
 
 PORT_PROBE_TRIES = 50
+# Below Linux's ephemeral range (32768 up by default): the ports a probe found free cannot be
+# taken meanwhile by an outgoing connection, another cluster's or a test's.
+PORT_BASE_MIN, PORT_BASE_MAX = 20000, 32000
 LEADER_POLL_S = 0.2
 RESTART_DELAY_S = 2.0  # a dead node of `tetherlab up` comes back after this (say so on screen)
 RESTART_DELAY_MAX_S = 30.0  # a node that keeps dying is restarted ever more slowly, up to this
@@ -51,7 +54,7 @@ def free_base_port(nodes: int, host: str = "127.0.0.1") -> int:
     """A base port whose raft/ssh/http ports (BASE+1.., +101.., +201..) are all free now."""
     rng = random.Random(os.getpid() ^ time.monotonic_ns())
     for _ in range(PORT_PROBE_TRIES):
-        base = rng.randrange(20000, 40000, 10)
+        base = rng.randrange(PORT_BASE_MIN, PORT_BASE_MAX, 10)
         ports = [base + off + i for off in (1, 101, 201) for i in range(nodes)]
         if _ports_free(host, ports):
             return base
