@@ -35,3 +35,8 @@ class Refused(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class StartupError(Exception):
+    """Raised when the node cannot start: an address it must listen on is taken or not its own.
+    A node that cannot listen would look alive and never serve; its message names the address."""

@@ -19,16 +19,19 @@ import json
 import logging
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
 
 from tetherlab.cluster import __version__
 from tetherlab.cluster.core.config import Address, NodeAddresses, NodeConfig
+from tetherlab.cluster.core.exitcodes import EXIT_FAILED, EXIT_OK
 from tetherlab.cluster.node.access import AccessRule
 from tetherlab.cluster.node.clock import SystemClock
 from tetherlab.cluster.node.control import ControlServer
 from tetherlab.cluster.node.duties import LeaderDuties
+from tetherlab.cluster.node.errors import StartupError
 from tetherlab.cluster.node.gcpolicy import GcPauses, GcPolicy
 from tetherlab.cluster.node.http import HttpApi
 from tetherlab.cluster.node.matcher import ProcessMatcher
@@ -153,9 +156,18 @@ class MasterNode:
         return header
 
     async def start(self) -> None:
-        await self.http.start()
-        await self.control.start()
-        await self.ssh.start()
+        """Listen on every address, or raise :class:`StartupError` naming the one that failed (a
+        node that cannot listen would look alive and never serve)."""
+        raft = str(self.cfg.node.raft)
+        if not await self.replica.wait_listening():
+            raise StartupError(f"cannot listen on the Raft address {raft}: {_why_not_bindable(raft)}")
+        for what, where, start in (("HTTP address", str(self.cfg.node.http), self.http.start),
+                                   ("control socket", str(self.control.path), self.control.start),
+                                   ("SSH address", str(self.cfg.node.ssh), self.ssh.start)):
+            try:
+                await start()
+            except OSError as e:
+                raise StartupError(f"cannot listen on the {what} {where}: {e.strerror or e}") from None
         self.matcher.start()
         self._duties = self.loop.create_task(self.duties.run())
         self.gc.start(self.clock.monotonic())  # the state is loaded: freeze it
@@ -180,9 +192,25 @@ class MasterNode:
         await self.replica.stop()
 
 
+def _why_not_bindable(addr: str) -> str:
+    """Why ``host:port`` cannot be listened on, found by trying (pysyncobj does not say)."""
+    host, _, port = addr.rpartition(":")
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host.strip("[]"), int(port)))
+    except OSError as e:
+        return e.strerror or str(e)
+    return "pysyncobj could not bind it (it is free now)"
+
+
 async def _serve(cfg: NodeConfig, secret: bytes, ready_file: Path | None) -> None:
     node = MasterNode(cfg, secret)
-    await node.start()
+    try:
+        await node.start()
+    except StartupError:
+        await node.stop()  # the Raft thread and whatever listens already
+        raise
     log.info("node %s serving: raft %s, http %s (data %s)", cfg.id, cfg.node.raft, cfg.node.http, cfg.data_dir)
     if ready_file is not None:
         ready_file.write_text(json.dumps({"pid": os.getpid(), "id": cfg.id}))
@@ -197,5 +225,9 @@ async def _serve(cfg: NodeConfig, secret: bytes, ready_file: Path | None) -> Non
 
 def run_node(cfg: NodeConfig, secret: bytes, ready_file: Path | None = None) -> int:
     pysyncobj_patches.install()
-    asyncio.run(_serve(cfg, secret, ready_file))
-    return 0
+    try:
+        asyncio.run(_serve(cfg, secret, ready_file))
+    except StartupError as e:
+        log.error("node %s cannot start: %s", cfg.id, e)
+        return EXIT_FAILED
+    return EXIT_OK

@@ -45,6 +45,7 @@ STOP_TIMEOUT_S = 5.0  # bound on waiting for the Raft thread at shutdown
 # what it last saw (a majority answering) vouches for nothing now.
 STATUS_STALE_S = 1.0
 MEMBERS_MAX = 1000
+LISTEN_TIMEOUT_S = 15.0  # pysyncobj gives up binding after 25 tries 0.2 s apart; this bounds the wait anyway
 
 _Result = tuple[asyncio.Future[dict[str, Any]], Any, int]
 
@@ -248,6 +249,11 @@ class RaftReplica:
         self.raft.tl_wake()
 
     # --- node-local operations --------------------------------------------------------------------
+
+    async def wait_listening(self) -> bool:
+        """Whether the Raft listener is bound (pysyncobj's bind retries end within about 5 s)."""
+        async with asyncio.timeout(LISTEN_TIMEOUT_S):
+            return await self.loop.run_in_executor(None, self.raft.tl_listening)
 
     def compact(self) -> None:
         self.raft.tl_compact()

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pysyncobj.pickle as pysyncobj_pickle
-from pysyncobj import SyncObj, SyncObjConf, replicated
+from pysyncobj import SyncObj, SyncObjConf, SyncObjException, replicated
 from pysyncobj.config import FAIL_REASON
 from pysyncobj.node import TCPNode
 from pysyncobj.pipe_notifier import PipeNotifier
@@ -527,6 +527,16 @@ class RaftNode(SyncObj):
             "used_bytes": (info["last_pgno"] + 1) * stat["psize"],
             "map_size_bytes": info["map_size"],
         }
+
+    def tl_listening(self) -> bool:
+        """Block until pysyncobj has bound the Raft listener (True) or given up (False) after
+        ``maxBindRetries`` tries ``bindRetryTime`` apart (about 5 s). It then keeps retrying
+        without a word, so the node would never hear its peers: its start asks this first."""
+        try:
+            self.waitBinded()
+        except SyncObjException:
+            return False
+        return True
 
     def tl_wait_ready(self, timeout_s: float) -> bool:
         return self._tl_ready.wait(timeout_s)
