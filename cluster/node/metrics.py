@@ -191,8 +191,9 @@ class NodeCollector(Collector):
                 float(tr.get("unauthenticated_connections", 0)))
         dropped = CounterMetricFamily("tetherlab_raft_strangers_dropped",
                                       "Raft connections this node closed before they authenticated, by reason "
-                                      "(frame_too_large, handshake_deadline, evicted).", labels=["reason"])
-        for reason in ("frame_too_large", "handshake_deadline", "evicted"):
+                                      "(frame_too_large, handshake_deadline, evicted, failed_authentication).",
+                                      labels=["reason"])
+        for reason in ("frame_too_large", "handshake_deadline", "evicted", "failed_authentication"):
             dropped.add_metric([reason], float(tr.get(reason, 0)))
         yield dropped
         yield _counter("tetherlab_raft_read_slices_cut",

@@ -36,6 +36,11 @@ to freeze the node's one Raft thread, grow its memory, or hold its sockets.
 - ``handshake_deadline``: an incoming connection that has not authenticated within
   :data:`RAFT_HANDSHAKE_DEADLINE_S` of being accepted is closed (pysyncobj checks its timeout
   only on sockets that see events, so an idle stranger was held forever).
+- ``auth_failures``: pysyncobj closes a connection whose frame fails decryption or the
+  handshake's random-key check without a word ("Why no logging of security errors?", says its
+  source): a node given another cluster secret never joined, and nothing said why. Such a close
+  is counted (``failed_authentication``) and reported in the strangers' summary line, naming
+  the other end.
 - ``accept_queue``: listen with a backlog of :data:`RAFT_LISTEN_BACKLOG` (pysyncobj: 5), accept
   up to :data:`RAFT_ACCEPTS_PER_EVENT` connections per poll event (pysyncobj: 1) but at most
   :data:`RAFT_ACCEPTS_PER_S` a second (the listening socket leaves the poller until the next tick
@@ -227,28 +232,42 @@ def _revert_journal_factory() -> None:
     _syncobj_mod.createJournal = _original_create_journal
 
 
-# --- frame_bound ------------------------------------------------------------------------------
+# --- frame_bound and auth_failures: both wrap pysyncobj's frame parser ------------------------
 
 _original_parse = TcpConnection._TcpConnection__processParseMessage  # type: ignore[attr-defined]
+_parse_patches: set[str] = set()  # which of the two are installed: one wrapper serves both
 
 
-def _bounded_parse(conn: TcpConnection) -> Any:
-    buf = conn._TcpConnection__readBuffer  # type: ignore[attr-defined]
-    if len(buf) >= _FRAME_LEN.size:
-        (n,) = _FRAME_LEN.unpack_from(buf)
-        if n < 0 or n > RAFT_FRAME_MAX_BYTES:
-            log.warning("dropping a raft connection that announced a %d-byte frame", n)
-            conn.disconnect()
-            return None
-    return _original_parse(conn)
+def _patched_parse(conn: TcpConnection) -> Any:
+    if "frame_bound" in _parse_patches:
+        buf = conn._TcpConnection__readBuffer  # type: ignore[attr-defined]
+        if len(buf) >= _FRAME_LEN.size:
+            (n,) = _FRAME_LEN.unpack_from(buf)
+            if n < 0 or n > RAFT_FRAME_MAX_BYTES:
+                log.warning("dropping a raft connection that announced a %d-byte frame", n)
+                conn.disconnect()
+                return None
+    if "auth_failures" not in _parse_patches:
+        return _original_parse(conn)
+    sock = conn._TcpConnection__socket  # type: ignore[attr-defined]
+    message = _original_parse(conn)
+    # Only a failed check closes the socket in there (an incomplete frame returns None and keeps it).
+    if message is None and sock is not None and conn._TcpConnection__socket is None:  # type: ignore[attr-defined]
+        rx: _FrameReader | None = getattr(conn, "_tl_rx", None)
+        peer = rx.peer if rx is not None and rx.sock is sock else _peer_name(sock)
+        TRANSPORT_STATS.drop("failed_authentication",
+                             f"{peer} sent a frame that failed the cluster secret's check (a stranger, or a "
+                             f"node configured with another cluster.secret)")
+    return message
 
 
-def _install_frame_bound() -> None:
-    TcpConnection._TcpConnection__processParseMessage = _bounded_parse  # type: ignore[attr-defined]
+def _parse_patch(name: str) -> tuple[Callable[[], None], Callable[[], None]]:
+    def set_to(on: bool) -> None:
+        (_parse_patches.add if on else _parse_patches.discard)(name)
+        TcpConnection._TcpConnection__processParseMessage = (  # type: ignore[attr-defined]
+            _patched_parse if _parse_patches else _original_parse)
 
-
-def _revert_frame_bound() -> None:
-    TcpConnection._TcpConnection__processParseMessage = _original_parse  # type: ignore[attr-defined]
+    return (lambda: set_to(True)), (lambda: set_to(False))
 
 
 # --- socket_timeouts --------------------------------------------------------------------------
@@ -282,9 +301,10 @@ class TransportStats:
 
     ``dropped`` keys: ``frame_too_large`` (a frame over the bound for the connection's state),
     ``handshake_deadline`` (no authentication in time), ``evicted`` (closed to make room under
-    an unauthenticated-connection cap)."""
+    an unauthenticated-connection cap), ``failed_authentication`` (a frame that failed the
+    cluster secret's check: a stranger, or a node configured with another secret)."""
 
-    REASONS = ("frame_too_large", "handshake_deadline", "evicted")
+    REASONS = ("frame_too_large", "handshake_deadline", "evicted", "failed_authentication")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -329,10 +349,11 @@ class _FrameReader:
     """Where one socket's current frame is read to: the header, then a buffer of exactly the
     announced size (allocated only once the size is known to be acceptable)."""
 
-    __slots__ = ("armed", "authenticated", "frame", "head", "head_n", "n", "sock")
+    __slots__ = ("armed", "authenticated", "frame", "head", "head_n", "n", "peer", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self.peer = _peer_name(sock)  # once per socket: a report after it is closed names it
         self.head = bytearray(_FRAME_HEADER_BYTES)
         self.head_n = 0
         self.frame: bytearray | None = None  # header + body, once the header is accepted
@@ -341,6 +362,14 @@ class _FrameReader:
         # connection still exists at the next read, the sender knows the cluster secret.
         self.armed = False
         self.authenticated = False
+
+
+def _peer_name(sock: Any) -> str:
+    try:
+        host, port = sock.getpeername()[:2]
+    except (OSError, AttributeError, TypeError, ValueError):
+        return "an unknown address"
+    return f"{host}:{port}"
 
 
 def _reader_of(conn: Any, sock: socket.socket) -> _FrameReader:
@@ -1358,7 +1387,7 @@ PATCHES: tuple[Patch, ...] = (
     Patch("journal_factory", "pysyncobj's own journal never fsyncs; nodes use the LMDB journal",
           _install_journal_factory, _revert_journal_factory),
     Patch("frame_bound", "a stranger must not make a node buffer a frame of any announced length",
-          _install_frame_bound, _revert_frame_bound),
+          *_parse_patch("frame_bound")),
     Patch("socket_timeouts", "a node cut off by a silent partition must rejoin within seconds of healing",
           _install_socket_timeouts, _revert_socket_timeouts),
     Patch("bounded_read", "a stranger's bytes must not freeze the Raft thread or grow the node's memory",
@@ -1367,6 +1396,8 @@ PATCHES: tuple[Patch, ...] = (
           _install_accept_limits, _revert_accept_limits),
     Patch("handshake_deadline", "a connection that never authenticates must not be held forever",
           _install_handshake_deadline, _revert_handshake_deadline),
+    Patch("auth_failures", "a connection closed for failing the cluster secret's check must be reported",
+          *_parse_patch("auth_failures")),
     Patch("accept_queue", "a connection flood must not crowd a reconnecting peer out of the accept queue",
           _install_accept_queue, _revert_accept_queue),
     Patch("accept_unknown_peers", "a member that missed a node's addition must still hear it when it leads",

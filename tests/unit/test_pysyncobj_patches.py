@@ -337,6 +337,43 @@ def test_handshake_deadline_closes_a_connection_that_never_authenticates(
         lst.close()
 
 
+def test_auth_failures_a_frame_under_another_secret_is_reported_naming_the_peer(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A node given another cluster.secret: pysyncobj closed its connections without a word."""
+    import pickle
+    import zlib
+
+    def frame_under(key: bytes) -> bytes:
+        data = Fernet(key).encrypt_at_time(zlib.compress(pickle.dumps(("rand-key", "hello"))), int(time.time()))
+        return struct.pack("i", len(data)) + data
+
+    def other_secret_closes(lst: _Listener) -> tuple[TcpConnection, str]:
+        conn = lst.connection()
+        conn.encryptor = Fernet(Fernet.generate_key())
+        client = lst.clients[-1]
+        client.sendall(frame_under(Fernet.generate_key()))
+        deadline = time.monotonic() + 10
+        while _buffered(conn) == 0 and time.monotonic() < deadline:
+            _read(conn)
+        assert conn._TcpConnection__processParseMessage() is None  # type: ignore[attr-defined]
+        assert conn.state == CONNECTION_STATE.DISCONNECTED
+        return conn, "{}:{}".format(*client.getsockname())
+
+    lst = _Listener()
+    try:
+        monkeypatch.setattr(patches, "TRANSPORT_STATS", patches.TransportStats())
+        with caplog.at_level(logging.WARNING):
+            _, peer = other_secret_closes(lst)
+        assert patches.TRANSPORT_STATS.dropped["failed_authentication"] == 1
+        assert f"{peer} sent a frame that failed the cluster secret's check" in caplog.text, caplog.text
+        with patches.without("auth_failures"):
+            monkeypatch.setattr(patches, "TRANSPORT_STATS", patches.TransportStats())
+            other_secret_closes(lst)
+            assert patches.TRANSPORT_STATS.dropped["failed_authentication"] == 0  # closed, and nobody told
+    finally:
+        lst.close()
+
+
 def _listening_server() -> tuple[TcpServer, list[TcpConnection], Any]:
     poller = createPoller("auto")
     accepted: list[TcpConnection] = []
