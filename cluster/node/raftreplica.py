@@ -252,8 +252,11 @@ class RaftReplica:
 
     async def wait_listening(self) -> bool:
         """Whether the Raft listener is bound (pysyncobj's bind retries end within about 5 s)."""
-        async with asyncio.timeout(LISTEN_TIMEOUT_S):
-            return await self.loop.run_in_executor(None, self.raft.tl_listening)
+        try:
+            async with asyncio.timeout(LISTEN_TIMEOUT_S):
+                return await self.loop.run_in_executor(None, self.raft.tl_listening)
+        except TimeoutError:
+            return False
 
     def compact(self) -> None:
         self.raft.tl_compact()
