@@ -41,6 +41,9 @@ to freeze the node's one Raft thread, grow its memory, or hold its sockets.
   source): a node given another cluster secret never joined, and nothing said why. Such a close
   is counted (``failed_authentication``) and reported in the strangers' summary line, naming
   the other end.
+- ``handshake_refused``: the node on the other side of such a close hears nothing either: its
+  peers close its outgoing connections before answering the handshake. Those closes are
+  counted per peer and reported in one warning line per interval.
 - ``accept_queue``: listen with a backlog of :data:`RAFT_LISTEN_BACKLOG` (pysyncobj: 5), accept
   up to :data:`RAFT_ACCEPTS_PER_EVENT` connections per poll event (pysyncobj: 1) but at most
   :data:`RAFT_ACCEPTS_PER_S` a second (the listening socket leaves the poller until the next tick
@@ -135,6 +138,7 @@ Performance (issue 13):
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import functools
@@ -523,6 +527,81 @@ def _install_handshake_deadline() -> None:
 
 def _revert_handshake_deadline() -> None:
     TCPTransport._onTick = _original_transport_tick  # type: ignore[method-assign]
+
+
+# --- handshake_refused --------------------------------------------------------------------------
+
+_original_outgoing_connected = TCPTransport._onOutgoingConnected
+_original_outgoing_message = TCPTransport._onOutgoingMessageReceived
+_original_transport_disconnected = TCPTransport._onDisconnected
+_REFUSED_LOG_INTERVAL_S = 10.0  # one line per interval, however many peers refuse
+# A peer stopping may close one handshake; a peer with another secret closes every one (about
+# two a second): warn once a peer has closed this many within the window.
+_REFUSED_WARN_MIN = 3
+_REFUSED_WINDOW_S = 30.0
+
+
+class HandshakeRefusals:
+    """Outgoing Raft connections the peer closed before answering the handshake, per peer
+    address. The node whose secret differs from its peers' sees only this: they close its
+    connections before it reads anything that could fail its own check."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.by_peer: dict[str, int] = {}  # peers are the members: a bounded set
+        self._recent: dict[str, collections.deque[float]] = {}
+        self._logged: dict[str, int] = {}
+        self._last_log = 0.0
+
+    def note(self, peer: str) -> None:
+        with self._lock:
+            self.by_peer[peer] = self.by_peer.get(peer, 0) + 1
+            now = time.monotonic()
+            recent = self._recent.setdefault(peer, collections.deque(maxlen=_REFUSED_WARN_MIN))
+            recent.append(now)
+            if len(recent) < _REFUSED_WARN_MIN or now - recent[0] > _REFUSED_WINDOW_S:
+                return
+            if now - self._last_log < _REFUSED_LOG_INTERVAL_S:
+                return
+            self._last_log = now
+            since = {k: v - self._logged.get(k, 0) for k, v in self.by_peer.items() if v != self._logged.get(k, 0)}
+            self._logged = dict(self.by_peer)
+        log.warning("raft peers closed our connection before answering the handshake (since the last report: "
+                    "%s): they are restarting, or their cluster.secret differs from ours", since)
+
+
+HANDSHAKES_REFUSED = HandshakeRefusals()
+
+
+def _outgoing_connected(self: Any, conn: Any) -> None:
+    if self._syncObj.encryptor:
+        conn._tl_handshake_open = True  # until the peer's first frame arrives
+    _original_outgoing_connected(self, conn)
+
+
+def _outgoing_message(self: Any, conn: Any, message: Any) -> None:
+    conn._tl_handshake_open = False
+    _original_outgoing_message(self, conn, message)
+
+
+def _transport_disconnected(self: Any, conn: Any) -> None:
+    if getattr(conn, "_tl_handshake_open", False):
+        conn._tl_handshake_open = False
+        node = self._connToNode(conn)
+        HANDSHAKES_REFUSED.note(node.address if node is not None else "an unknown peer")
+    _original_transport_disconnected(self, conn)
+
+
+def _install_handshake_refused() -> None:
+    TCPTransport._onOutgoingConnected = _outgoing_connected  # type: ignore[method-assign]
+    TCPTransport._onOutgoingMessageReceived = _outgoing_message  # type: ignore[method-assign]
+    TCPTransport._onDisconnected = _transport_disconnected  # type: ignore[method-assign]
+
+
+def _revert_handshake_refused() -> None:
+    TCPTransport._onOutgoingConnected = _original_outgoing_connected  # type: ignore[method-assign]
+    TCPTransport._onOutgoingMessageReceived = _original_outgoing_message  # type: ignore[method-assign]
+    TCPTransport._onDisconnected = _original_transport_disconnected  # type: ignore[method-assign]
 
 
 # --- accept_queue -----------------------------------------------------------------------------
@@ -1398,6 +1477,8 @@ PATCHES: tuple[Patch, ...] = (
           _install_handshake_deadline, _revert_handshake_deadline),
     Patch("auth_failures", "a connection closed for failing the cluster secret's check must be reported",
           *_parse_patch("auth_failures")),
+    Patch("handshake_refused", "a node whose peers close its connections mid-handshake must say so",
+          _install_handshake_refused, _revert_handshake_refused),
     Patch("accept_queue", "a connection flood must not crowd a reconnecting peer out of the accept queue",
           _install_accept_queue, _revert_accept_queue),
     Patch("accept_unknown_peers", "a member that missed a node's addition must still hear it when it leads",

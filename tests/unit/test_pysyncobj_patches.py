@@ -374,6 +374,51 @@ def test_auth_failures_a_frame_under_another_secret_is_reported_naming_the_peer(
         lst.close()
 
 
+def test_handshake_refused_the_node_with_another_secret_says_its_peers_close_it(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Two real pysyncobj nodes with different passwords: the one that dials is refused before any
+    frame reaches it, so only this patch can tell its operator."""
+    from pysyncobj import SyncObj, SyncObjConf
+
+    def refused_within(seconds: float) -> dict[str, int]:
+        monkeypatch.setattr(patches, "HANDSHAKES_REFUSED", patches.HandshakeRefusals())
+        ports = _free_ports(2)
+        addrs = [f"127.0.0.1:{p}" for p in ports]
+        nodes = [SyncObj(addrs[i], [addrs[1 - i]],
+                         SyncObjConf(password=f"secret-{i}", autoTick=False, connectionRetryTime=0.1,
+                                     raftMinTimeout=0.3, raftMaxTimeout=0.6, appendEntriesPeriod=0.05))
+                 for i in range(2)]
+        try:
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                for n in nodes:
+                    n.doTick(0.01)
+        finally:
+            for n in nodes:
+                n.destroy()
+                n._doDestroy()
+        return dict(patches.HANDSHAKES_REFUSED.by_peer)
+
+    with caplog.at_level(logging.WARNING):
+        refused = refused_within(2.0)
+    assert refused and all(p.startswith("127.0.0.1:") for p in refused), refused
+    peer = next(iter(refused))
+    assert "closed our connection before answering the handshake" in caplog.text and peer in caplog.text
+    with patches.without("handshake_refused"):
+        assert refused_within(1.0) == {}  # refused just the same, and nobody told
+
+
+def test_handshake_refused_one_close_is_a_peer_restarting_not_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    r = patches.HandshakeRefusals()
+    with caplog.at_level(logging.WARNING):
+        r.note("10.0.0.1:7100")
+        r.note("10.0.0.2:7100")
+        assert "handshake" not in caplog.text  # a rolling restart closes one handshake per peer
+        r.note("10.0.0.1:7100")
+        r.note("10.0.0.1:7100")
+    assert "'10.0.0.1:7100': 3" in caplog.text and r.by_peer == {"10.0.0.1:7100": 3, "10.0.0.2:7100": 1}
+
+
 def _listening_server() -> tuple[TcpServer, list[TcpConnection], Any]:
     poller = createPoller("auto")
     accepted: list[TcpConnection] = []
