@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -43,7 +44,8 @@ Entry = tuple[bytes, int, ec.Command]  # the bytes in the log, the proposer's cl
 def record(concepts: int, entries: int, seed: int) -> tuple[list[Entry], int]:
     """The log (set-up entries first) and how many set-up entries it starts with."""
     rng = random.Random(seed)
-    store = LmdbStore(tempfile.mkdtemp(prefix="tetherlab-bench-apply-"))
+    tmp = tempfile.TemporaryDirectory(prefix="tetherlab-bench-apply-")  # was left behind on every run
+    store = LmdbStore(Path(tmp.name))
     log: list[Entry] = []
     now_ms = 1_000_000
 
@@ -86,6 +88,7 @@ def record(concepts: int, entries: int, seed: int) -> tuple[list[Entry], int]:
         return log, setup
     finally:
         store.close()
+        tmp.cleanup()
 
 
 def apply_pass(log: list[Entry], setup: int, batch: int, as_leader: bool) -> float:
@@ -125,9 +128,9 @@ def run_bench(concepts: int = 2000, entries: int = 20_000, batch: int = 70, pass
               file=sys.stderr)
     saved = [round(100 * (f - ld) / f, 1) for f, ld in zip(follower, leader, strict=True)]
     return {
-        "follower_us_per_entry": sorted(follower)[len(follower) // 2],
-        "leader_us_per_entry": sorted(leader)[len(leader) // 2],
-        "leader_saved_pct": sorted(saved)[len(saved) // 2],
+        "follower_us_per_entry": statistics.median_high(follower),
+        "leader_us_per_entry": statistics.median_high(leader),
+        "leader_saved_pct": statistics.median_high(saved),
         "passes": {"follower_us_per_entry": follower, "leader_us_per_entry": leader, "leader_saved_pct": saved},
         "entries": len(log) - setup,
         "concepts": concepts,

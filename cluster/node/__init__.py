@@ -6,8 +6,8 @@
   ``Replica`` and a ``Clock`` and nothing else of the node;
 - ``duties``: what only a quorum-backed leader does (bootstrap, LeaderElected, Expire);
 - ``ssh`` and ``http``: the SSH endpoint (the shim protocol) and the HTTP endpoint (health,
-  metrics, read API); ``control``: the local control socket (``unixsock``: socket paths of
-  any length);
+  metrics, read API); ``control``: the local control socket (``sockets``: socket paths of
+  any length, bind errors);
 - ``matcher``: where the leader matches plans before proposing them (a worker process, or the
   event loop);
 - ``gcpolicy``: when the node's long-lived state is frozen out of CPython's full collections;

@@ -29,7 +29,7 @@ from tetherlab.cluster.core.engine.commands import decode_command as decode_engi
 from tetherlab.cluster.core.errors import CommandError
 from tetherlab.cluster.node.errors import Indeterminate, Unavailable
 from tetherlab.cluster.node.replica import Replica, encode_command
-from tetherlab.cluster.node.unixsock import usable_path
+from tetherlab.cluster.node.sockets import usable_path
 
 CONTROL_LINE_MAX_BYTES = 256 * 1024
 CONTROL_CONNECTIONS_MAX = 256

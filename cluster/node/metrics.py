@@ -23,6 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from tetherlab.cluster import __version__
+from tetherlab.cluster.replica.pysyncobj_patches import TransportStats
 
 _FAST_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -191,9 +192,8 @@ class NodeCollector(Collector):
                 float(tr.get("unauthenticated_connections", 0)))
         dropped = CounterMetricFamily("tetherlab_raft_strangers_dropped",
                                       "Raft connections this node closed before they authenticated, by reason "
-                                      "(frame_too_large, handshake_deadline, evicted, failed_authentication).",
-                                      labels=["reason"])
-        for reason in ("frame_too_large", "handshake_deadline", "evicted", "failed_authentication"):
+                                      f"({', '.join(TransportStats.REASONS)}).", labels=["reason"])
+        for reason in TransportStats.REASONS:
             dropped.add_metric([reason], float(tr.get(reason, 0)))
         yield dropped
         yield _counter("tetherlab_raft_read_slices_cut",

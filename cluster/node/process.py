@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from tetherlab.cluster.node.metrics import NodeCollector, NodeMetrics
 from tetherlab.cluster.node.raftreplica import RaftReplica
 from tetherlab.cluster.node.replica import MEMBERS_NS
 from tetherlab.cluster.node.service import Service, ServiceSettings
+from tetherlab.cluster.node.sockets import bind_error
 from tetherlab.cluster.node.ssh import SshEndpoint
 from tetherlab.cluster.node.ui import WorldView
 from tetherlab.cluster.replica import pysyncobj_patches
@@ -158,9 +158,10 @@ class MasterNode:
     async def start(self) -> None:
         """Listen on every address, or raise :class:`StartupError` naming the one that failed (a
         node that cannot listen would look alive and never serve)."""
-        raft = str(self.cfg.node.raft)
+        raft = self.cfg.node.raft
         if not await self.replica.wait_listening():
-            raise StartupError(f"cannot listen on the Raft address {raft}: {_why_not_bindable(raft)}")
+            why = bind_error(raft.host, raft.port) or "pysyncobj could not bind it (it is free now)"
+            raise StartupError(f"cannot listen on the Raft address {raft}: {why}")
         for what, where, start in (("HTTP address", str(self.cfg.node.http), self.http.start),
                                    ("control socket", str(self.control.path), self.control.start),
                                    ("SSH address", str(self.cfg.node.ssh), self.ssh.start)):
@@ -190,18 +191,6 @@ class MasterNode:
         self.control.close()
         await self.http.stop()
         await self.replica.stop()
-
-
-def _why_not_bindable(addr: str) -> str:
-    """Why ``host:port`` cannot be listened on, found by trying (pysyncobj does not say)."""
-    host, _, port = addr.rpartition(":")
-    try:
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind((host.strip("[]"), int(port)))
-    except OSError as e:
-        return e.strerror or str(e)
-    return "pysyncobj could not bind it (it is free now)"
 
 
 async def _serve(cfg: NodeConfig, secret: bytes, ready_file: Path | None) -> None:

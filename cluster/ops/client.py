@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tetherlab.cluster.core.config import ClusterFile, NodeAddresses
-from tetherlab.cluster.node.unixsock import usable_path
+from tetherlab.cluster.node.sockets import usable_path
 
 HTTP_TIMEOUT_S = 2.0
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tetherlab.cluster.core.config import ClusterFile
+from tetherlab.cluster.node.sockets import bind_error
 from tetherlab.cluster.ops.client import ControlClient, cluster_status, node_status
 from tetherlab.cluster.ops.config import load_cluster_file
 from tetherlab.cluster.ops.layout import init_cluster
@@ -40,14 +40,7 @@ STATUS_TIMEOUT_S = 0.4  # a paused node must not hold up death detection for lon
 
 
 def _ports_free(host: str, ports: list[int]) -> bool:
-    for port in ports:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind((host, port))
-            except OSError:
-                return False
-    return True
+    return all(bind_error(host, port) is None for port in ports)
 
 
 def free_base_port(nodes: int, host: str = "127.0.0.1") -> int:

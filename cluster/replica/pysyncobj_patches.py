@@ -300,6 +300,29 @@ def _revert_socket_timeouts() -> None:
 # --- what the hostile-load patches did (read by the node's metrics) ----------------------------
 
 
+class _Summary:
+    """Counts by key, reported at most once per ``interval_s`` with what changed since the last
+    report: one log line per interval whatever the flood's size (logging must not become it)."""
+
+    def __init__(self, interval_s: float, keys: tuple[str, ...] = ()) -> None:
+        self.interval_s = interval_s
+        self.counts: dict[str, int] = dict.fromkeys(keys, 0)
+        self._logged: dict[str, int] = dict(self.counts)
+        self._last = 0.0
+
+    def count(self, key: str) -> None:
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def due(self, now: float) -> dict[str, int] | None:
+        """The counts since the last report when a report is due now, else None."""
+        if now - self._last < self.interval_s:
+            return None
+        self._last = now
+        since = {k: v - self._logged.get(k, 0) for k, v in self.counts.items() if v != self._logged.get(k, 0)}
+        self._logged = dict(self.counts)
+        return since
+
+
 class TransportStats:
     """Counts of strangers dropped by the patches below, per process (one node per process).
 
@@ -312,21 +335,16 @@ class TransportStats:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.dropped: dict[str, int] = dict.fromkeys(self.REASONS, 0)
+        self._summary = _Summary(_DROP_LOG_INTERVAL_S, self.REASONS)
+        self.dropped: dict[str, int] = self._summary.counts
         self.slices_cut = 0  # poll events whose read stopped at the slice bound with data left
-        self._logged: dict[str, int] = dict.fromkeys(self.REASONS, 0)
-        self._last_log = 0.0
 
     def drop(self, reason: str, detail: str) -> None:
         with self._lock:
-            self.dropped[reason] += 1
-            now = time.monotonic()
-            if now - self._last_log < _DROP_LOG_INTERVAL_S:
-                return
-            self._last_log = now
-            since = {k: v - self._logged[k] for k, v in self.dropped.items() if v != self._logged[k]}
-            self._logged = dict(self.dropped)
-        # One line per interval whatever the flood's size: logging must not become the flood.
+            self._summary.count(reason)
+            since = self._summary.due(time.monotonic())
+        if since is None:
+            return
         log.warning("dropped raft connections from strangers (since the last report: %s); latest: %s",
                     since, detail)
 
@@ -548,24 +566,21 @@ class HandshakeRefusals:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.by_peer: dict[str, int] = {}  # peers are the members: a bounded set
+        self._summary = _Summary(_REFUSED_LOG_INTERVAL_S)
+        self.by_peer: dict[str, int] = self._summary.counts  # peers are the members: a bounded set
         self._recent: dict[str, collections.deque[float]] = {}
-        self._logged: dict[str, int] = {}
-        self._last_log = 0.0
 
     def note(self, peer: str) -> None:
         with self._lock:
-            self.by_peer[peer] = self.by_peer.get(peer, 0) + 1
+            self._summary.count(peer)
             now = time.monotonic()
             recent = self._recent.setdefault(peer, collections.deque(maxlen=_REFUSED_WARN_MIN))
             recent.append(now)
             if len(recent) < _REFUSED_WARN_MIN or now - recent[0] > _REFUSED_WINDOW_S:
                 return
-            if now - self._last_log < _REFUSED_LOG_INTERVAL_S:
-                return
-            self._last_log = now
-            since = {k: v - self._logged.get(k, 0) for k, v in self.by_peer.items() if v != self._logged.get(k, 0)}
-            self._logged = dict(self.by_peer)
+            since = self._summary.due(now)
+        if since is None:
+            return
         log.warning("raft peers closed our connection before answering the handshake (since the last report: "
                     "%s): they are restarting, or their cluster.secret differs from ours", since)
 

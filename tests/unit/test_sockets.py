@@ -1,5 +1,6 @@
 """A node whose data directory is deeper than a Unix socket path may be still serves its control
-socket (it failed to start with "AF_UNIX path too long"), and the clients reach it."""
+socket (it failed to start with "AF_UNIX path too long"), and the clients reach it; and
+``bind_error`` says why an address cannot be listened on."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 
 from tetherlab.cluster.node.control import ControlServer
 from tetherlab.cluster.node.fake import FakeReplica
-from tetherlab.cluster.node.unixsock import SUN_PATH_MAX_BYTES, usable_path
+from tetherlab.cluster.node.sockets import SUN_PATH_MAX_BYTES, bind_error, usable_path
 from tetherlab.cluster.ops.client import ControlClient, control_call_async
 
 
@@ -54,3 +55,14 @@ def test_a_missing_directory_is_named(tmp_path: Path) -> None:
     missing = _deep(tmp_path).parent / "x" / "y.sock"
     with pytest.raises(OSError, match="cannot open the directory"), usable_path(missing):
         pass
+
+
+def test_bind_error_names_a_taken_port_and_passes_a_free_one() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert bind_error("127.0.0.1", port) == "Address already in use"
+    assert bind_error("127.0.0.1", port) is None

@@ -1,4 +1,4 @@
-"""Unix socket paths of any length.
+"""Sockets the node listens on: Unix socket paths of any length, and why an address cannot be bound.
 
 A ``sockaddr_un`` holds at most 107 bytes of path, and a data directory can be deeper than that
 (a deployment's volume, a test's temporary directory): binding ``DATA_DIR/control.sock`` then
@@ -6,12 +6,16 @@ failed with ``AF_UNIX path too long`` and the node did not start. :func:`usable_
 path that fits: the path itself when it does, otherwise the same file reached through
 ``/proc/self/fd/N`` of its directory (Linux resolves it for ``bind`` and ``connect`` alike), the
 directory held open while the caller uses it.
+
+:func:`bind_error` says why a TCP address cannot be listened on, by trying: pysyncobj gives up
+binding its Raft port without saying why, and local clusters probe for free ports with it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,3 +43,14 @@ def usable_path(path: str | Path) -> Iterator[str]:
         yield short
     finally:
         os.close(fd)
+
+
+def bind_error(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be bound now (the OS's words), or None when it can."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
