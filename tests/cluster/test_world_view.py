@@ -84,6 +84,23 @@ def wait_for(pred: Callable[[], Any], timeout_s: float, what: str) -> Any:
     raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
 
 
+STALE_RETRIES = 50  # the live page redraws a panel a few times a second at most
+
+
+def read(d: Any, by: str, selector: str, attr: str | None = None) -> str:
+    """An element's text (or attribute), found again when the page redrew it between the find
+    and the read (a stale element: it failed a fresh-clone run once)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    for _ in range(STALE_RETRIES):
+        try:
+            el = d.find_element(by, selector)
+            return str(el.text if attr is None else el.get_attribute(attr))
+        except StaleElementReferenceException:
+            time.sleep(0.02)
+    raise AssertionError(f"{selector} kept being redrawn while it was read")
+
+
 def shot(d: Any, tmp: Path, name: str) -> Path:
     path = tmp / f"{name}.png"
     d.save_screenshot(str(path))
@@ -158,7 +175,7 @@ def test_two_agents_a_stop_and_a_failover_show_live(cluster3: LocalCluster, tmp_
     wait_for(lambda: "held by alice/" in driver.find_element(By.CSS_SELECTOR, item).text, 20, "the stop")
     latency_s = time.monotonic() - t_verdict
     print(f"stop shown {latency_s:.2f} s after the verdict")
-    text = driver.find_element(By.CSS_SELECTOR, item).text
+    text = read(driver, By.CSS_SELECTOR, item)
     assert "stopped" in text and "auth.session-store-contract" in text
     shot(driver, tmp_path, "world-view-verdicts")
 
@@ -166,8 +183,8 @@ def test_two_agents_a_stop_and_a_failover_show_live(cluster3: LocalCluster, tmp_
     driver.get(page_of(cluster3, follower) + "#concept=auth.session-store-contract")
     detail = wait_for(lambda: driver.find_element(By.ID, "detail-body").text, 20, "the concept page")
     wait_for(lambda: alice[:14] in driver.find_element(By.ID, "detail-body").text, 20, "the holder")
-    assert "The interface every session store implements." in driver.find_element(By.ID, "detail-body").text
-    assert "api.routes" in detail or "api.routes" in driver.find_element(By.ID, "detail-body").text
+    assert "The interface every session store implements." in read(driver, By.ID, "detail-body")
+    assert "api.routes" in detail or "api.routes" in read(driver, By.ID, "detail-body")
     shot(driver, tmp_path, "world-view-concept")
 
     # The leader dies: the page, served by a survivor, shows the new leader.
@@ -175,6 +192,5 @@ def test_two_agents_a_stop_and_a_failover_show_live(cluster3: LocalCluster, tmp_
     new = wait_for(lambda: (lambda t: t if t and t != leader else None)(
         driver.find_element(By.CSS_SELECTOR, "#leader b").text), 30, "a new leader")
     assert new != leader and new in cluster3.ids
-    chip = driver.find_element(By.CSS_SELECTOR, f'[data-node="{leader}"]')
-    assert chip.get_attribute("data-role") == "unreachable"
+    assert read(driver, By.CSS_SELECTOR, f'[data-node="{leader}"]', "data-role") == "unreachable"
     shot(driver, tmp_path, "world-view-failover")
