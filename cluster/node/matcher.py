@@ -30,7 +30,12 @@ registry, does not land on a node already at its limit, and ``"auto"`` sends it 
 core it only adds IPC.
 
 The child speaks length-prefixed pickles over a socketpair (it is this node's own child:
-nothing else can write to the socket) and exits when the node closes it or dies.
+nothing else can write to the socket) and exits when the node closes it or dies. Both sides
+write in bursts: the plans asked for in one step of the loop go out in one write, and the
+worker's replies every couple of milliseconds. One write and one wake-up per plan cost the node
+nearly as much of its loop as matching the plan there (140 to 200 against 62 to 97 µs of the loop's CPU per
+plan offloaded, 6,000 plans 200 at a time, interleaved runs of each); one timer watches the
+oldest unanswered request instead of a timer per request.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, BinaryIO, Protocol
+from typing import Any, Protocol
 
 from tetherlab.cluster.core.config import MATCH_WORKER_MODES
 from tetherlab.cluster.core.engine import IntentBody, MatchBasis, SubmitIntent, needs_match, prematched, with_match
@@ -71,6 +76,9 @@ RESTART_BACKOFF_S = 5.0  # between starts of a worker that died or hung
 READY_TIMEOUT_S = 30.0  # a worker that has not said it is ready by then is stopped
 STOP_WAIT_S = 2.0  # for the child to exit after its socket closes, before SIGKILL
 FRAME_MAX_BYTES = 64 * 1024 * 1024  # a basis with a 10,000-concept registry and a large code index fits
+# A reply waits at most this long for others to go out with it (about eight plans' matching).
+REPLY_EVERY_S = 0.002
+RECV_BYTES = 256 * 1024  # read at most this much at once (a burst of plans; a basis takes several reads)
 _LEN = struct.Struct(">I")
 
 
@@ -118,19 +126,6 @@ def _frame(obj: Any) -> bytes:
     return _LEN.pack(len(data)) + data
 
 
-def _read_frame(f: BinaryIO) -> Any | None:
-    head = f.read(_LEN.size)
-    if len(head) < _LEN.size:
-        return None
-    (n,) = _LEN.unpack(head)
-    if n > FRAME_MAX_BYTES:
-        raise ValueError(f"frame of {n} bytes is over {FRAME_MAX_BYTES}")
-    data = f.read(n)
-    if len(data) < n:
-        return None
-    return pickle.loads(data)
-
-
 def answer(bases: dict[tuple[int, int], MatchBasis], msg: tuple[Any, ...]) -> tuple[Any, ...]:
     """The worker's reply to one message: a basis is acknowledged once it is built."""
     if msg[0] == "basis":
@@ -149,24 +144,53 @@ def answer(bases: dict[tuple[int, int], MatchBasis], msg: tuple[Any, ...]) -> tu
         return (rid, "error", f"{type(e).__name__}: {e}")
 
 
+def _frames(buf: bytearray) -> list[Any]:
+    """The whole frames at the front of ``buf``, removed from it (a partial one stays)."""
+    out: list[Any] = []
+    at = 0
+    while len(buf) - at >= _LEN.size:
+        (n,) = _LEN.unpack_from(buf, at)
+        if n > FRAME_MAX_BYTES:
+            raise ValueError(f"frame of {n} bytes is over {FRAME_MAX_BYTES}")
+        end = at + _LEN.size + n
+        if len(buf) < end:
+            break
+        out.append(pickle.loads(memoryview(buf)[at + _LEN.size:end]))
+        at = end
+    del buf[:at]
+    return out
+
+
 def worker_main(fd: int) -> int:
-    """The child: answer match requests until the node closes the socket."""
+    """The child: answer match requests until the node closes the socket. Replies go out
+    together, every ``REPLY_EVERY_S`` of matching and when the requests that have arrived are
+    all answered: a burst of plans costs the node a few wake-ups, not one per plan, and no reply
+    waits behind a whole burst (the node sends bursts: see ``ProcessMatcher._send``)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C on `tetherlab up` is the node's to handle
     sock = socket.socket(fileno=fd)
-    rf, wf = sock.makefile("rb"), sock.makefile("wb")
-    wf.write(_frame(("ready", os.getpid())))
-    wf.flush()
+    sock.sendall(_frame(("ready", os.getpid())))
     bases: dict[tuple[int, int], MatchBasis] = {}
+    buf = bytearray()
     while True:
         try:
-            msg = _read_frame(rf)
+            chunk = sock.recv(RECV_BYTES)
+            if not chunk:
+                return 0
+            buf += chunk
+            msgs = _frames(buf)
         except (OSError, ValueError, pickle.UnpicklingError):
             return 1
-        if msg is None:
-            return 0
+        replies: list[bytes] = []
+        since = time.monotonic()
         try:
-            wf.write(_frame(answer(bases, msg)))
-            wf.flush()
+            for msg in msgs:
+                replies.append(_frame(answer(bases, msg)))
+                if time.monotonic() - since >= REPLY_EVERY_S:
+                    sock.sendall(b"".join(replies))
+                    replies.clear()
+                    since = time.monotonic()
+            if replies:
+                sock.sendall(b"".join(replies))
         except OSError:
             return 0
 
@@ -183,7 +207,11 @@ class _Worker:
         self.reader = reader
         self.writer = writer
         self.ready = asyncio.get_running_loop().create_future()
-        self.pending: dict[int, asyncio.Future[tuple[str, Any]]] = {}
+        # Requests not yet answered, oldest first (request ids only grow): the watchdog needs
+        # to look at the first one only.
+        self.pending: dict[int, tuple[asyncio.Future[tuple[str, Any]], float]] = {}
+        self.outbox: list[bytes] = []  # frames written together once the loop's current step ends
+        self.watchdog: asyncio.TimerHandle | None = None
         self.sent_key: tuple[int, int] | None = None  # the basis sent last
         self.held_key: tuple[int, int] | None = None  # the basis the worker said it has built
         self.task: asyncio.Task[None] | None = None
@@ -305,24 +333,23 @@ class ProcessMatcher:
 
     async def _ask(self, w: _Worker, body: IntentBody, basis: MatchBasis) -> tuple[str, Any] | None:
         """The worker's (status, claims) for ``body``; None to match on the loop instead."""
+        loop = asyncio.get_running_loop()
         try:
-            key = basis_key(basis)
             self._rid += 1
             rid = self._rid
-            fut: asyncio.Future[tuple[str, Any]] = asyncio.get_running_loop().create_future()
-            w.pending[rid] = fut
-            w.writer.write(_frame(("match", rid, key, body)))
-        except (OSError, RuntimeError, pickle.PicklingError) as e:
-            self._lost(w, f"cannot write to it: {e}")
+            fut: asyncio.Future[tuple[str, Any]] = loop.create_future()
+            frame = _frame(("match", rid, basis_key(basis), body))
+        except (pickle.PicklingError, TypeError) as e:
+            log.error("cannot send a plan to the match worker (matched here instead): %s", e)
             return None
+        w.pending[rid] = (fut, loop.time() + self.timeout_s)
+        self._send(w, frame)
+        if w.watchdog is None:
+            w.watchdog = loop.call_at(loop.time() + self.timeout_s, self._check_overdue, w)
         try:
-            async with asyncio.timeout(self.timeout_s):
-                status, claims = await fut
-        except TimeoutError:
-            self._lost(w, f"no answer within {self.timeout_s} s")
-            return None
+            status, claims = await fut
         except ConnectionError:
-            return None  # the worker went away; _lost said why
+            return None  # the worker went away or hung; _lost said why
         finally:
             w.pending.pop(rid, None)
         if status in ("ok", "refused"):
@@ -330,6 +357,36 @@ class ProcessMatcher:
         if status == "error":
             log.error("match worker failed on a plan (matched here instead): %s", claims)
         return None  # "no_basis" (a newer basis crossed this request): match here
+
+    def _send(self, w: _Worker, frame: bytes) -> None:
+        """Queue ``frame``: the plans asked for within one step of the loop (a burst of SSH
+        packets) go out in one write, after it, instead of one system call each."""
+        w.outbox.append(frame)
+        if len(w.outbox) == 1:
+            asyncio.get_running_loop().call_soon(self._flush, w)
+
+    def _flush(self, w: _Worker) -> None:
+        data = b"".join(w.outbox)
+        w.outbox.clear()
+        if self._worker is not w:
+            return  # lost meanwhile: its requests have already gone to the loop
+        try:
+            w.writer.write(data)
+        except (OSError, RuntimeError) as e:
+            self._lost(w, f"cannot write to it: {e}")
+
+    def _check_overdue(self, w: _Worker) -> None:
+        """One timer per worker instead of one per request: a request unanswered after
+        ``timeout_s`` means the worker hangs (it answers in order), so it is replaced."""
+        w.watchdog = None
+        if self._worker is not w or not w.pending:
+            return
+        loop = asyncio.get_running_loop()
+        _, deadline = next(iter(w.pending.values()))
+        if deadline <= loop.time():
+            self._lost(w, f"no answer within {self.timeout_s} s")
+        else:
+            w.watchdog = loop.call_at(deadline, self._check_overdue, w)
 
     def _count(self, where: str) -> None:
         if self.on_match is not None:
@@ -380,27 +437,28 @@ class ProcessMatcher:
             pass
 
     async def _read(self, w: _Worker) -> None:
+        buf = bytearray()
         try:
             while True:
-                head = await w.reader.readexactly(_LEN.size)
-                (n,) = _LEN.unpack(head)
-                if n > FRAME_MAX_BYTES:
-                    raise ValueError(f"reply of {n} bytes")
-                msg = pickle.loads(await w.reader.readexactly(n))
-                if msg[0] == "ready":
-                    if not w.ready.done():
-                        w.ready.set_result(None)
-                    continue
-                if msg[0] == "basis_ready":
-                    w.held_key = msg[1]
-                    continue
-                rid, status, claims = msg
-                fut = w.pending.get(rid)
-                if fut is not None and not fut.done():
-                    fut.set_result((status, claims))
+                chunk = await w.reader.read(RECV_BYTES)
+                if not chunk:
+                    raise ConnectionResetError("closed by the worker")
+                buf += chunk
+                for msg in _frames(buf):
+                    if msg[0] == "ready":
+                        if not w.ready.done():
+                            w.ready.set_result(None)
+                        continue
+                    if msg[0] == "basis_ready":
+                        w.held_key = msg[1]
+                        continue
+                    rid, status, claims = msg
+                    entry = w.pending.get(rid)
+                    if entry is not None and not entry[0].done():
+                        entry[0].set_result((status, claims))
         except asyncio.CancelledError:
             raise
-        except (asyncio.IncompleteReadError, OSError, ValueError, pickle.UnpicklingError) as e:
+        except (OSError, ValueError, pickle.UnpicklingError) as e:
             self._lost(w, f"its socket ended: {type(e).__name__}")
 
     def _lost(self, w: _Worker, why: str) -> None:
@@ -416,10 +474,14 @@ class ProcessMatcher:
         if not w.ready.done():
             w.ready.set_exception(err)
             w.ready.exception()  # retrieved: nobody else may be waiting
-        for fut in w.pending.values():
+        for fut, _ in w.pending.values():
             if not fut.done():
                 fut.set_exception(err)
         w.pending.clear()
+        w.outbox.clear()
+        if w.watchdog is not None:
+            w.watchdog.cancel()
+            w.watchdog = None
         self._spawn(self._stop(w))
 
     def _spawn(self, coro: Any) -> None:
