@@ -342,7 +342,8 @@ def run_load(workers: Workers, server_pids: list[int], rate: float | None, warmu
 # --- profiling ------------------------------------------------------------------------------------------
 
 
-def start_profiles(out_dir: Path, targets: dict[str, int], seconds: float) -> list[subprocess.Popen[bytes]]:
+def start_profiles(out_dir: Path, targets: dict[str, int], seconds: float,
+                   gil_only: bool = False) -> list[subprocess.Popen[bytes]]:
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists() and not shutil.which("py-spy"):
         _say("py-spy not found (pip install py-spy): no profile")
@@ -352,7 +353,7 @@ def start_profiles(out_dir: Path, targets: dict[str, int], seconds: float) -> li
     for name, pid in targets.items():
         procs.append(subprocess.Popen(
             [spy, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "97", "--nonblocking", "-t",
-             "-f", "raw", "-o", str(out_dir / f"{name}.txt")],
+             *(["--gil"] if gil_only else []), "-f", "raw", "-o", str(out_dir / f"{name}.txt")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     return procs
 
@@ -481,7 +482,7 @@ def tetherlab_phase(work: Path, args: argparse.Namespace, out: dict[str, Any]) -
             follower = next(n for n in c.ids if n != leader)
             profiles = start_profiles(Path(args.profile), {
                 "leader": c.pid(leader), "follower": c.pid(follower), "loadgen": workers.pids[0]},
-                args.warmup + args.duration)
+                args.warmup + args.duration, gil_only=args.profile_gil)
         sat = run_load(workers, pids, None, args.warmup, args.duration, args.concurrency, "tetherlab saturation")
         out["tetherlab"]["saturation"] = sat
         out["tetherlab"]["active_intents"] = c.metric(leader, "tetherlab_active_intents")
@@ -781,6 +782,9 @@ def add_bench_cluster_args(p: argparse.ArgumentParser) -> None:
                    help="bare pysyncobj with its own tick timing (default: with RaftNode's two latency fixes)")
     g.add_argument("--no-install", action="store_true", help="do not apt-get install etcd-server when missing")
     g.add_argument("--profile", metavar="DIR", help="py-spy the leader, a follower and a load generator")
+    g.add_argument("--profile-gil", action="store_true",
+                   help="with --profile: sample only the thread holding the GIL (where a node's one GIL goes, "
+                        "not where its threads wait for it)")
     g.add_argument("--no-scale", dest="scale", action="store_false",
                    help="skip the scale scenario (10,000 concepts, 5,000 active intents; about 40 s)")
     g.add_argument("--scale-concepts", type=int, default=10_000)
