@@ -165,11 +165,16 @@ class Bool(Spec):
 
 
 class IdSpec(Spec):
+    def __init__(self) -> None:
+        # Built once: every request and reply carries an id.
+        self._as_str = Str(MAX_ID_CHARS)
+        self._as_int = Int(0, MAX_INT_ID)
+
     def check(self, value: Any, path: str) -> RequestId:
         if isinstance(value, str):
-            return Str(MAX_ID_CHARS).check(value, path)
+            return self._as_str.check(value, path)
         if isinstance(value, int) and not isinstance(value, bool):
-            return Int(0, MAX_INT_ID).check(value, path)
+            return self._as_int.check(value, path)
         raise bad_field(path, f"must be a string or an integer, got {json_type(value)}")
 
 
@@ -316,9 +321,9 @@ class Record:
     """Validates every field on construction and maps to and from JSON via field specs."""
 
     def __post_init__(self) -> None:
-        for f in _fields_of(type(self)):
+        for name, field_spec, _ in _field_specs(type(self)):
             # frozen: normalising (list -> tuple) has to go through object.__setattr__
-            object.__setattr__(self, f.name, f.metadata["spec"].check(getattr(self, f.name), f.name))
+            object.__setattr__(self, name, field_spec.check(getattr(self, name), name))
         self._check_whole()
 
     def _check_whole(self) -> None:
@@ -326,30 +331,29 @@ class Record:
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for f in _fields_of(type(self)):
-            value = getattr(self, f.name)
+        for name, field_spec, _ in _field_specs(type(self)):
+            value = getattr(self, name)
             if value is not None:
-                out[f.name] = f.metadata["spec"].encode(value)
+                out[name] = field_spec.encode(value)
         return out
 
     @classmethod
     def _from_json(cls, obj: dict[str, Any], prefix: str = "") -> Any:
-        known = _fields_of(cls)
+        names = _names_of(cls)
         for k in obj:
-            if k != "type" and k not in _names_of(cls):
+            if k != "type" and k not in names:
                 raise LocalProtocolError(ErrorCode.UNKNOWN_FIELD, f"unknown field {preview(prefix + str(k))}")
         # decode() checks each field as the constructor would (naming nested fields by their
         # full path), so the instance is built without checking every field a second time.
         inst = object.__new__(cls)
-        for f in known:
-            name = f.name
+        for name, field_spec, default in _field_specs(cls):
             raw = obj.get(name)
-            if raw is None and (name not in obj or f.default is None):
-                if f.default is MISSING:
+            if raw is None and (name not in obj or default is None):
+                if default is MISSING:
                     raise LocalProtocolError(ErrorCode.MISSING_FIELD, f"field {prefix + name!r} is missing")
-                value = f.default
+                value = default
             else:
-                value = f.metadata["spec"].decode(raw, prefix + name)
+                value = field_spec.decode(raw, prefix + name)
             object.__setattr__(inst, name, value)
         inst._check_whole()
         return inst
@@ -371,3 +375,16 @@ def _fields_of(cls: type) -> tuple[Field[Any], ...]:
 def _names_of(cls: type) -> frozenset[str]:
     _fields_of(cls)
     return _NAMES[cls]
+
+
+_FIELD_SPECS: dict[type, tuple[tuple[str, Spec, Any], ...]] = {}
+
+
+def _field_specs(cls: type) -> tuple[tuple[str, Spec, Any], ...]:
+    """(name, spec, default) per field, once per class: what decoding, checking and encoding
+    read for every field of every frame, without the look-ups through each ``Field`` (a decode
+    took 13.1 to 14.2 µs a frame with them, 11.4 to 11.8 without: submit and complete frames)."""
+    got = _FIELD_SPECS.get(cls)
+    if got is None:
+        got = _FIELD_SPECS[cls] = tuple((f.name, f.metadata["spec"], f.default) for f in _fields_of(cls))
+    return got
