@@ -74,6 +74,11 @@ class _Batch:
     # (applied index, revision), written once at the commit: two fewer LMDB calls per entry,
     # and py-lmdb gives up the GIL in every call.
     meta: tuple[int, int] | None = None
+    # Engine records written by the batch's applies (None: deleted), put at the commit: a key
+    # written by many entries of one tick (the engine clock, a session, a grant) is put once.
+    # Nothing reads engine records back from the open transaction but an engine rebuild, which
+    # puts these first (LmdbStore._put_engine).
+    engine: dict[bytes, bytes | None] = field(default_factory=dict)
 
 
 def _put_meta(txn: lmdb.Transaction, db: Any, index: int, revision: int) -> None:
@@ -228,19 +233,29 @@ class LmdbStore:
                 txn.delete(_kv_key(ns, key), db=self._kv)
             else:
                 txn.put(_kv_key(ns, key), _enc(rec), db=self._kv)
-        for ns, key, value in out.engine_writes:
-            k = _kv_key(ns, key)
-            if value is None:
-                txn.delete(k, db=self._engine_db)
-            else:
-                txn.put(k, value, db=self._engine_db)
-        if self._batch is not None:
-            self._batch.meta = (index, out.revision)  # put by flush_applied, before the commit
+        batch = self._batch
+        if batch is not None:
+            pending = batch.engine
+            for ns, key, value in out.engine_writes:
+                pending[_kv_key(ns, key)] = value
+            batch.meta = (index, out.revision)  # put by flush_applied, before the commit
         else:
+            self._put_engine(txn, {_kv_key(ns, key): value for ns, key, value in out.engine_writes})
             _put_meta(txn, self._meta, index, out.revision)
         if out.reset_engine:
+            if batch is not None:
+                self._put_engine(txn, batch.engine)
+                batch.engine.clear()
             self.engine = Engine.from_records(self._engine_records(txn))
         return out
+
+    def _put_engine(self, txn: lmdb.Transaction, writes: dict[bytes, bytes | None]) -> None:
+        db = self._engine_db
+        for k, value in writes.items():
+            if value is None:
+                txn.delete(k, db=db)
+            else:
+                txn.put(k, value, db=db)
 
     def flush_applied(self, before_commit: Callable[[], None] | None = None) -> None:
         """Commit the applies batched so far (one fsync) and tell ``on_apply`` about each; see
@@ -251,8 +266,10 @@ class LmdbStore:
             if batch is not None and batch.thread is not threading.current_thread() and batch.thread.is_alive():
                 return  # the applying thread commits it at the end of its tick
             self._batch = None
-            if batch is not None and batch.meta is not None:
-                _put_meta(batch.txn, self._meta, *batch.meta)
+            if batch is not None:
+                self._put_engine(batch.txn, batch.engine)
+                if batch.meta is not None:
+                    _put_meta(batch.txn, self._meta, *batch.meta)
         outcomes = batch.outcomes if batch is not None else []
         early = batch is not None and before_commit is not None and all(o.engine_only for o in outcomes)
         if early:

@@ -368,3 +368,63 @@ def test_without_a_hook_the_flush_only_commits(kind: str, tmp_path: Path) -> Non
     s.apply(1, put("a", "k", "v"))
     s.flush_applied()
     assert _durable_index(s) == 1
+
+
+def _engine_log() -> list[bytes]:
+    """Entries that write the same engine records again and again (the clock on every entry,
+    a session on every heartbeat), open and close sessions (records deleted after being put)."""
+    agents = [f"ann/4b2e0c1a-1111-4222-8333-{i:012d}" for i in range(3)]
+    log = [engine(ec.Init(remote="git@x:y/z.git", session_ttl_ms=30_000))]
+    for a in agents:
+        log.append(engine(ec.OpenSession(agent_id=a, developer="ann", tool="t", machine="m",
+                                         repo_remote="git@x:y/z.git", base_commit="abcdef1"), 1_100))
+    for t in range(20):
+        log.append(engine(ec.Heartbeat(agent_ids=tuple(agents)), 1_200 + 10 * t))
+    log.append(engine(ec.CloseSession(agent_id=agents[1]), 1_500))
+    return log
+
+
+def test_a_batch_puts_each_engine_record_once_and_commits_what_unbatched_applies_write(tmp_path: Path) -> None:
+    log = _engine_log()
+    plain = LmdbStore(tmp_path / "plain")  # one transaction per entry
+    batched = LmdbStore(tmp_path / "batched", batch_applies=True)
+    for i, payload in enumerate(log, start=1):
+        plain.apply(i, payload)
+        batched.apply(i, payload)
+    assert batched._batch is not None
+    # Each record once, with its last value (the clock, the sessions: written by nearly every entry).
+    writes = sum(len(o.engine_writes) for o in batched._batch.outcomes)
+    assert len(batched._batch.engine) < writes / 2
+    batched.flush_applied()
+    want = plain.dump()
+    assert batched.dump() == want and "ann/4b2e0c1a-1111-4222-8333-000000000001" not in str(want["engine"].get("sessions"))
+    batched.close()
+    assert LmdbStore(tmp_path / "batched").dump() == want  # and so it reopens
+
+
+def _sessions(e: Any) -> list[str]:
+    return sorted(key for ns, key, _ in e.dump_records() if ns == "sessions")
+
+
+def test_an_engine_rebuilt_in_the_middle_of_a_batch_keeps_the_batchs_earlier_entries(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in the engine refuses the entry and rebuilds the engine from the open transaction:
+    the batch's engine records must be in it by then, or the rebuilt engine forgets them."""
+    log = _engine_log()[:4]  # init and three sessions
+    s = LmdbStore(tmp_path / "s", batch_applies=True)
+    for i, payload in enumerate(log, start=1):
+        s.apply(i, payload)
+    sessions_before = s.engine_view(_sessions)
+    real = type(s.engine).apply
+
+    def bug(self: Any, cmd: Any, *, index: int, now_ms: int) -> Any:
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(type(s.engine), "apply", bug)
+    assert s.apply(5, engine(ec.Heartbeat(agent_ids=("ann/4b2e0c1a-1111-4222-8333-000000000000",))))[
+        "error"]["code"] == "internal"
+    monkeypatch.setattr(type(s.engine), "apply", real)
+    assert len(sessions_before) == 3
+    assert s.engine_view(_sessions) == sessions_before
+    s.flush_applied()
+    assert s.applied_index == 5
