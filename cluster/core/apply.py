@@ -25,7 +25,6 @@ Two kinds of failure, told apart here once:
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -35,6 +34,7 @@ from tetherlab.cluster.core.engine.commands import Command as EngineCommand
 from tetherlab.cluster.core.engine.commands import decode_command as decode_engine_command
 from tetherlab.cluster.core.engine.engine import Engine
 from tetherlab.cluster.core.errors import CommandError
+from tetherlab.cluster.protocol import jsoncodec
 
 log = logging.getLogger("tetherlab.apply")
 
@@ -107,7 +107,7 @@ def apply(index: int, payload: bytes, view: StateView,
     obj: Any = None
     parse_error: str | None = None
     try:
-        obj = json.loads(payload)
+        obj = jsoncodec.loads(payload)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:  # the same bytes on every replica
         parse_error = str(e) or type(e).__name__
     if isinstance(obj, dict) and obj.get("op") == "engine":

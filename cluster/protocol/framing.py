@@ -8,6 +8,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
+from tetherlab.cluster.protocol import jsoncodec
 from tetherlab.cluster.protocol.errors import ErrorCode, RemoteProtocolError, RequestId
 from tetherlab.cluster.protocol.messages import Error, Message, Role, decode
 
@@ -99,17 +100,23 @@ class LineReader:
 
 
 def parse_frame(line: bytes, sender: Role) -> Message:
+    obj = jsoncodec.fast_loads(line)  # a valid frame, as the checks below would read it
+    if obj is jsoncodec.NOT_FAST:
+        obj = _parse_json(line)
+    return decode(obj, sender=sender)
+
+
+def _parse_json(line: bytes) -> Any:
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise RemoteProtocolError(ErrorCode.BAD_JSON, f"frame is not UTF-8 (byte {exc.start})") from None
     try:
-        obj = _DECODER.decode(text)
+        return _DECODER.decode(text)
     except RecursionError:
         raise RemoteProtocolError(ErrorCode.BAD_JSON, "frame nests too deeply") from None
     except ValueError as exc:  # JSONDecodeError, and ints too long to convert
         raise RemoteProtocolError(ErrorCode.BAD_JSON, f"frame is not JSON: {exc}") from None
-    return decode(obj, sender=sender)
 
 
 def _refuse_constant(name: str) -> Any:
