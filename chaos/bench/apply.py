@@ -22,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,9 @@ def record(concepts: int, entries: int, seed: int) -> tuple[list[Entry], int]:
         add(ec.decode_command({"type": "init", "remote": REMOTE, "session_ttl_ms": 3_600_000}))
         add(ec.decode_command({"type": "push_registry", "concepts": load_toml(bl.registry_toml(concepts))}))
         devs = [f"dev{i}" for i in range(DEVELOPERS)]
-        agents = [f"{d}/{k:032x}" for d in devs for k in range(AGENTS_PER_DEVELOPER)]
+        # Agent ids as shims make them (uuid4, dashed), from the seed.
+        agents = [f"{d}/{uuid.UUID(int=rng.getrandbits(128), version=4)}" for d in devs
+                  for _ in range(AGENTS_PER_DEVELOPER)]
         for a in agents:
             add(ec.decode_command({"type": "open_session", "agent_id": a, "developer": a.split("/")[0],
                                    "tool": "claude-code", "machine": "m", "repo_remote": REMOTE,
