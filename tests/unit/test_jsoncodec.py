@@ -77,7 +77,8 @@ anything = st.recursive(
 
 @settings(max_examples=600, deadline=None)
 @given(anything, st.booleans(), st.sampled_from([None, 1]), st.data())
-def test_reading_gives_what_json_loads_gives(obj: Any, ascii_only: bool, indent: int | None, data: st.DataObject) -> None:
+def test_reading_gives_what_json_loads_gives(obj: Any, ascii_only: bool, indent: int | None,
+                                             data: st.DataObject) -> None:
     text = json.dumps(obj, ensure_ascii=ascii_only, indent=indent).encode("utf-8", "surrogatepass")
     assert _read(jsoncodec.loads, text) == _read(json.loads, text)
     # and damaged text: a byte changed, dropped or cut off

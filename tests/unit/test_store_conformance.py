@@ -397,7 +397,8 @@ def test_a_batch_puts_each_engine_record_once_and_commits_what_unbatched_applies
     assert len(batched._batch.engine) < writes / 2
     batched.flush_applied()
     want = plain.dump()
-    assert batched.dump() == want and "ann/4b2e0c1a-1111-4222-8333-000000000001" not in str(want["engine"].get("sessions"))
+    assert batched.dump() == want
+    assert "ann/4b2e0c1a-1111-4222-8333-000000000001" not in str(want["engine"].get("sessions"))  # closed
     batched.close()
     assert LmdbStore(tmp_path / "batched").dump() == want  # and so it reopens
 
