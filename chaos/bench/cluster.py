@@ -802,6 +802,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="an earlier run's --json output: print how this run differs from it (to stderr with --json)")
     add_bench_cluster_args(p)
     args = p.parse_args(argv)
+    if args.profile_gil and not args.profile:
+        p.error("--profile-gil needs --profile DIR (where the profiles go)")
     earlier: dict[str, Any] | None = None
     if args.compare:  # read it first: a bad file should fail before a three-minute run, not after
         try:
