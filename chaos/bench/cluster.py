@@ -15,7 +15,8 @@ One run (about three minutes on a 2-core machine):
    heartbeating agents, 1,000 more agents doing the measured work.
 
 ``--profile DIR`` samples the leader, a follower and a load generator with py-spy during the
-saturation phase and prints where the time goes. Progress goes to stderr; ``--json`` prints
+saturation phase (and the leader during the scale saturation) and prints where the time goes;
+``--profile-gil`` samples only the thread that holds the GIL. Progress goes to stderr; ``--json`` prints
 the result object on stdout.
 
 Run it as ``tetherlab bench cluster``.
@@ -647,8 +648,21 @@ def scale_phase(work: Path, args: argparse.Namespace, out: dict[str, Any]) -> No
                               "active_intents_at_start": active_at_start}
         sc["offered"] = run_load(workers, pids, args.scale_rate, args.warmup, args.duration, args.concurrency,
                                  f"scale @{args.scale_rate}/s")
+        profiles: list[subprocess.Popen[bytes]] = []
+        now_leader = c.wait_leader()
+        if now_leader != leader:
+            _say(f"scale: the leader changed before the saturation phase ({leader} -> {now_leader})")
+            sc["leader_changed"] = [leader, now_leader]
+            leader = now_leader
+        if args.profile:  # the scale leader beside the small one's: what grows with the state
+            profiles = start_profiles(Path(args.profile), {"scale-leader": c.pid(leader)},
+                                      args.warmup + args.duration, gil_only=args.profile_gil)
         sc["saturation"] = run_load(workers, pids, None, args.warmup, args.duration, args.concurrency,
                                     "scale saturation")
+        for pr in profiles:
+            pr.wait(30)
+        if args.profile:
+            out.setdefault("profile", {})["scale-leader"] = summarise_profile(Path(args.profile) / "scale-leader.txt")
         sc["active_intents_at_end"] = c.metric(leader, "tetherlab_active_intents")
         sc["open_sessions"] = c.metric(leader, "tetherlab_open_sessions")
         sc["rss_mb"] = dict(zip(c.ids, [rss_mb(p) for p in pids], strict=True))
