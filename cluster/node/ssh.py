@@ -139,8 +139,11 @@ class Channel(Peer):
             with contextlib.suppress(Exception):
                 self.process.stdout.write(data)
 
+    def _ssh_buffered(self) -> int:
+        return int(self.process.channel.get_write_buffer_size())
+
     def _unsent_bytes(self) -> int:
-        return int(self.process.channel.get_write_buffer_size()) + self._out_bytes
+        return self._ssh_buffered() + self._out_bytes
 
     async def _backpressure(self) -> bool:
         """Stop reading while the client leaves its replies unread; False: it stalled too long."""
@@ -170,11 +173,16 @@ class Channel(Peer):
                     return
                 data = await self.process.stdin.read(READ_CHUNK_BYTES)
                 self.proto.receive_data(data)
+                # asyncssh's buffer grows only when _flush writes to it, after this loop step (or
+                # in a pause below): read once here, not once per event.
+                ssh_buffered = self._ssh_buffered()
                 # One event at a time: a pipelined request must be parsed after hello_ok is sent.
                 while (event := self.proto.next_event()) is not p.NEED_DATA:
                     # Checked per event: one chunk of tiny bad lines answers with far more bytes.
-                    if not await self._backpressure():
-                        return
+                    if ssh_buffered + self._out_bytes > CHANNEL_WRITE_HIGH_BYTES:
+                        if not await self._backpressure():
+                            return
+                        ssh_buffered = self._ssh_buffered()
                     if isinstance(event, p.ConnectionClosed):
                         await self._drain()
                         return
