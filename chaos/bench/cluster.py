@@ -40,6 +40,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -359,6 +360,24 @@ def start_profiles(out_dir: Path, targets: dict[str, int], seconds: float,
     return procs
 
 
+@contextlib.contextmanager
+def profiled(args: argparse.Namespace, out: dict[str, Any], targets: dict[str, int]) -> Iterator[None]:
+    """With ``--profile``: py-spy each of ``targets`` (name -> pid) while the block runs a phase,
+    then put their summaries in ``out["profile"]``."""
+    if not args.profile:
+        yield
+        return
+    procs = start_profiles(Path(args.profile), targets, args.warmup + args.duration, gil_only=args.profile_gil)
+    try:
+        yield
+    finally:
+        for pr in procs:
+            pr.wait(30)
+    summaries = out.setdefault("profile", {})
+    for name in targets:
+        summaries[name] = summarise_profile(Path(args.profile) / f"{name}.txt")
+
+
 def summarise_profile(path: Path, top: int = 15) -> dict[str, Any]:
     """Self and inclusive sample shares per function, and per thread, from py-spy's raw output."""
     self_c: collections.Counter[str] = collections.Counter()
@@ -478,21 +497,12 @@ def tetherlab_phase(work: Path, args: argparse.Namespace, out: dict[str, Any]) -
         for rate in args.rates:
             out["tetherlab"]["offered"][str(rate)] = run_load(
                 workers, pids, rate, args.warmup, args.duration, args.concurrency, f"tetherlab @{rate}/s")
-        profiles: list[subprocess.Popen[bytes]] = []
-        if args.profile:
-            follower = next(n for n in c.ids if n != leader)
-            profiles = start_profiles(Path(args.profile), {
-                "leader": c.pid(leader), "follower": c.pid(follower), "loadgen": workers.pids[0]},
-                args.warmup + args.duration, gil_only=args.profile_gil)
-        sat = run_load(workers, pids, None, args.warmup, args.duration, args.concurrency, "tetherlab saturation")
+        follower = next(n for n in c.ids if n != leader)
+        with profiled(args, out, {"leader": c.pid(leader), "follower": c.pid(follower), "loadgen": workers.pids[0]}):
+            sat = run_load(workers, pids, None, args.warmup, args.duration, args.concurrency, "tetherlab saturation")
         out["tetherlab"]["saturation"] = sat
         out["tetherlab"]["active_intents"] = c.metric(leader, "tetherlab_active_intents")
         out["tetherlab"]["rss_mb"] = dict(zip(c.ids, [rss_mb(p) for p in pids], strict=True))
-        for pr in profiles:
-            pr.wait(30)
-        if args.profile:
-            out["profile"] = {name: summarise_profile(Path(args.profile) / f"{name}.txt")
-                              for name in ("leader", "follower", "loadgen")}
         if args.failover_runs:
             out["failover"] = failover_runs(c, workers, args)
     finally:
@@ -648,21 +658,15 @@ def scale_phase(work: Path, args: argparse.Namespace, out: dict[str, Any]) -> No
                               "active_intents_at_start": active_at_start}
         sc["offered"] = run_load(workers, pids, args.scale_rate, args.warmup, args.duration, args.concurrency,
                                  f"scale @{args.scale_rate}/s")
-        profiles: list[subprocess.Popen[bytes]] = []
         now_leader = c.wait_leader()
         if now_leader != leader:
             _say(f"scale: the leader changed before the saturation phase ({leader} -> {now_leader})")
             sc["leader_changed"] = [leader, now_leader]
             leader = now_leader
-        if args.profile:  # the scale leader beside the small one's: what grows with the state
-            profiles = start_profiles(Path(args.profile), {"scale-leader": c.pid(leader)},
-                                      args.warmup + args.duration, gil_only=args.profile_gil)
-        sc["saturation"] = run_load(workers, pids, None, args.warmup, args.duration, args.concurrency,
-                                    "scale saturation")
-        for pr in profiles:
-            pr.wait(30)
-        if args.profile:
-            out.setdefault("profile", {})["scale-leader"] = summarise_profile(Path(args.profile) / "scale-leader.txt")
+        # The scale leader beside the small one's: what grows with the state.
+        with profiled(args, out, {"scale-leader": c.pid(leader)}):
+            sc["saturation"] = run_load(workers, pids, None, args.warmup, args.duration, args.concurrency,
+                                        "scale saturation")
         sc["active_intents_at_end"] = c.metric(leader, "tetherlab_active_intents")
         sc["open_sessions"] = c.metric(leader, "tetherlab_open_sessions")
         sc["rss_mb"] = dict(zip(c.ids, [rss_mb(p) for p in pids], strict=True))
