@@ -10,6 +10,7 @@
   any length, bind errors);
 - ``matcher``: where the leader matches plans before proposing them (a worker process, or the
   event loop);
+- ``deadlines``: timeouts of many futures on one loop timer (proposals, plans at the worker);
 - ``gcpolicy``: when the node's long-lived state is frozen out of CPython's full collections;
 - ``clock``, ``errors``, ``keys``, ``metrics``, ``logs``; ``process``: the wiring (``run_node``).
 

@@ -35,7 +35,7 @@ write in bursts: the plans asked for in one step of the loop go out in one write
 worker's replies every couple of milliseconds. One write and one wake-up per plan cost the node
 nearly as much of its loop as matching the plan there (140 to 200 against 62 to 97 µs of the loop's CPU per
 plan offloaded, 6,000 plans 200 at a time, interleaved runs of each); one timer watches the
-oldest unanswered request instead of a timer per request.
+requests' deadlines (``deadlines.Expiry``) instead of a timer per request.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ from tetherlab.cluster.core.engine import IntentBody, MatchBasis, SubmitIntent, 
 from tetherlab.cluster.core.engine.codeindex import CodeIndex
 from tetherlab.cluster.core.engine.registry import Registry, concept_from_json
 from tetherlab.cluster.core.errors import CommandError
+from tetherlab.cluster.node.deadlines import Expired, Expiry
 from tetherlab.cluster.protocol import jsoncodec
 
 log = logging.getLogger("tetherlab.matcher")
@@ -207,11 +208,8 @@ class _Worker:
         self.reader = reader
         self.writer = writer
         self.ready = asyncio.get_running_loop().create_future()
-        # Requests not yet answered, oldest first (request ids only grow): the watchdog needs
-        # to look at the first one only.
-        self.pending: dict[int, tuple[asyncio.Future[tuple[str, Any]], float]] = {}
+        self.pending: dict[int, asyncio.Future[tuple[str, Any]]] = {}
         self.outbox: list[bytes] = []  # frames written together once the loop's current step ends
-        self.watchdog: asyncio.TimerHandle | None = None
         self.sent_key: tuple[int, int] | None = None  # the basis sent last
         self.held_key: tuple[int, int] | None = None  # the basis the worker said it has built
         self.task: asyncio.Task[None] | None = None
@@ -243,6 +241,7 @@ class ProcessMatcher:
         self._busy_window = (0.0, 0.0)  # (window start, seconds spent matching on the loop in it)
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()  # kept until done (the loop holds tasks weakly)
+        self._expiry: Expiry | None = None  # made on the loop, at the first request
         self.starts = 0
 
     # -- public ------------------------------------------------------------------------------------
@@ -342,14 +341,19 @@ class ProcessMatcher:
         except (pickle.PicklingError, TypeError) as e:
             log.error("cannot send a plan to the match worker (matched here instead): %s", e)
             return None
-        w.pending[rid] = (fut, loop.time() + self.timeout_s)
+        w.pending[rid] = fut
         self._send(w, frame)
-        if w.watchdog is None:
-            w.watchdog = loop.call_at(loop.time() + self.timeout_s, self._check_overdue, w)
+        if self._expiry is None:
+            self._expiry = Expiry(loop)
+        self._expiry.add(fut, self.timeout_s)
         try:
             status, claims = await fut
+        except Expired:
+            if self._worker is w:  # the first of its requests to expire: it hangs
+                self._lost(w, f"no answer within {self.timeout_s} s")
+            return None
         except ConnectionError:
-            return None  # the worker went away or hung; _lost said why
+            return None  # the worker went away; _lost said why
         finally:
             w.pending.pop(rid, None)
         if status in ("ok", "refused"):
@@ -374,19 +378,6 @@ class ProcessMatcher:
             w.writer.write(data)
         except (OSError, RuntimeError) as e:
             self._lost(w, f"cannot write to it: {e}")
-
-    def _check_overdue(self, w: _Worker) -> None:
-        """One timer per worker instead of one per request: a request unanswered after
-        ``timeout_s`` means the worker hangs (it answers in order), so it is replaced."""
-        w.watchdog = None
-        if self._worker is not w or not w.pending:
-            return
-        loop = asyncio.get_running_loop()
-        _, deadline = next(iter(w.pending.values()))
-        if deadline <= loop.time():
-            self._lost(w, f"no answer within {self.timeout_s} s")
-        else:
-            w.watchdog = loop.call_at(deadline, self._check_overdue, w)
 
     def _count(self, where: str) -> None:
         if self.on_match is not None:
@@ -453,9 +444,9 @@ class ProcessMatcher:
                         w.held_key = msg[1]
                         continue
                     rid, status, claims = msg
-                    entry = w.pending.get(rid)
-                    if entry is not None and not entry[0].done():
-                        entry[0].set_result((status, claims))
+                    fut = w.pending.get(rid)
+                    if fut is not None and not fut.done():
+                        fut.set_result((status, claims))
         except asyncio.CancelledError:
             raise
         except (OSError, ValueError, pickle.UnpicklingError) as e:
@@ -474,14 +465,11 @@ class ProcessMatcher:
         if not w.ready.done():
             w.ready.set_exception(err)
             w.ready.exception()  # retrieved: nobody else may be waiting
-        for fut, _ in w.pending.values():
+        for fut in w.pending.values():
             if not fut.done():
                 fut.set_exception(err)
         w.pending.clear()
         w.outbox.clear()
-        if w.watchdog is not None:
-            w.watchdog.cancel()
-            w.watchdog = None
         self._spawn(self._stop(w))
 
     def _spawn(self, coro: Any) -> None:

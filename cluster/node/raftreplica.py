@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import heapq
 import json
 import logging
 from typing import Any
@@ -26,6 +25,7 @@ from tetherlab.cluster.core import statemachine as sm
 from tetherlab.cluster.core.apply import Outcome
 from tetherlab.cluster.core.config import NodeConfig
 from tetherlab.cluster.core.engine.commands import Command as EngineCommand
+from tetherlab.cluster.node.deadlines import Expired, Expiry
 from tetherlab.cluster.node.errors import Indeterminate, Unavailable
 from tetherlab.cluster.node.metrics import NodeMetrics
 from tetherlab.cluster.node.replica import (
@@ -155,7 +155,7 @@ class RaftReplica:
             res = await fut
             m.proposals_committed.inc()
             return res
-        except ProposalExpired:
+        except Expired:
             m.proposals_failed.labels("timeout").inc()
             raise Indeterminate("timeout") from None
         except (Unavailable, Indeterminate) as e:
@@ -269,49 +269,6 @@ class RaftReplica:
     async def stop(self) -> None:
         await self.loop.run_in_executor(None, self.raft.tl_destroy, STOP_TIMEOUT_S)
         self.store.close()
-
-
-class ProposalExpired(Exception):
-    """A proposal's outcome did not come within its timeout (reported as indeterminate)."""
-
-
-class Expiry:
-    """Proposal deadlines on one timer of the loop. ``asyncio.timeout`` around each proposal
-    (a timer armed, moved and cancelled, and the task machinery of a timeout) took 3% of a busy
-    leader's one GIL (py-spy --gil, the cluster benchmark's saturation).
-
-    Deadlines sit in a heap; the timer is armed at the earliest. When it fires, every future at
-    the top that is done is dropped and every one that is due fails with :class:`ProposalExpired`;
-    so the heap holds at most the proposals of the last timeout (rate x timeout_s)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self._heap: list[tuple[float, int, asyncio.Future[Any]]] = []
-        self._seq = 0  # ties in deadline keep proposal order (futures do not compare)
-        self._timer: asyncio.TimerHandle | None = None
-
-    def add(self, fut: asyncio.Future[Any], timeout_s: float) -> None:
-        deadline = self.loop.time() + timeout_s
-        self._seq += 1
-        heapq.heappush(self._heap, (deadline, self._seq, fut))
-        if self._timer is None or deadline < self._timer.when():
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = self.loop.call_at(deadline, self._fire)
-
-    def __len__(self) -> int:
-        return len(self._heap)
-
-    def _fire(self) -> None:
-        self._timer = None
-        # The loop may run a timer a hair early: what is due within a millisecond is due.
-        now, heap = self.loop.time() + 0.001, self._heap
-        while heap and (heap[0][0] <= now or heap[0][2].done()):
-            fut = heapq.heappop(heap)[2]
-            if not fut.done():
-                fut.set_exception(ProposalExpired())
-        if heap:
-            self._timer = self.loop.call_at(heap[0][0], self._fire)
 
 
 def _resolve(fut: asyncio.Future[dict[str, Any]], res: Any, err: int) -> None:

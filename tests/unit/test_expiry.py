@@ -1,4 +1,4 @@
-"""Proposal deadlines on one timer (cluster/node/raftreplica.py ``Expiry``): every proposal
+"""Deadlines on one timer (cluster/node/deadlines.py ``Expiry``, for proposals and plans): every proposal
 fails at its own deadline, whatever the order its timeouts come in, and the heap does not keep
 what is done."""
 
@@ -8,7 +8,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from tetherlab.cluster.node.raftreplica import Expiry, ProposalExpired
+from tetherlab.cluster.node.deadlines import Expired, Expiry
 
 
 class _Handle:
@@ -72,7 +72,7 @@ def test_each_proposal_expires_at_its_own_deadline_and_answered_ones_do_not() ->
         assert failed() == ["fast", "mid"]
         clock.advance(3.0)
         assert failed() == ["fast", "mid", "slow"]
-        assert all(isinstance(futs[n].exception(), ProposalExpired) for n in failed())
+        assert all(isinstance(futs[n].exception(), Expired) for n in failed())
         assert futs["answered"].result() == {"ok": True}
         assert len(ex) == 0 and [h for h in clock.timers if not h.cancelled] == []
 
