@@ -110,6 +110,7 @@ class RaftNet:
         self.on_deliver = on_deliver  # the receiving node should tick now
         self.transports: dict[str, SimTransport] = {}
         self.paused: dict[str, list[tuple[str, Any, int]]] = {}  # node -> deliveries waiting for resume
+        self.sends_held_until: dict[str, float] = {}  # node -> when its sends leave (a stall: SimNode.stall)
         self.conns: dict[tuple[str, str], _Conn] = {}
         self.blocked: set[tuple[str, str]] = set()  # directed: src cannot reach dst
         self.profiles: dict[tuple[str, str], LinkProfile] = {}
@@ -132,6 +133,7 @@ class RaftNet:
         """The node's process is gone: its connections die (peers told at once if ``reset``)."""
         self.transports.pop(addr, None)
         self.paused.pop(addr, None)
+        self.sends_held_until.pop(addr, None)
         for key in [k for k in self.conns if addr in k]:
             conn = self.conns.pop(key)
             other = conn.b if conn.a == addr else conn.a
@@ -265,9 +267,14 @@ class RaftNet:
         self._schedule(conn, src, dst, msg)
         return True
 
+    def hold_sends(self, addr: str, until: float) -> None:
+        """What ``addr`` sends before ``until`` leaves then (it is still busy in its tick)."""
+        self.sends_held_until[addr] = until
+
     def _schedule(self, conn: _Conn, src: str, dst: str, msg: Any) -> None:
         d = conn.dirs[(src, dst)]
-        at = max(self.sim.now + self._delay(src, dst), d.last_at)
+        at = max(self.sim.now, self.sends_held_until.get(src, 0.0)) + self._delay(src, dst)
+        at = max(at, d.last_at)
         d.last_at = at
         self.sim.at(at, self._arrive, src, dst, msg, conn.epoch)
 

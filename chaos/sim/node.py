@@ -112,10 +112,16 @@ class SimStore(MemoryStore):
         self.node_id = node_id
         self.applied_log = applied
 
+    on_applied: Callable[[bytes], None] | None = None  # the node's hook: what applying this cost
+
     def apply(self, index: int, payload: bytes) -> dict[str, Any]:
-        if index > self.applied_index:
-            self.applied_log.record(self.node_id, index, bytes(payload))
-        return super().apply(index, payload)
+        if index <= self.applied_index:
+            return super().apply(index, payload)
+        self.applied_log.record(self.node_id, index, bytes(payload))
+        result = super().apply(index, payload)
+        if self.on_applied is not None:
+            self.on_applied(payload)
+        return result
 
 
 class Disk:
@@ -192,6 +198,7 @@ class SimNode:
         self.tuning = tuning
         self.settings = settings
         self.disk = Disk(self.sim, node_id, applied)
+        self.disk.store.on_applied = self._applied
         pysyncobj_patches.register_files(f"{FS_PREFIX}{node_id}/", self.disk.files)
         self.proc: Proc | None = None
         self.incarnation = 0
@@ -288,6 +295,33 @@ class SimNode:
             self.tick()
             self.world.net.resume(self.raft_addr)
             self.wake()
+
+    def _applied(self, payload: bytes) -> None:
+        cost = self.world.apply_stall_s
+        seconds = cost(self.id, payload) if cost is not None else 0.0
+        if seconds > 0:
+            self.stall(seconds)
+
+    def stall(self, seconds: float) -> None:
+        """The process works for ``seconds`` from here, inside its tick (a long apply): what it
+        sends in the rest of the tick leaves when the work ends, what arrives meanwhile waits, and
+        at the end the tick's poll reads it before the next tick (unlike :meth:`resume`)."""
+        proc = self.proc
+        if proc is None or proc.paused:
+            return
+        self.sim.note(self.id, f"stall {seconds:.3f} s")
+        proc.paused = True
+        self.world.net.pause(self.raft_addr)
+        self.world.net.hold_sends(self.raft_addr, self.sim.now + seconds)
+        self.sim.after(seconds, self._unstall, proc)
+
+    def _unstall(self, proc: Proc) -> None:
+        if self.proc is not proc or not proc.paused:
+            return
+        self.sim.note(self.id, "stall over")
+        proc.paused = False
+        self.world.net.resume(self.raft_addr)
+        self.tick()
 
     # --- driving pysyncobj ------------------------------------------------------------------------------
 

@@ -98,6 +98,9 @@ class World:
         installed = set(pysyncobj_patches.installed())
         self.required_patches: tuple[str, ...] = tuple(p for p in REQUIRED_PATCHES if p in installed)
         self.leader_flush_per_tick = True  # off only for the leader-unflushed-commit fault
+        # How long applying an entry keeps a node busy (node id, payload): simulated applies take no
+        # time unless a test says so (a large registry push takes seconds on a real node).
+        self.apply_stall_s: Callable[[str, bytes], float] | None = None
         self.journal: Any = None  # the workload's Journal (set by the schedule)
         self._maintain()
 

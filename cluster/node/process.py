@@ -64,7 +64,8 @@ class MasterNode:
         self.version = __version__
         self.clock = SystemClock()
         self.metrics = NodeMetrics()
-        self.replica = RaftReplica(cfg, secret, self.metrics)
+        self.gc = GcPolicy()
+        self.replica = RaftReplica(cfg, secret, self.metrics, large_apply=self.gc.paused)
         self.store = self.replica.store
         self.metrics.attach(NodeCollector(self.replica.status, self._lmdb_sizes, self._coordination_stats))
         self._leader_seen: str | None = None
@@ -90,7 +91,6 @@ class MasterNode:
         self.control = ControlServer(cfg.data_dir / "control.sock", self.replica, self.status, self._backup,
                                      self.replica.compact, self.clock.now_ms)
         self._duties: asyncio.Task[None] | None = None
-        self.gc = GcPolicy()
         by_generation = [self.metrics.gc_pause_seconds.labels(str(g)) for g in range(3)]  # resolved once
         self.gc_pauses = GcPauses(lambda g, s: by_generation[min(g, 2)].observe(s))
         self._gc_task: asyncio.Task[None] | None = None

@@ -19,6 +19,8 @@ import asyncio
 import collections
 import json
 import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 from tetherlab.cluster.core import statemachine as sm
@@ -53,9 +55,11 @@ _Result = tuple[asyncio.Future[dict[str, Any]], Any, int]
 
 class RaftReplica:
     def __init__(self, cfg: NodeConfig, secret: bytes, metrics: NodeMetrics, store: Store | None = None,
-                 io: RaftIO | None = None) -> None:
-        """Production opens the LMDB store and journal under ``cfg.data_dir``; the simulator
-        passes its in-memory store and a :class:`RaftIO` of twins."""
+                 io: RaftIO | None = None,
+                 large_apply: Callable[[], AbstractContextManager[Any]] | None = None) -> None:
+        """Production opens the LMDB store and journal under ``cfg.data_dir`` (``large_apply``:
+        :attr:`RaftIO.large_apply`); the simulator passes its in-memory store and a
+        :class:`RaftIO` of twins."""
         self.cfg = cfg
         self.node_id = cfg.id
         self.loop = asyncio.get_running_loop()
@@ -72,6 +76,8 @@ class RaftReplica:
         self._listeners: list[ApplyListener] = []
         self.store.on_apply = self._on_apply
         m = metrics
+        if io is None and large_apply is not None:
+            io = RaftIO.production(cfg, m.fsync_seconds.observe, large_apply=large_apply)
         self.raft = RaftNode(
             cfg,
             secret,

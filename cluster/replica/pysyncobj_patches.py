@@ -134,6 +134,17 @@ Performance (issue 13):
   pushes reach 256 KiB) the follower gets a premature ``finish``, unpickles a truncated entry and
   its tick raises (the entry arrives with the real last chunk, after a stalled tick). The chunk
   that ends the pickle is the last.
+
+Liveness under long applies (issue 13: a 10,000-concept registry push applies for over a second):
+
+- ``heavy_apply_sends_first``: a leader applies what it committed before its tick sends, so its
+  followers learn a new commit index only after the apply; a long one kept them idle and silent
+  past an election timeout. When a committed entry of at least ``appendEntriesBatchSizeBytes``
+  waits to be applied, the leader sends first: its followers apply alongside it.
+- ``stall_grace``: a follower's tick checks the election timer before it reads what arrived, so
+  one that spent a second applying (or was stopped) campaigned on an expired timer. A tick that
+  starts more than ``STALL_GRACE_FRACTION`` of the minimum election timeout after the previous
+  one gives the leader a fresh timeout first, once per message heard from the leader.
 """
 
 from __future__ import annotations
@@ -1204,6 +1215,8 @@ def _start_election(self: Any, transfer: bool) -> None:
 
 
 def _on_tick(self: Any, timeToWait: float = 0.0) -> None:
+    if "stall_grace" in _active:
+        _grace_after_stall(self)
     if ("pre_vote" in _active or "leader_stickiness" in _active) and self._SyncObj__selfNode is not None \
             and self._SyncObj__raftState in (_FOLLOWER, _CANDIDATE) and self._SyncObj__transport.ready \
             and self._SyncObj__raftElectionDeadline < _now() and self._SyncObj__connectedToAnyone():
@@ -1213,8 +1226,8 @@ def _on_tick(self: Any, timeToWait: float = 0.0) -> None:
             _start_election(self, transfer=False)
         else:
             _start_pre_vote(self)
-    if "leader_commit_durable" in _active:
-        _tick_counting_durable_self(self, timeToWait)
+    if _active & {"leader_commit_durable", "heavy_apply_sends_first"}:
+        _patched_tick(self, timeToWait)
     else:
         _original_on_tick(self, timeToWait)
 
@@ -1277,7 +1290,7 @@ def durable_index(so: Any) -> int:
 def _leader_commit(self: Any) -> None:
     # pysyncobj 0.3.17's leader commit (the first half of _onTick's leader branch), with the one
     # change: the leader counts itself for an index only once its journal made it durable.
-    durable = durable_index(self)
+    durable = durable_index(self) if "leader_commit_durable" in _active else self._SyncObj__getCurrentLogIndex()
     commitIdx = self._SyncObj__raftCommitIndex
     nextCommitIdx = self._SyncObj__raftCommitIndex
     while commitIdx < self._SyncObj__getCurrentLogIndex():
@@ -1300,10 +1313,10 @@ def _leader_commit(self: Any) -> None:
         self._SyncObj__raftLog.setRaftCommitIndex(self._SyncObj__raftCommitIndex)
 
 
-def _tick_counting_durable_self(self: Any, timeToWait: float = 0.0) -> None:
+def _patched_tick(self: Any, timeToWait: float = 0.0) -> None:
     """pysyncobj 0.3.17's ``SyncObj._onTick`` statement for statement, except the leader's commit
-    (:func:`_leader_commit`). The commit is computed inline in _onTick, between the election and
-    the apply, so no smaller wrapper can change it."""
+    (:func:`_leader_commit`) and a send before a heavy apply (:func:`_heavy_apply_ahead`). Both sit
+    inline in _onTick, between the election and the apply, so no smaller wrapper can change them."""
     if not self._SyncObj__transport.ready:
         try:
             self._SyncObj__transport.tryGetReady()
@@ -1357,6 +1370,10 @@ def _tick_counting_durable_self(self: Any, timeToWait: float = 0.0) -> None:
             self._SyncObj__setState(_FOLLOWER)
             self._SyncObj__raftLeader = None
 
+    if "heavy_apply_sends_first" in _active and self._SyncObj__raftState == _LEADER and _heavy_apply_ahead(self):
+        # The new commit index (and a heartbeat) goes out before the long apply, not after it.
+        self._SyncObj__sendAppendEntries()
+
     needSendAppendEntries = self._SyncObj__applyLogEntries()
 
     if self._SyncObj__raftState == _LEADER:  # noqa: SIM102
@@ -1376,6 +1393,46 @@ def _tick_counting_durable_self(self: Any, timeToWait: float = 0.0) -> None:
             callback()
 
     self._poller.poll(timeToWait)
+
+
+# --- heavy_apply_sends_first, stall_grace ---------------------------------------------------------
+
+# A tick that starts this long after the previous one (as a fraction of the minimum election
+# timeout) follows a stall: a long apply, a snapshot, a paused process. Normal ticks are at most
+# the poll period (50 ms) plus a few milliseconds of work apart.
+STALL_GRACE_FRACTION = 0.25
+
+
+def _heavy_apply_ahead(self: Any) -> bool:
+    """Committed entries wait to be applied and one of them is large (at least an append-entries
+    batch, 64 KiB: a registry push): applying it may take longer than an election timeout."""
+    applied, commit = self._SyncObj__raftLastApplied, self._SyncObj__raftCommitIndex
+    if commit <= applied:
+        return False
+    limit = self._SyncObj__conf.appendEntriesBatchSizeBytes
+    return any(len(e[0]) >= limit for e in self._SyncObj__getEntries(applied + 1, commit - applied))
+
+
+def _grace_after_stall(self: Any) -> None:
+    """A follower whose last tick ended long ago could not listen meanwhile (it was applying what
+    the leader applies too, or its process was stopped): it gives the leader a fresh election
+    timeout before it campaigns, as etcd's tick-counted timeouts do (a stalled node drops ticks).
+    Once per message from the leader, so a dead leader's followers campaign after at most one."""
+    d = self.__dict__
+    now = _now()
+    last = d.get("_tlp_tick_at")
+    d["_tlp_tick_at"] = now
+    if last is None or now - last <= self._SyncObj__conf.raftMinTimeout * STALL_GRACE_FRACTION:
+        return
+    if self._SyncObj__raftState != _FOLLOWER:
+        return
+    heard = d.get("_tlp_leader_heard_at")
+    if heard is None or heard <= d.get("_tlp_grace_at", float("-inf")):
+        return
+    d["_tlp_grace_at"] = now
+    deadline = now + self._SyncObj__generateRaftTimeout()
+    if deadline > self._SyncObj__raftElectionDeadline:
+        self._SyncObj__raftElectionDeadline = deadline
 
 
 # --- chunked_entries -------------------------------------------------------------------------------
@@ -1528,6 +1585,10 @@ PATCHES: tuple[Patch, ...] = (
           *_flag("leader_commit_durable")),
     Patch("chunked_entries", "the last chunk of a large entry is the one that ends its pickle, not its data",
           _install_chunked_entries, _revert_chunked_entries),
+    Patch("heavy_apply_sends_first", "a leader about to apply a large entry sends the commit first, so its "
+          "followers apply alongside instead of waiting silent", *_flag("heavy_apply_sends_first")),
+    Patch("stall_grace", "a follower that could not listen (a long apply, a stopped process) gives the leader "
+          "a fresh election timeout before it campaigns", *_flag("stall_grace")),
 )
 
 _installed: list[str] = []

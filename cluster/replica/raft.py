@@ -21,12 +21,14 @@ Everything in this class runs on pysyncobj's tick thread unless a method says ot
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
 import zlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,8 @@ from tetherlab.cluster.replica.store import Store, entry_from_json, entry_to_jso
 log = logging.getLogger("tetherlab.raft")
 
 ROLE_NAMES = {0: "follower", 1: "candidate", 2: "leader"}
+# An entry this large (a registry push) builds some 10^5 objects when applied: RaftIO.large_apply.
+LARGE_APPLY_BYTES = 1 << 16
 _STATUS_REFRESH_S = 0.05  # the status snapshot other threads read is at most this old
 _STATE_SYNC_INTERVAL_S = 1.0  # bound on state writes a machine crash can lose (replayed from the log)
 # A leader's lease is this fraction of the minimum election timeout after a majority heard it:
@@ -58,7 +62,7 @@ REQUIRED_PATCHES = ("journal_factory", "frame_bound", "socket_timeouts", "bounde
                     "snapshot_files", "load_dump_keeps_log", "snapshot_commit", "keep_committed_entries",
                     "next_index_monotonic", "older_snapshot_ignored", "compaction_guard", "snapshot_send_no_spin",
                     "pre_vote", "term_notice", "leader_stickiness", "leader_commit_durable",
-                    "chunked_entries")
+                    "chunked_entries", "heavy_apply_sends_first", "stall_grace")
 
 
 def defers_flush(so: Any, message: Any) -> bool:
@@ -224,10 +228,16 @@ class RaftIO:
     # A leader flushes its journal once per tick, after its sends. False only for the simulator's
     # leader-unflushed-commit fault (with patch leader_commit_durable off).
     leader_flush_per_tick: bool = True
+    # Wraps the apply of an entry of LARGE_APPLY_BYTES or more. The node pauses CPython's cyclic
+    # GC there (gcpolicy.GcPolicy.paused): it ran full collections over what such an apply builds,
+    # again and again, half of a 10,000-concept push's apply.
+    large_apply: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext
 
     @classmethod
-    def production(cls, cfg: NodeConfig, on_fsync: Callable[[float], None] | None = None) -> RaftIO:
-        return cls(journal=LmdbJournal(cfg.data_dir / "raft", cfg.raft.log_map_size_bytes, on_fsync=on_fsync))
+    def production(cls, cfg: NodeConfig, on_fsync: Callable[[float], None] | None = None,
+                   large_apply: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext) -> RaftIO:
+        return cls(journal=LmdbJournal(cfg.data_dir / "raft", cfg.raft.log_map_size_bytes, on_fsync=on_fsync),
+                   large_apply=large_apply)
 
 
 def compaction_stagger(node_id: str, min_entries: int) -> int:
@@ -444,7 +454,11 @@ class RaftNode(SyncObj):
         index = self.raftLastApplied + 1
         try:
             t0 = time.perf_counter()
-            res = self._tl_store.apply(index, payload)
+            if len(payload) >= LARGE_APPLY_BYTES:
+                with self._tl_io.large_apply():
+                    res = self._tl_store.apply(index, payload)
+            else:
+                res = self._tl_store.apply(index, payload)
             if self._tl_on_apply_seconds is not None:
                 self._tl_on_apply_seconds(time.perf_counter() - t0)
             return res

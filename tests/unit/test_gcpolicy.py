@@ -26,6 +26,41 @@ class FakeGc:
     def unfreeze(self) -> None:
         self.calls.append("unfreeze")
 
+    def isenabled(self) -> bool:
+        return "disable" not in self.calls[-1:]
+
+    def disable(self) -> None:
+        self.calls.append("disable")
+
+    def enable(self) -> None:
+        self.calls.append("enable")
+
+
+def test_paused_stops_automatic_collections_for_the_block_only() -> None:
+    g = FakeGc()
+    p = GcPolicy(g)
+    with p.paused():
+        assert g.calls == ["disable"]
+    assert g.calls == ["disable", "enable"]
+    g.calls.clear()
+    try:
+        with p.paused():
+            raise ValueError("an apply that fails")
+    except ValueError:
+        pass
+    assert g.calls == ["disable", "enable"]  # back on, whatever the block did
+    g.calls = ["disable"]  # someone else had switched it off: it stays off
+    with p.paused():
+        pass
+    assert g.calls == ["disable", "disable"]
+
+
+def test_paused_on_the_real_collector() -> None:
+    assert gc.isenabled()
+    with GcPolicy().paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+
 
 def test_collects_before_freezing_freezes_periodically_and_thaws_now_and_then() -> None:
     g = FakeGc()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -1141,8 +1142,9 @@ def _statements(fn: Any) -> list[str]:
 
 
 def test_the_copied_pysyncobj_methods_differ_only_where_their_patches_say() -> None:
-    # leader_commit_durable and chunked_entries replace two pysyncobj 0.3.17 methods by copies
-    # (no smaller wrapper can reach the lines they change); anything else differing is a mistake.
+    # leader_commit_durable (with heavy_apply_sends_first) and chunked_entries replace two pysyncobj
+    # 0.3.17 methods by copies (no smaller wrapper can reach the lines they change); anything else
+    # differing is a mistake.
     import difflib
 
     def changed(original: Any, copy: Any) -> list[str]:
@@ -1151,9 +1153,112 @@ def test_the_copied_pysyncobj_methods_differ_only_where_their_patches_say() -> N
 
     assert changed(patches._original_send_append_entries, patches._send_append_entries) == [
         "-elif pos + batchSizeBytes >= len(entries[0][0]):", "+elif pos + batchSizeBytes >= len(entry):"]
-    tick = changed(patches._original_on_tick, patches._tick_counting_durable_self)
-    assert tick[-1] == "+_leader_commit(self)" and all(d.startswith("-") for d in tick[:-1])
+    tick = changed(patches._original_on_tick, patches._patched_tick)
+    # heavy_apply_sends_first: one send, between the leader's branch and the apply.
+    assert tick[-3:] == ["+_leader_commit(self)", "+if 'heavy_apply_sends_first' in _active and "
+                         "self._SyncObj__raftState == _LEADER and _heavy_apply_ahead(self):",
+                         "+self._SyncObj__sendAppendEntries()"]
+    assert all(d.startswith("-") for d in tick[:-3])
     # What left _onTick is _leader_commit, less the leader's count of itself.
-    moved = difflib.unified_diff([d[1:] for d in tick[:-1]], _statements(patches._leader_commit), lineterm="", n=0)
+    moved = difflib.unified_diff([d[1:] for d in tick[:-3]], _statements(patches._leader_commit), lineterm="", n=0)
     assert [d for d in moved if d[:1] in "+-" and d[:3] not in ("+++", "---")] == [
-        "+durable = durable_index(self)", "-count = 1", "+count = 1 if commitIdx <= durable else 0"]
+        "+durable = durable_index(self) if 'leader_commit_durable' in _active else "
+        "self._SyncObj__getCurrentLogIndex()", "-count = 1", "+count = 1 if commitIdx <= durable else 0"]
+
+
+# --- heavy_apply_sends_first, stall_grace ---------------------------------------------------------
+
+HEAVY_BYTES = 1 << 16  # one append-entries batch (64 KiB): a large registry push is many
+
+
+def _heavy_entry_terms(leader_stall_s: float, follower_stall_s: float) -> tuple[int, list[int]]:
+    """A healthy cluster applies one heavy entry; applying it keeps the leader busy for
+    ``leader_stall_s`` and each follower for ``follower_stall_s`` (both above the maximum election
+    timeout, 1.2 s). The term before, and every node's term a few seconds after."""
+    w = _world()
+    try:
+        leader, _ = _follower(w)
+        term = _raft(w, leader).raftCurrentTerm
+
+        def cost(nid: str, payload: bytes) -> float:
+            if len(payload) < HEAVY_BYTES:
+                return 0.0
+            return leader_stall_s if nid == leader else follower_stall_s
+
+        w.apply_stall_s = cost
+        done: list[Any] = []
+        _raft(w, leader).tl_submit(sm.encode_command(sm.Put("t", "big", "v" * (HEAVY_BYTES - 30))),
+                                   lambda res, err: done.append(err))
+        assert _until(w, lambda: bool(done), 8.0) and done == [0]
+        w.sim.run(w.sim.now + 6.0)  # time for a node that applies it after an election
+        applied = [_raft(w, n).raftLastApplied for n in w.members]
+        assert min(applied) == max(applied), applied
+        return term, [_raft(w, n).raftCurrentTerm for n in w.members]
+    finally:
+        w.close()
+
+
+def test_a_heavy_entry_applied_for_longer_than_an_election_timeout_keeps_the_leader() -> None:
+    term, after = _heavy_entry_terms(leader_stall_s=2.2, follower_stall_s=2.0)
+    assert after == [term] * 3
+
+
+def test_heavy_apply_sends_first_followers_learn_the_commit_before_the_leader_applies() -> None:
+    # Without it the leader applies first and sends afterwards: its followers hear nothing for
+    # the whole apply, and one campaigns.
+    with patches.without("heavy_apply_sends_first"):
+        term, after = _heavy_entry_terms(leader_stall_s=2.2, follower_stall_s=2.0)
+    assert max(after) > term
+
+
+def test_stall_grace_a_follower_busy_applying_gives_the_leader_a_fresh_timeout() -> None:
+    # The followers finish first (the leader has more to do): without the grace their expired
+    # timers start an election before the leader's next heartbeat arrives.
+    with patches.without("stall_grace"):
+        term, after = _heavy_entry_terms(leader_stall_s=2.2, follower_stall_s=2.0)
+    assert max(after) > term
+
+
+def test_stall_grace_is_given_once_per_leader_message_so_a_dead_leader_is_replaced() -> None:
+    # The leader dies and its followers keep stalling (a busy host): each stall alone would earn a
+    # fresh timeout; they still elect a new leader, after at most one grace.
+    w = _world()
+    try:
+        leader, _ = _follower(w)
+        term = _raft(w, leader).raftCurrentTerm
+        w.nodes[leader].crash("test")
+        end = w.sim.now + 6.0
+        while w.sim.now < end:
+            for n in w.members:
+                if n != leader:
+                    w.nodes[n].stall(0.3)  # 0.3 s stalls, 0.1 s apart: each one over the threshold
+            w.sim.run(w.sim.now + 0.4)
+        others = [n for n in w.members if n != leader]
+        assert any(w.nodes[n].status().get("role") == "leader" for n in others)
+        assert all(_raft(w, n).raftCurrentTerm > term for n in others)
+    finally:
+        w.close()
+
+
+def test_a_large_entry_is_applied_inside_the_nodes_large_apply_hook() -> None:
+    # RaftIO.large_apply (the node pauses the cyclic GC there): entered for an entry of
+    # LARGE_APPLY_BYTES or more, on every node, and for nothing smaller.
+    from tetherlab.cluster.replica.raft import LARGE_APPLY_BYTES
+
+    w = _world()
+    try:
+        leader, _ = _follower(w)
+        entered: list[str] = []
+        for n in w.members:
+            def hook(n: str = n) -> Any:
+                entered.append(n)
+                return contextlib.nullcontext()
+            _raft(w, n)._tl_io.large_apply = hook
+        done: list[Any] = []
+        for value in ("v" * (LARGE_APPLY_BYTES - 30), "small"):
+            _raft(w, leader).tl_submit(sm.encode_command(sm.Put("t", "k", value)), lambda res, err: done.append(err))
+        assert _until(w, lambda: len(done) == 2, 5.0) and done == [0, 0]
+        w.sim.run(w.sim.now + 1.0)
+        assert sorted(entered) == sorted(w.members)
+    finally:
+        w.close()
