@@ -138,7 +138,7 @@ def _check_concept(raw: Any, where: str, problems: list[Problem]) -> Concept | N
             )
             ok = False
     for alias in values.get("aliases", ()):
-        n = len(text.words(alias))
+        n = len(text.phrase_words(alias))
         if len(alias) > PHRASE_MAX_CHARS or n > PHRASE_MAX_WORDS or n == 0:
             problems.append(Problem(name, "aliases", f"{alias!r} must have 1 to {PHRASE_MAX_WORDS} words"))
             ok = False
@@ -252,7 +252,7 @@ class Registry:
         self.dependents_of: dict[str, list[str]] = {}
         for c in self.concepts.values():
             for phrase, kind in [*((a, "alias") for a in c.aliases), (c.id, "id")]:
-                self._add_phrase(text.words(phrase), c.id, kind, phrase)
+                self._add_phrase(text.phrase_words(phrase), c.id, kind, phrase)
             for sym in c.symbols:
                 norm = sym.replace("::", ".")
                 self._add_symbol(norm, c.id)
@@ -265,7 +265,7 @@ class Registry:
             for dep in c.depends_on:
                 self.dependents_of.setdefault(dep, []).append(c.id)
 
-    def _add_phrase(self, ws: list[str], cid: str, kind: str, phrase: str) -> None:
+    def _add_phrase(self, ws: tuple[str, ...], cid: str, kind: str, phrase: str) -> None:
         if not ws:
             return
         node = self.phrases

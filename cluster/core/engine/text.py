@@ -39,6 +39,13 @@ def words(text: str) -> list[str]:
     return [stem(w) for w in _WORD.findall(text.lower()) if w not in STOPWORDS]
 
 
+@lru_cache(maxsize=1 << 16)
+def phrase_words(phrase: str) -> tuple[str, ...]:
+    """:func:`words` of a registry phrase (an alias, an id), memoised: a push validates its
+    aliases and then indexes the same phrases, and the next push repeats most of them."""
+    return tuple(words(phrase))
+
+
 def _forms(*verbs: str) -> set[str]:
     out: set[str] = set()
     for v in verbs:
