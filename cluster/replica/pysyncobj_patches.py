@@ -141,6 +141,11 @@ Liveness under long applies (issue 13: a 10,000-concept registry push applies fo
   followers learn a new commit index only after the apply; a long one kept them idle and silent
   past an election timeout. When a committed entry of at least ``appendEntriesBatchSizeBytes``
   waits to be applied, the leader sends first: its followers apply alongside it.
+- ``heavy_apply_leader_waits``: a follower answers nothing while it applies, and a leader that hears
+  from no majority for ``leaderFallbackTimeout`` steps down: followers decode and validate a push
+  the leader applies from its decoded command, so they took 2 to 3 times as long, and a push of
+  30,000 concepts made the leader step down (about 5 s without a leader). For
+  ``FOLLOWERS_BUSY_FACTOR`` times its own heavy apply's duration, the leader does not.
 - ``stall_grace``: a follower's tick checks the election timer before it reads what arrived, so
   one that spent a second applying (or was stopped) campaigned on an expired timer. A tick that
   starts more than ``STALL_GRACE_FRACTION`` of the minimum election timeout after the previous
@@ -1217,6 +1222,8 @@ def _start_election(self: Any, transfer: bool) -> None:
 def _on_tick(self: Any, timeToWait: float = 0.0) -> None:
     if "stall_grace" in _active:
         _grace_after_stall(self)
+    if "_tlp_heavy_tick_at" in self.__dict__:
+        _note_heavy_apply(self, _now())
     if ("pre_vote" in _active or "leader_stickiness" in _active) and self._SyncObj__selfNode is not None \
             and self._SyncObj__raftState in (_FOLLOWER, _CANDIDATE) and self._SyncObj__transport.ready \
             and self._SyncObj__raftElectionDeadline < _now() and self._SyncObj__connectedToAnyone():
@@ -1366,13 +1373,14 @@ def _patched_tick(self: Any, timeToWait: float = 0.0) -> None:
         for node in self._SyncObj__otherNodes:
             if self._SyncObj__lastResponseTime[node] > deadline:
                 count += 1
-        if count <= (len(self._SyncObj__otherNodes) + 1) / 2:
+        if count <= (len(self._SyncObj__otherNodes) + 1) / 2 and not _followers_busy(self):
             self._SyncObj__setState(_FOLLOWER)
             self._SyncObj__raftLeader = None
 
     if "heavy_apply_sends_first" in _active and self._SyncObj__raftState == _LEADER and _heavy_apply_ahead(self):
         # The new commit index (and a heartbeat) goes out before the long apply, not after it.
         self._SyncObj__sendAppendEntries()
+        self.__dict__["_tlp_heavy_tick_at"] = _now()  # the next tick learns how long the apply took
 
     needSendAppendEntries = self._SyncObj__applyLogEntries()
 
@@ -1411,6 +1419,25 @@ def _heavy_apply_ahead(self: Any) -> bool:
         return False
     limit = self._SyncObj__conf.appendEntriesBatchSizeBytes
     return any(len(e[0]) >= limit for e in self._SyncObj__getEntries(applied + 1, commit - applied))
+
+
+# Followers decode and validate a heavy entry the leader proposed from its decoded command, and
+# then apply it as the leader did: a 10,000-concept push took them 2 to 3 times the leader's time.
+FOLLOWERS_BUSY_FACTOR = 4.0
+
+
+def _note_heavy_apply(self: Any, now: float) -> None:
+    """The tick after a heavy apply: its followers are applying the same entries, silent, for up to
+    FOLLOWERS_BUSY_FACTOR times as long as the leader took (heavy_apply_leader_waits)."""
+    started = self.__dict__.pop("_tlp_heavy_tick_at", None)
+    if started is not None and "heavy_apply_leader_waits" in _active:
+        self.__dict__["_tlp_followers_busy_until"] = now + FOLLOWERS_BUSY_FACTOR * (now - started)
+
+
+def _followers_busy(self: Any) -> bool:
+    """A leader that hears from no majority does not step down while its followers apply a heavy
+    entry it sent them (they answer when done)."""
+    return "heavy_apply_leader_waits" in _active and _now() < self.__dict__.get("_tlp_followers_busy_until", 0.0)
 
 
 def _grace_after_stall(self: Any) -> None:
@@ -1587,6 +1614,8 @@ PATCHES: tuple[Patch, ...] = (
           _install_chunked_entries, _revert_chunked_entries),
     Patch("heavy_apply_sends_first", "a leader about to apply a large entry sends the commit first, so its "
           "followers apply alongside instead of waiting silent", *_flag("heavy_apply_sends_first")),
+    Patch("heavy_apply_leader_waits", "a leader does not step down for the silence of followers applying a "
+          "large entry it sent them", *_flag("heavy_apply_leader_waits")),
     Patch("stall_grace", "a follower that could not listen (a long apply, a stopped process) gives the leader "
           "a fresh election timeout before it campaigns", *_flag("stall_grace")),
 )

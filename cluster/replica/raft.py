@@ -62,7 +62,7 @@ REQUIRED_PATCHES = ("journal_factory", "frame_bound", "socket_timeouts", "bounde
                     "snapshot_files", "load_dump_keeps_log", "snapshot_commit", "keep_committed_entries",
                     "next_index_monotonic", "older_snapshot_ignored", "compaction_guard", "snapshot_send_no_spin",
                     "pre_vote", "term_notice", "leader_stickiness", "leader_commit_durable",
-                    "chunked_entries", "heavy_apply_sends_first", "stall_grace")
+                    "chunked_entries", "heavy_apply_sends_first", "heavy_apply_leader_waits", "stall_grace")
 
 
 def defers_flush(so: Any, message: Any) -> bool:

@@ -1154,13 +1154,19 @@ def test_the_copied_pysyncobj_methods_differ_only_where_their_patches_say() -> N
     assert changed(patches._original_send_append_entries, patches._send_append_entries) == [
         "-elif pos + batchSizeBytes >= len(entries[0][0]):", "+elif pos + batchSizeBytes >= len(entry):"]
     tick = changed(patches._original_on_tick, patches._patched_tick)
-    # heavy_apply_sends_first: one send, between the leader's branch and the apply.
-    assert tick[-3:] == ["+_leader_commit(self)", "+if 'heavy_apply_sends_first' in _active and "
-                         "self._SyncObj__raftState == _LEADER and _heavy_apply_ahead(self):",
-                         "+self._SyncObj__sendAppendEntries()"]
-    assert all(d.startswith("-") for d in tick[:-3])
+    assert tick[-6:] == [
+        "+_leader_commit(self)",
+        # heavy_apply_leader_waits: no step-down while followers apply a heavy entry.
+        "-if count <= (len(self._SyncObj__otherNodes) + 1) / 2:",
+        "+if count <= (len(self._SyncObj__otherNodes) + 1) / 2 and (not _followers_busy(self)):",
+        # heavy_apply_sends_first: one send, between the leader's branch and the apply.
+        "+if 'heavy_apply_sends_first' in _active and self._SyncObj__raftState == _LEADER and "
+        "_heavy_apply_ahead(self):",
+        "+self._SyncObj__sendAppendEntries()",
+        "+self._SyncObj__dict__['_tlp_heavy_tick_at'] = _now()"]
+    assert all(d.startswith("-") for d in tick[:-6])
     # What left _onTick is _leader_commit, less the leader's count of itself.
-    moved = difflib.unified_diff([d[1:] for d in tick[:-3]], _statements(patches._leader_commit), lineterm="", n=0)
+    moved = difflib.unified_diff([d[1:] for d in tick[:-6]], _statements(patches._leader_commit), lineterm="", n=0)
     assert [d for d in moved if d[:1] in "+-" and d[:3] not in ("+++", "---")] == [
         "+durable = durable_index(self) if 'leader_commit_durable' in _active else "
         "self._SyncObj__getCurrentLogIndex()", "-count = 1", "+count = 1 if commitIdx <= durable else 0"]
@@ -1217,6 +1223,16 @@ def test_stall_grace_a_follower_busy_applying_gives_the_leader_a_fresh_timeout()
     with patches.without("stall_grace"):
         term, after = _heavy_entry_terms(leader_stall_s=2.2, follower_stall_s=2.0)
     assert max(after) > term
+
+
+def test_heavy_apply_leader_waits_for_followers_that_apply_longer_than_its_fallback_timeout() -> None:
+    # Followers decode and validate what the leader applies from its decoded command: they take
+    # longer. Silent for 4 s (the fallback timeout is 2 s) after the leader's 1 s apply.
+    term, after = _heavy_entry_terms(leader_stall_s=1.0, follower_stall_s=4.0)
+    assert after == [term] * 3
+    with patches.without("heavy_apply_leader_waits"):
+        term, after = _heavy_entry_terms(leader_stall_s=1.0, follower_stall_s=4.0)
+    assert max(after) > term  # the leader stepped down, and an election followed
 
 
 def test_stall_grace_is_given_once_per_leader_message_so_a_dead_leader_is_replaced() -> None:
