@@ -12,6 +12,7 @@
   event loop);
 - ``deadlines``: timeouts of many futures on one loop timer (proposals, plans at the worker);
 - ``gcpolicy``: when the node's long-lived state is frozen out of CPython's full collections;
+  ``heap``: how glibc's allocator keeps the node's heap;
 - ``clock``, ``errors``, ``keys``, ``metrics``, ``logs``; ``process``: the wiring (``run_node``).
 
 Imports ``replica``, ``core`` and ``protocol``.

@@ -32,6 +32,7 @@ from tetherlab.cluster.node.control import ControlServer
 from tetherlab.cluster.node.duties import LeaderDuties
 from tetherlab.cluster.node.errors import StartupError
 from tetherlab.cluster.node.gcpolicy import GcPauses, GcPolicy
+from tetherlab.cluster.node.heap import keep_heap
 from tetherlab.cluster.node.http import HttpApi
 from tetherlab.cluster.node.matcher import ProcessMatcher
 from tetherlab.cluster.node.metrics import NodeCollector, NodeMetrics
@@ -214,6 +215,7 @@ async def _serve(cfg: NodeConfig, secret: bytes, ready_file: Path | None) -> Non
 
 def run_node(cfg: NodeConfig, secret: bytes, ready_file: Path | None = None) -> int:
     pysyncobj_patches.install()
+    keep_heap()
     try:
         asyncio.run(_serve(cfg, secret, ready_file))
     except StartupError as e:

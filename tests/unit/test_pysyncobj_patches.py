@@ -1278,3 +1278,19 @@ def test_a_large_entry_is_applied_inside_the_nodes_large_apply_hook() -> None:
         assert sorted(entered) == sorted(w.members)
     finally:
         w.close()
+
+
+# --- pickle_protocol -------------------------------------------------------------------------------
+
+
+def test_pickle_protocol_commands_and_messages_carry_bytes_as_bytes() -> None:
+    import pickle
+
+    command = (7, (b'{"cmd": "a log entry\\u00e9"}',), {})
+    data = pysyncobj_pickle.dumps(command)
+    assert data[:2] == b"\x80\x05" and b"_codecs" not in data  # protocol 5: a bytes opcode, no latin-1 detour
+    assert pysyncobj_pickle.loads(data) == command
+    old = pickle.dumps(command, 2)  # what older nodes wrote (and older logs hold): still read
+    assert b"_codecs" in old and pysyncobj_pickle.loads(old) == command
+    with patches.without("pickle_protocol"):
+        assert pysyncobj_pickle.dumps(command)[:2] == b"\x80\x02"
