@@ -280,6 +280,7 @@ BENCHES = {
     "raft": "the durable cluster vs bare pysyncobj, same run",
     "engine": "the pure coordination engine at 10,000 concepts",
     "apply": "a replica's apply path (LMDB, batched commits), as a follower and as the leader",
+    "push": "large registry pushes on a real cluster, and whether each kept its leader",
     "cluster": "the full path (SSH, protocol, Raft, LMDB) vs bare pysyncobj and etcd",
     "worldview": "the live world view at 10,000 concepts and 5,000 active intents, in headless Chromium",
     "matching": "matching on labelled plans: precision, recall, F1, exact match",
