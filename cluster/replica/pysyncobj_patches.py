@@ -130,11 +130,10 @@ Performance (issue 13):
   every index of its log. It counts the leader up to its journal's ``durable_last_index()``.
 - ``chunked_entries``: an entry of at least ``appendEntriesBatchSizeBytes`` (64 KiB) goes out in
   chunks of its pickle, and pysyncobj marks a chunk ``finish`` when it reaches the entry's *data*
-  length; for data within 54 bytes under a multiple of the batch size (from twice it: concept
-  pushes reach 256 KiB) the follower gets a premature ``finish``, unpickles a truncated entry and
-  its tick raises (the entry arrives with the real last chunk, after a stalled tick). The chunk
-  that ends the pickle is the last.
-
+  length; for data within the pickle's framing (54 bytes in protocol 2, fewer in 5) under a
+  multiple of the batch size (from twice it: concept pushes reach 256 KiB) the follower gets a
+  premature ``finish``, unpickles a truncated entry and its tick raises (the entry arrives with
+  the real last chunk, after a stalled tick). The chunk that ends the pickle is the last.
 - ``pickle_protocol``: pysyncobj pickles every command, log entry and Raft message with pickle
   protocol 2, which has no opcode for bytes: each payload went through a latin-1 string and
   ``_codecs.encode``, both ways, at five times the cost of :data:`PICKLE_PROTOCOL` (8% of a busy
@@ -1478,10 +1477,11 @@ _original_send_append_entries = SyncObj._SyncObj__sendAppendEntries  # type: ign
 def _send_append_entries(self: Any) -> None:
     """pysyncobj 0.3.17's ``SyncObj.__sendAppendEntries`` statement for statement, except which
     chunk of a large entry is the last: pysyncobj marks ``finish`` when ``pos + batch`` reaches the
-    entry's *data* length, but the chunks slice the entry's *pickle*, which is 54 bytes longer; an
-    entry whose pickle crosses a chunk boundary its data does not (data within 54 bytes under a
-    multiple of the batch size, from twice it) gets two ``finish`` chunks, and the follower unpickles
-    the truncated first one (its tick raises). Here the pickle's length decides."""
+    entry's *data* length, but the chunks slice the entry's *pickle*, which is longer by its framing
+    (54 bytes in protocol 2); an entry whose pickle crosses a chunk boundary its data does not (data
+    within that framing under a multiple of the batch size, from twice it) gets two ``finish``
+    chunks, and the follower unpickles the truncated first one (its tick raises). Here the
+    pickle's length decides."""
     self._SyncObj__newAppendEntriesTime = _now() + self._SyncObj__conf.appendEntriesPeriod
     startTime = _now()
     batchSizeBytes = self._SyncObj__conf.appendEntriesBatchSizeBytes

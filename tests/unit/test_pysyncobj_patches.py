@@ -1081,7 +1081,7 @@ class _Errors(logging.Handler):
 
 def test_chunked_entries_a_large_entry_near_a_chunk_boundary_replicates_cleanly(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # An entry of exactly twice the batch size: its pickle (54 bytes longer) needs a third chunk,
+    # An entry of exactly twice the batch size: its pickle (longer by its framing) needs a third chunk,
     # and pysyncobj marked the second one 'finish' too (it compared with the data's length).
     batch = 1 << 16
     pysyncobj_log = logging.getLogger("pysyncobj")
