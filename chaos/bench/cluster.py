@@ -151,7 +151,8 @@ def cpu_s(pid: int, children: bool = True) -> float:
 
 class BenchCluster(LocalCluster):
     def _spawn(self, nid: str) -> subprocess.Popen[bytes]:
-        return start_node_process(self.config_path(nid), self.dir / nid / "node.log", ["--log-level", "warning"])
+        # The nodes log as they do by default (info): what operators run is what is measured.
+        return start_node_process(self.config_path(nid), self.dir / nid / "node.log", [])
 
     def pid(self, nid: str) -> int:
         return self.procs[nid].pid
