@@ -1,7 +1,8 @@
 """``tetherlab sim``: run seeded schedules of the simulated cluster and check every one.
 
     tetherlab sim [--seeds N | --seed S] [--nodes 3|5] [--first-seed K] [--jobs J]
-                  [--inject NAME | --inject list] [--stop-on-violation] [--trace FILE] [--json]
+                  [--inject NAME | --inject list] [--apply-stalls] [--stop-on-violation] [--trace FILE]
+                  [--json]
 
 Seeds run in ``--jobs`` processes (default: 2, or 1 on a one-core machine). Without ``--nodes``,
 even seeds run 3 nodes and odd seeds 5. Progress goes to stderr; the report to stdout
@@ -39,16 +40,19 @@ def nodes_for(seed: int, nodes: int | None) -> int:
     return nodes if nodes is not None else (3 if seed % 2 == 0 else 5)
 
 
-def replay_command(seed: int, nodes: int, inject: str | None) -> str:
-    cmd = f"tetherlab sim --seed {seed} --nodes {nodes}"
-    return cmd + (f" --inject {inject}" if inject else "") + " --trace sim-trace.txt"
+def _flags(inject: str | None, stalls: bool) -> str:
+    return (f" --inject {inject}" if inject else "") + (" --apply-stalls" if stalls else "")
 
 
-def _run_chunk(seeds: list[int], nodes: int | None, inject: str | None) -> list[dict[str, Any]]:
+def replay_command(seed: int, nodes: int, inject: str | None, stalls: bool = False) -> str:
+    return f"tetherlab sim --seed {seed} --nodes {nodes}{_flags(inject, stalls)} --trace sim-trace.txt"
+
+
+def _run_chunk(seeds: list[int], nodes: int | None, inject: str | None, stalls: bool = False) -> list[dict[str, Any]]:
     out = []
     for seed in seeds:
         n = nodes_for(seed, nodes)
-        r = run_seed(seed, n, inject, trace=False)
+        r = run_seed(seed, n, inject, trace=False, apply_stalls=stalls)
         out.append({"seed": seed, "nodes": n, "wall_s": r.wall_s,
                     "violations": [{"check": v.check, "detail": v.detail} for v in r.violations]})
     return out
@@ -59,10 +63,10 @@ def _chunks(first: int, count: int) -> Iterator[list[int]]:
         yield list(range(start, min(first + count, start + CHUNK_SEEDS)))
 
 
-def write_trace(path: Path, seed: int, nodes: int, inject: str | None) -> list[dict[str, str]]:
+def write_trace(path: Path, seed: int, nodes: int, inject: str | None, stalls: bool = False) -> list[dict[str, str]]:
     """Replay one seed with tracing on and write its trace; returns its violations."""
-    r = run_seed(seed, nodes, inject, trace=True)
-    lines = [f"# tetherlab sim --seed {seed} --nodes {nodes}" + (f" --inject {inject}" if inject else ""),
+    r = run_seed(seed, nodes, inject, trace=True, apply_stalls=stalls)
+    lines = [f"# tetherlab sim --seed {seed} --nodes {nodes}{_flags(inject, stalls)}",
              f"# {len(r.violations)} violation(s); stats {json.dumps(r.stats, sort_keys=True)}"]
     lines += [f"# VIOLATION {v.check}: {v.detail}" for v in r.violations]
     lines += [f"{t:10.4f}  {who:<10} {what}" for t, who, what in r.trace]
@@ -86,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inject", metavar="NAME",
                    help="re-enable one known-bad behaviour (the run must then report a violation); "
                         "'list' prints them")
+    p.add_argument("--apply-stalls", action="store_true",
+                   help="nodes stall in applies as real ones do (a registry push keeps a node busy for up to "
+                        "3 s, now and then any entry for up to 1.5 s): Raft's timers under long applies")
     p.add_argument("--stop-on-violation", action="store_true", help="stop at the first violating seed")
     p.add_argument("--trace", metavar="FILE", help="write the event trace of --seed, or of the first violating seed")
     p.add_argument("--json", action="store_true", help='print {"seeds", "schedules_per_s", "violations"} as JSON')
@@ -127,11 +134,12 @@ def _one(args: argparse.Namespace) -> int:
     nodes = nodes_for(seed, args.nodes)
     t0 = time.perf_counter()
     if args.trace:
-        found = write_trace(Path(args.trace), seed, nodes, args.inject)
+        found = write_trace(Path(args.trace), seed, nodes, args.inject, args.apply_stalls)
         print(f"trace written to {args.trace}", file=sys.stderr)
     else:
-        found = _run_chunk([seed], nodes, args.inject)[0]["violations"]
-    violations = [{"seed": seed, **v, "replay": replay_command(seed, nodes, args.inject)} for v in found]
+        found = _run_chunk([seed], nodes, args.inject, args.apply_stalls)[0]["violations"]
+    violations = [{"seed": seed, **v, "replay": replay_command(seed, nodes, args.inject, args.apply_stalls)}
+                  for v in found]
     return _report(args, 1, time.perf_counter() - t0, violations)
 
 
@@ -148,7 +156,7 @@ def _many(args: argparse.Namespace) -> int:
         for r in results:
             done += 1
             for v in r["violations"]:
-                replay = replay_command(r["seed"], r["nodes"], args.inject)
+                replay = replay_command(r["seed"], r["nodes"], args.inject, args.apply_stalls)
                 violations.append({"seed": r["seed"], **v, "replay": replay})
                 if args.stop_on_violation:
                     stop = True
@@ -169,7 +177,7 @@ def _many(args: argparse.Namespace) -> int:
 
     if args.jobs == 1:
         for chunk in chunks:
-            take(_run_chunk(chunk, args.nodes, args.inject))
+            take(_run_chunk(chunk, args.nodes, args.inject, args.apply_stalls))
             progress()
             if stop:
                 break
@@ -184,7 +192,7 @@ def _many(args: argparse.Namespace) -> int:
                     if chunk is None:
                         exhausted = True
                         break
-                    pending.add(pool.submit(_run_chunk, chunk, args.nodes, args.inject))
+                    pending.add(pool.submit(_run_chunk, chunk, args.nodes, args.inject, args.apply_stalls))
                 if not pending:
                     break
                 finished, pending = wait(pending, timeout=PROGRESS_EVERY_S, return_when=FIRST_COMPLETED)
@@ -199,7 +207,8 @@ def _many(args: argparse.Namespace) -> int:
     violations.sort(key=lambda v: v["seed"])
     if violations and args.trace:
         first = violations[0]
-        write_trace(Path(args.trace), first["seed"], nodes_for(first["seed"], args.nodes), args.inject)
+        write_trace(Path(args.trace), first["seed"], nodes_for(first["seed"], args.nodes), args.inject,
+                    args.apply_stalls)
         print(f"trace of seed {first['seed']} written to {args.trace}", file=sys.stderr)
     return _report(args, done, time.perf_counter() - t0, violations)
 

@@ -52,6 +52,7 @@ class ScheduleConfig:
     faults_per_s: tuple[float, float] = (0.3, 2.0)  # drawn per schedule: some calm, some stormy
     membership: bool = True
     inject: str | None = None
+    apply_stalls: bool = False  # nodes stall in applies (Schedule._apply_stall)
 
 
 @dataclass
@@ -78,6 +79,9 @@ class Schedule:
         self.fault_rng = self.sim.rng("faults")
         self.healing = False
         self.injected = inject.apply(cfg.inject, w) if cfg.inject else None
+        if cfg.apply_stalls:
+            self.stall_rng = self.sim.rng("apply-stalls")  # its own stream: the other draws stay
+            w.apply_stall_s = self._apply_stall
         self.agents: list[Agent] = []
         self.tasks: list[asyncio.Task[Any]] = []
         self.operator: Operator | None = None
@@ -263,6 +267,15 @@ class Schedule:
             node = r.choice(members)
             node.skew_ms = r.randint(-500, 500)  # applies from its next start (SystemClock anchors there)
 
+    def _apply_stall(self, node_id: str, payload: bytes) -> float:
+        """How long applying ``payload`` keeps a node busy: a registry push 0.3 to 3 s (on a real
+        node a 10,000-concept one took over a second), any other entry now and then up to 1.5 s
+        (a collection, a slow disk); both past the election timeouts (0.6 to 1.2 s)."""
+        r = self.stall_rng
+        if b'"push_registry"' in payload:
+            return r.uniform(0.3, 3.0)
+        return r.uniform(0.05, 1.5) if r.random() < 0.01 else 0.0
+
     def _unpartition(self, side: list[str], rest: list[str]) -> None:
         for a in side:
             for b in rest:
@@ -411,5 +424,7 @@ def _rng(seed: int, name: str) -> random.Random:
     return random.Random(f"{seed}:{name}")
 
 
-def run_seed(seed: int, nodes: int = 3, inject_name: str | None = None, trace: bool = False) -> ScheduleResult:
-    return Schedule(seed, ScheduleConfig(nodes=nodes, inject=inject_name), trace=trace).run()
+def run_seed(seed: int, nodes: int = 3, inject_name: str | None = None, trace: bool = False,
+             apply_stalls: bool = False) -> ScheduleResult:
+    cfg = ScheduleConfig(nodes=nodes, inject=inject_name, apply_stalls=apply_stalls)
+    return Schedule(seed, cfg, trace=trace).run()

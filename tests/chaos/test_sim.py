@@ -1,6 +1,7 @@
 """The deterministic simulator in CI (issue 19).
 
-- 2,000 seeds (3- and 5-node schedules alternate) must show no violation;
+- 2,000 seeds (3- and 5-node schedules alternate) must show no violation, and 300 more whose
+  nodes stall in applies (``--apply-stalls``);
 - every ``--inject`` bug must be caught by a bounded run: a simulator that cannot find bugs
   fails the build;
 - a seed replays identically in another process (another PYTHONHASHSEED);
@@ -29,6 +30,7 @@ from tetherlab.cluster.replica import pysyncobj_patches as patches
 
 SEEDS_PER_HALF = 1000  # two halves: 2,000 seeds in all
 INJECT_SEEDS_MAX = 300  # the bound within which each injected bug must be caught
+STALL_SEEDS = 300  # schedules with apply stalls (--apply-stalls)
 JOBS = 2
 
 # Fixes the simulator drove, each with a schedule that breaks a check without it: (patch, seed,
@@ -66,6 +68,18 @@ def test_two_thousand_seeds_of_3_and_5_node_schedules_show_no_violation(capsys: 
     print(f"{report['seeds']} seeds at {report['schedules_per_s']} schedules/s")
     assert report["violations"] == [], json.dumps(report["violations"][:5], indent=2)
     assert code == 0 and report["seeds"] == SEEDS_PER_HALF
+
+
+@pytest.mark.timeout(600)
+def test_schedules_whose_nodes_stall_in_applies_show_no_violation(capsys: pytest.CaptureFixture[str]) -> None:
+    # Registry pushes keep nodes busy past the election timeouts (patches heavy_apply_sends_first,
+    # heavy_apply_leader_waits and stall_grace act there); the checks must still all hold.
+    code, report = _run(capsys, "--seeds", str(STALL_SEEDS), "--apply-stalls", "--jobs", str(JOBS))
+    print(f"{report['seeds']} seeds with apply stalls at {report['schedules_per_s']} schedules/s")
+    assert report["violations"] == [], json.dumps(report["violations"][:5], indent=2)
+    assert code == 0 and report["seeds"] == STALL_SEEDS
+    assert cli.replay_command(7, 5, None, stalls=True) == "tetherlab sim --seed 7 --nodes 5 --apply-stalls " \
+                                                          "--trace sim-trace.txt"
 
 
 @pytest.mark.timeout(600)
