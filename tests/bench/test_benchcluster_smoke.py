@@ -37,8 +37,12 @@ def test_tiny_run_has_the_issue_keys() -> None:
     d = out["details"]
     assert out["saturation_verdicts_per_s"] and out["saturation_verdicts_per_s"] > 0
     assert out["p99_ms_at_500"] is not None
-    assert out["bare_commits_per_s"] and out["bare_commits_per_s"] > 0
-    assert out["ratio_vs_bare"] is not None
+    # Bare pysyncobj (no pre-vote) may hold an election on a busy machine, and its 0.8 s
+    # saturation window can then complete nothing: one of its two phases must have served.
+    bare = d["bare"]
+    assert isinstance(out["bare_commits_per_s"], int | float)
+    assert max(bare["saturation"]["verdicts_per_s"], bare["offered"]["500"]["verdicts_per_s"]) > 0
+    assert (out["ratio_vs_bare"] is not None) == (out["bare_commits_per_s"] > 0)
     tl = d["tetherlab"]
     for phase in [*tl["offered"].values(), tl["saturation"]]:
         assert set(phase) >= {"verdicts_per_s", "p50_ms", "p99_ms", "p999_ms", "heartbeats_per_s", "rss_mb",
