@@ -59,6 +59,9 @@ class _Metric:
     def observe(self, value: float) -> None:
         pass
 
+    def set_function(self, f: Any) -> None:
+        pass
+
 
 class NullMetrics:
     """NodeMetrics' shape, recording nothing (prometheus objects per node would cost more than

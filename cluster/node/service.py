@@ -134,6 +134,8 @@ class Service:
         self.quotas = Quotas(settings.limits)
         for name in LoadLimits.__dataclass_fields__:
             metrics.quota_limit.labels(name).set(float(getattr(settings.limits, name)))
+        # Read when scraped, not counted per request (an inc and a dec each took a lock).
+        metrics.intents_in_flight.set_function(self.quotas.intents.total)
         # Labelled children resolved once (a labels() call per verdict was 1% of a busy leader).
         self._verdicts_by_action = {a: metrics.verdicts.labels(a) for a in VERDICT_ACTIONS}
         replica.add_apply_listener(self._on_applied)
@@ -252,12 +254,10 @@ class Service:
             raise Refused(p.ErrorCode.QUOTA_EXCEEDED,
                           f"developer {who.developer!r} already has {limit} intent requests in flight, the most "
                           "[limits].intents_in_flight_per_developer allows; wait for their verdicts")
-        self.metrics.intents_in_flight.inc()
         try:
             yield
         finally:
             self.quotas.intents.release(who.developer)
-            self.metrics.intents_in_flight.dec()
 
     def _check_key(self, who: Identity, term: int | None) -> None:
         """The key that authenticated the connection must still be registered now.

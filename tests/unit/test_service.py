@@ -507,6 +507,7 @@ def test_a_developer_over_the_in_flight_intent_quota_is_refused_until_verdicts_c
         await asyncio.sleep(0)
         await asyncio.sleep(0)
         assert r.service.quotas.intents.of("alice") == 2
+        assert r.metrics.registry.get_sample_value("tetherlab_intents_in_flight") == 2  # read when scraped
         refused = [t.result() for t in tasks if t.done()]
         assert len(refused) == 2 and all(isinstance(x, p.Error) and x.code == p.ErrorCode.QUOTA_EXCEEDED
                                          and "[limits].intents_in_flight_per_developer" in x.message
