@@ -48,18 +48,25 @@ class InFlight:
 
     def __init__(self) -> None:
         self._n: dict[str, int] = {}
+        # Kept beside the map: read from other threads (the metrics scrape runs on the HTTP
+        # thread), where iterating a map the loop is changing is not safe.
+        self._total = 0
 
     def try_acquire(self, key: str, limit: int) -> bool:
         n = self._n.get(key, 0)
         if n >= limit:
             return False
         self._n[key] = n + 1
+        self._total += 1
         return True
 
     def release(self, key: str) -> None:
-        n = self._n.get(key, 0) - 1
-        if n > 0:
-            self._n[key] = n
+        n = self._n.get(key, 0)
+        if n <= 0:
+            return
+        self._total -= 1
+        if n > 1:
+            self._n[key] = n - 1
         else:
             self._n.pop(key, None)
 
@@ -67,7 +74,7 @@ class InFlight:
         return self._n.get(key, 0)
 
     def total(self) -> int:
-        return sum(self._n.values())
+        return self._total
 
 
 class SessionQuota:

@@ -1410,7 +1410,7 @@ def _patched_tick(self: Any, timeToWait: float = 0.0) -> None:
     self._poller.poll(timeToWait)
 
 
-# --- heavy_apply_sends_first, stall_grace ---------------------------------------------------------
+# --- heavy_apply_sends_first, heavy_apply_leader_waits, stall_grace ------------------------------
 
 # A tick that starts this long after the previous one (as a fraction of the minimum election
 # timeout) follows a stall: a long apply, a snapshot, a paused process. Normal ticks are at most
@@ -1435,7 +1435,8 @@ FOLLOWERS_BUSY_FACTOR = 4.0
 
 def _note_heavy_apply(self: Any, now: float) -> None:
     """The tick after a heavy apply: its followers are applying the same entries, silent, for up to
-    FOLLOWERS_BUSY_FACTOR times as long as the leader took (heavy_apply_leader_waits)."""
+    FOLLOWERS_BUSY_FACTOR times as long as the leader took (heavy_apply_leader_waits; measured
+    from heavy_apply_sends_first's send, so it needs that patch too)."""
     started = self.__dict__.pop("_tlp_heavy_tick_at", None)
     if started is not None and "heavy_apply_leader_waits" in _active:
         self.__dict__["_tlp_followers_busy_until"] = now + FOLLOWERS_BUSY_FACTOR * (now - started)
