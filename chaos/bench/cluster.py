@@ -286,6 +286,8 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
         actions.update(r["actions"])
         errors.update(r["errors"])
     verdicts = sum(actions.values())
+    seconds = max(len(r.get("by_second", [])) for r in results)
+    by_second = [sum(r["by_second"][k] for r in results if k < len(r.get("by_second", []))) for k in range(seconds)]
     return {
         "verdicts_per_s": round(verdicts / dur, 1),
         "p50_ms": _pct(lat, 0.50),
@@ -302,6 +304,7 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
         "errors": dict(errors),
         "dropped": sum(r["dropped"] for r in results),
         "client_cpu_s": round(sum(r["cpu_s"] for r in results), 2),
+        "verdicts_by_second": by_second,  # from the phase's start, warm-up included
         **({"etcd_txn_retries": sum(r["etcd_retries"] for r in results)}
            if any(r["etcd_retries"] for r in results) else {}),
     }
@@ -338,7 +341,7 @@ def run_load(workers: Workers, server_pids: list[int], rate: float | None, warmu
          f"p999 {res['p999_ms']} ms, {res['heartbeats_per_s']:.0f} heartbeats/s, {res['reports_per_s']:.0f} reports/s, "
          f"errors {res['errors'] or 0}, "
          f"server cpu% {res['server_cpu_pct']}, load generators cpu% {round(100 * client_used / wall)}, "
-         f"loadavg {res['loadavg']}")
+         f"loadavg {res['loadavg']}, verdicts by second {res['verdicts_by_second']}")
     return res
 
 

@@ -645,10 +645,22 @@ async def _run_phase(all_devs: list[Developer], passive: set[str], req: dict[str
         "duration_s": duration,
         "cpu_s": (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime),
         "etcd_retries": sum(getattr(d.backend, "retries", 0) for d in devs),
+        # Verdicts answered in each second from the phase's start, warm-up included: a phase
+        # whose rate is still climbing when measuring starts shows it here.
+        "by_second": _by_second([t for d in devs for t, _ in d.stats.verdict_times], t0, warmup + duration),
     }
     if req.get("timeline"):
         out["verdict_times"] = {d.name: d.stats.verdict_times for d in devs}
         out["hb_ok"] = {d.name: d.stats.hb_ok for d in devs}
+    return out
+
+
+def _by_second(times: list[float], t0: float, span_s: float) -> list[int]:
+    """Counts per second from ``t0``: the phase's seconds, and more if answers came after it."""
+    ks = [int(t - t0) for t in times if t >= t0]
+    out = [0] * max(int(span_s + 0.999), max(ks, default=-1) + 1, 1)
+    for k in ks:
+        out[k] += 1
     return out
 
 

@@ -51,6 +51,9 @@ def test_tiny_run_has_the_issue_keys() -> None:
         bad = {k: v for k, v in phase["errors"].items()
                if k not in ("report:not_active", "report:intent_mismatch", "report:no_active_intent")}
         assert not bad, phase["errors"]
+        # Every verdict answered in the phase, warm-up included, in the second it was answered.
+        assert len(phase["verdicts_by_second"]) >= 1  # 0.2 + 0.8 s, and any answered later
+        assert sum(phase["verdicts_by_second"]) >= sum(phase["actions"].values())
     assert sum(ph["reports_per_s"] for ph in [*tl["offered"].values(), tl["saturation"]]) > 0
     assert all(ph["server_cpu_ms_per_verdict"] > 0 for ph in [*tl["offered"].values(), tl["saturation"]])
     assert out["cpu_ms_per_verdict"] == tl["saturation"]["server_cpu_ms_per_verdict"]
