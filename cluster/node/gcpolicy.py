@@ -14,10 +14,16 @@ becomes garbage after it reached the old generation or was frozen (a closed conn
 objects, say) is not collected while frozen, so every ``THAW_EVERY_S`` the permanent generation
 is thawed and fully collected once: memory stays bounded, for one full collection per quarter
 hour (and one at start, when the state has just been loaded).
-Every 5 s rather than 20: between freezes CPython still runs full collections over what was made
-since the last one (one every two seconds at saturation, ``tetherlab_gc_pause_seconds``): with
-a 20 s interval they took 42 ms each, 0.21 s in 9 s of the benchmark's saturation phase; with
-5 s, 15 ms and 0.07 s, at the same resident memory.
+Every second rather than every 5 s or 20: between freezes CPython still runs full collections
+over what was made since the last one (about one a second at saturation,
+``tetherlab_gc_pause_seconds``): with a 20 s interval they took 42 ms each, 0.21 s in 9 s of the
+benchmark's saturation phase; with 5 s, 15 ms and 0.07 s. Measured again at saturation with the
+leader's pause metrics, collection time per verdict, 5 s against 1 s: 47 against 23 µs on the
+small registry, 63 against 40 µs at scale (full collections 18 → 4 and 28 → 5 µs), a tenth of
+what the leader spends on a verdict at scale. Freezing that often leaks nothing measurable: thaws
+after 10 s of freezing every second at scale found 0 to 73 unreachable objects (the node's
+request path makes no reference cycles that outlive it), and the freeze itself is a young
+collection (about 3 ms at scale) and a list splice.
 Young collections keep CPython's thresholds: raising the first to 10,000 made them no cheaper in
 all and up to 30 ms each.
 
@@ -38,7 +44,7 @@ from typing import Any, Protocol
 
 log = logging.getLogger("tetherlab.gc")
 
-FREEZE_EVERY_S = 5.0
+FREEZE_EVERY_S = 1.0
 THAW_EVERY_S = 900.0
 SLOW_COLLECTION_S = 0.05  # a housekeeping collection longer than this is logged
 

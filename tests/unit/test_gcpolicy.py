@@ -4,6 +4,7 @@ real one in a child process."""
 from __future__ import annotations
 
 import gc
+import itertools
 import subprocess
 import sys
 import textwrap
@@ -80,7 +81,24 @@ def test_collects_before_freezing_freezes_periodically_and_thaws_now_and_then() 
     g.calls.clear()
     assert p.tick(1000.0 + THAW_EVERY_S) == "thaw"
     assert g.calls == ["unfreeze", "collect2", "freeze"]  # what died frozen is freed within a thaw period
-    assert p.tick(1000.0 + THAW_EVERY_S + 1) is None
+    assert p.tick(1000.0 + THAW_EVERY_S + FREEZE_EVERY_S / 2) is None
+
+
+def test_the_node_asks_the_policy_often_enough_to_freeze_on_time() -> None:
+    # A tick every FREEZE_EVERY_S would miss a freeze whenever the sleep woke a moment early,
+    # doubling the interval (and the full collections between freezes, docs/performance.md).
+    from tetherlab.cluster.node.process import GC_TICK_S
+
+    assert GC_TICK_S <= FREEZE_EVERY_S / 2
+    p, g = GcPolicy(FakeGc()), 0.0
+    p.start(0.0)
+    freezes = []
+    while g < 30.0:
+        g += GC_TICK_S * 0.999  # the event loop's sleeps may end a little early
+        if p.tick(g) == "freeze":
+            freezes.append(g)
+    gaps = [b - a for a, b in itertools.pairwise(freezes)]
+    assert max(gaps) < FREEZE_EVERY_S + GC_TICK_S
 
 
 def test_on_the_real_collector_frozen_state_is_not_scanned_and_thawed_garbage_is_freed() -> None:
