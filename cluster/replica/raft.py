@@ -483,8 +483,7 @@ class RaftNode(SyncObj):
         self._tl_store.write_snapshot(Path(filename), header)
         self._tl_snapshots_taken += 1
         # The Raft thread sends and answers nothing meanwhile: operators see how long that was.
-        log.info("snapshot taken at raft index %d in %.0f ms (%d KiB)", last[1], (time.monotonic() - t0) * 1000,
-                 Path(filename).stat().st_size // 1024)
+        log.info("snapshot taken at raft index %d in %.0f ms", last[1], (time.monotonic() - t0) * 1000)
 
     def _tl_deserialize(self, filename: str) -> tuple[Any, Any, Any]:
         # A received snapshot is durable before pysyncobj reads it (patch snapshot_files).
