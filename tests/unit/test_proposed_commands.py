@@ -6,6 +6,7 @@ the proposed command ends in exactly the state of one that decodes the bytes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -131,3 +132,29 @@ def test_proposed_commands_are_bounded_oldest_first_and_taken_once() -> None:
     assert pc.take(b"entry-4") == (4, cmd)
     assert pc.take(b"entry-4") is None
     assert len(pc) == 2
+
+
+def test_with_match_is_the_checked_constructor_without_the_checks_already_made() -> None:
+    # with_match builds the command without running every field's check again; it must give
+    # what the constructor gives, and refuse what it refuses, with the same errors.
+    plans = [c for c in corpus() if isinstance(c, ec.SubmitIntent) and c.matched is not None]
+    assert plans
+    for c in plans:
+        bare = dataclasses.replace(c, matched=None)
+        assert with_match(bare, dict(c.matched or {})) == dataclasses.replace(bare, matched=c.matched)
+    bare = dataclasses.replace(plans[0], matched=None)
+    bad_claims: list[Any] = [[], {"registry_version": 1, "index_version": 0, "modify": "x", "depend": []},
+                             {"registry_version": "1", "index_version": 0, "modify": [], "depend": []},
+                             {"registry_version": 1, "index_version": 0, "modify": [{"reasons": []}], "depend": []}]
+    for claims in bad_claims:
+        with pytest.raises(ec.CommandError) as slow:
+            dataclasses.replace(bare, matched=claims)
+        with pytest.raises(ec.CommandError) as fast:
+            with_match(bare, claims)
+        assert fast.value.to_json() == slow.value.to_json()
+    complete = ec.SubmitIntent(agent_id=bare.agent_id, tool=bare.tool, intent=None, trigger="complete")
+    with pytest.raises(ec.CommandError) as slow:
+        dataclasses.replace(complete, matched={"registry_version": 1, "index_version": 0, "modify": [], "depend": []})
+    with pytest.raises(ec.CommandError) as fast:
+        with_match(complete, {"registry_version": 1, "index_version": 0, "modify": [], "depend": []})
+    assert fast.value.to_json() == slow.value.to_json()

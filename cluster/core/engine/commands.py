@@ -248,7 +248,7 @@ class SubmitIntent(_Command):
         if self.matched is not None:
             if self.intent is None:
                 raise CommandError("bad_field", f"field 'matched' needs an intent; trigger {self.trigger!r} has none")
-            _check_matched(self.matched)
+            check_matched(self.matched)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.TYPE, "agent_id": self.agent_id, "tool": self.tool}
@@ -265,7 +265,7 @@ class SubmitIntent(_Command):
 MATCHED_CLAIMS_MAX = 4096  # far above what match_intent produces (a plan names at most a few dozen)
 
 
-def _check_matched(m: Any) -> None:
+def check_matched(m: Any) -> None:
     """The shape apply relies on; which concepts exist is checked at apply (against the registry)."""
     if not isinstance(m, Mapping):
         raise CommandError("bad_field", f"field 'matched' must be an object, got {type(m).__name__}")
