@@ -237,17 +237,30 @@ def _plain_json(value: Any, depth_left: int) -> bool:
     if t is int or t is bool or value is None:
         return True
     if t is dict:
-        for k, v in value.items():
+        for k in value:
             if type(k) is not str or not (k.isascii() or _SURROGATE.search(k) is None):
                 return False
-            if not _plain_json(v, depth_left - 1):
-                return False
-        return True
+        return _plain_items(value.values(), depth_left - 1)
     if t is list:
-        return all(_plain_json(v, depth_left - 1) for v in value)
+        return _plain_items(value, depth_left - 1)
     if t is float:
         return math.isfinite(value)
     return False  # subclasses, tuples, anything else: the full check decides and names it
+
+
+def _plain_items(items: Any, depth_left: int) -> bool:
+    """``_plain_json`` of every item; strings, integers, booleans and null are checked here
+    rather than in a call each (every reply passes here; most of its values are such leaves)."""
+    if depth_left < 0:
+        return not items  # an empty container at the depth limit is fine; any item is too deep
+    for v in items:
+        t = type(v)
+        if t is str:
+            if not (v.isascii() or _SURROGATE.search(v) is None):
+                return False
+        elif not (t is int or t is bool or v is None or _plain_json(v, depth_left)):
+            return False
+    return True
 
 
 def _check_plain_json(value: Any, path: str, depth_left: int) -> None:

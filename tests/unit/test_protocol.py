@@ -763,3 +763,26 @@ def test_payloads_nested_past_the_limit_are_refused_even_at_a_scalar() -> None:
         with pytest.raises(LocalProtocolError, match="nests deeper"):
             Result(id=1, payload=_nested(33, leaf))
         Result(id=1, payload=_nested(31, leaf))
+
+
+_plain_leaves = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+                 | st.text(max_size=4).filter(lambda s: not any("\ud800" <= c <= "\udfff" for c in s)))
+_plain_values = st.recursive(_plain_leaves, lambda inner: st.lists(inner, max_size=3)
+                             | st.dictionaries(st.text(max_size=3).filter(lambda s: not any(
+                                 "\ud800" <= c <= "\udfff" for c in s)), inner, max_size=3), max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_plain_values, st.integers(min_value=0, max_value=40))
+def test_the_quick_plain_json_check_accepts_all_plain_json_within_the_depth(value: Any, depth: int) -> None:
+    # The other direction: for plain values (exact types, no surrogates) the quick check is the
+    # full one, at every depth around the limit, so replies never fall to the slow path for nothing.
+    from tetherlab.cluster.protocol import fields
+
+    v = _nested(depth, value)
+    try:
+        fields._check_plain_json(v, "payload", fields.MAX_JSON_DEPTH)
+        full_ok = True
+    except LocalProtocolError:
+        full_ok = False
+    assert fields._plain_json(v, fields.MAX_JSON_DEPTH) == full_ok
