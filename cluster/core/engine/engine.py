@@ -28,6 +28,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import json
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -233,7 +234,10 @@ class Engine:
         self._conflict_seq0 = 0  # the sequence number (NS_CONFLICTS key) of _conflict_log[0]
         self._conflicts_legacy = False  # loaded from one meta/conflicts record, not yet migrated
         # Finished (and lapsed) intents, oldest first: compaction pops from the front.
-        self._finished: dict[str, None] = {}
+        # Finished intents, oldest first. An OrderedDict, not a dict: the oldest is evicted on
+        # every finish once there are finished_intents_max, and a dict's first key is found by
+        # skipping the deleted slots before it (5 µs an eviction at 10,000, on every replica).
+        self._finished: OrderedDict[str, None] = OrderedDict()
         self._mod: dict[str, str] = {}
         self._dep: dict[str, dict[str, None]] = {}
         self._lmod: dict[str, dict[str, None]] = {}
@@ -465,7 +469,7 @@ class Engine:
             if it.status in HOLDING:
                 e._index(it)
         finished = [(it.finished_index, iid) for iid, it in e._intents.items() if it.finished_index is not None]
-        e._finished = {iid: None for _, iid in sorted(finished, key=lambda p: (p[0], _index_of(p[1])))}
+        e._finished = OrderedDict((iid, None) for _, iid in sorted(finished, key=lambda p: (p[0], _index_of(p[1]))))
         e._sessions = dict(sorted(e._sessions.items()))
         return e
 
@@ -552,14 +556,13 @@ class Engine:
     def _compact(self) -> None:
         # Intents finished by one command share a finished_index: order them by id, the order
         # from_records rebuilds, or replicas that restarted would compact different intents.
-        now = sorted((i for i in set(self._finished_now) if i in self._finished), key=_index_of)
-        self._finished_now = []
-        for iid in now:
-            del self._finished[iid]
-            self._finished[iid] = None
+        if self._finished_now:
+            now = sorted((i for i in set(self._finished_now) if i in self._finished), key=_index_of)
+            self._finished_now = []
+            for iid in now:
+                self._finished.move_to_end(iid)
         while len(self._finished) > self.limits.finished_intents_max:
-            iid = next(iter(self._finished))
-            del self._finished[iid]
+            iid, _ = self._finished.popitem(last=False)
             it = self._intents.pop(iid)
             # A lapsed intent this old loses its chance to be resumed or told it was reverted.
             self._unindex(it)
