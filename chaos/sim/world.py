@@ -62,6 +62,9 @@ class World:
         self.cfg = cfg
         self.sim = Sim(seed, trace=trace)
         self._log_handler: _TraceHandler | None = None
+        # The node loggers are the process's: put back as they were at close, or a later test in
+        # the same process (one reading a node's warnings through pytest's caplog) hears nothing.
+        self._saved_loggers = [(lg, lg.level, lg.propagate) for lg in map(logging.getLogger, NODE_LOGGERS)]
         for name in NODE_LOGGERS:
             logging.getLogger(name).setLevel(logging.INFO if trace else logging.CRITICAL + 1)
             logging.getLogger(name).propagate = not trace
@@ -166,5 +169,8 @@ class World:
         if self._log_handler is not None:
             for name in NODE_LOGGERS:
                 logging.getLogger(name).removeHandler(self._log_handler)
+        for lg, level, propagate in self._saved_loggers:
+            lg.setLevel(level)
+            lg.propagate = propagate
         self.sim.close()
         pysyncobj_patches.use_clock_and_rng()

@@ -161,3 +161,21 @@ def test_progress_prints_a_count_once_not_again_on_every_tick(capsys: pytest.Cap
     assert code == 0 and counts[-1] == "30/30", counts
     body = counts[:-1]  # the final line may repeat the last count
     assert len(body) == len(set(body)), counts
+
+
+@pytest.mark.parametrize("trace", [False, True])
+def test_a_world_puts_the_node_loggers_back_as_it_found_them(trace: bool) -> None:
+    # A world quiets (or traces) the node loggers, which are the process's; left so, a later test
+    # that reads a node's warnings through caplog heard nothing (it failed after the simulator's
+    # tests in one process).
+    import logging
+
+    from tetherlab.chaos.sim.world import NODE_LOGGERS, World, WorldConfig
+
+    before = [(logging.getLogger(n).level, logging.getLogger(n).propagate) for n in NODE_LOGGERS]
+    w = World(1, WorldConfig(nodes=3, spare_nodes=0), trace=trace)
+    try:
+        assert [(logging.getLogger(n).level, logging.getLogger(n).propagate) for n in NODE_LOGGERS] != before
+    finally:
+        w.close()
+    assert [(logging.getLogger(n).level, logging.getLogger(n).propagate) for n in NODE_LOGGERS] == before
