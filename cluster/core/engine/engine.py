@@ -233,10 +233,10 @@ class Engine:
         self._conflict_log: list[dict[str, Any]] = []  # recent drifts and soft conflicts, bounded
         self._conflict_seq0 = 0  # the sequence number (NS_CONFLICTS key) of _conflict_log[0]
         self._conflicts_legacy = False  # loaded from one meta/conflicts record, not yet migrated
-        # Finished (and lapsed) intents, oldest first: compaction pops from the front.
-        # Finished intents, oldest first. An OrderedDict, not a dict: the oldest is evicted on
-        # every finish once there are finished_intents_max, and a dict's first key is found by
-        # skipping the deleted slots before it (5 µs an eviction at 10,000, on every replica).
+        # Finished (and lapsed) intents, oldest first: compaction pops from the front. An
+        # OrderedDict, not a dict: once there are finished_intents_max, every finish evicts the
+        # oldest, and a dict finds its first key by skipping the deleted slots before it (5 µs an
+        # eviction at 10,000 in a microbenchmark, against 0.6 µs), on every replica.
         self._finished: OrderedDict[str, None] = OrderedDict()
         self._mod: dict[str, str] = {}
         self._dep: dict[str, dict[str, None]] = {}
