@@ -737,17 +737,23 @@ def _nested(depth: int, leaf: Any) -> Any:
     return leaf
 
 
+def _full_check_passes(v: Any) -> bool:
+    from tetherlab.cluster.protocol import fields
+
+    try:
+        fields._check_plain_json(v, "payload", fields.MAX_JSON_DEPTH)
+    except LocalProtocolError:
+        return False
+    return True
+
+
 @settings(max_examples=300, deadline=None)
 @given(_json_values, st.integers(min_value=0, max_value=40))
 def test_the_quick_plain_json_check_never_accepts_what_the_full_one_refuses(value: Any, depth: int) -> None:
     from tetherlab.cluster.protocol import fields
 
     v = _nested(depth, value)
-    try:
-        fields._check_plain_json(v, "payload", fields.MAX_JSON_DEPTH)
-        full_ok = True
-    except LocalProtocolError:
-        full_ok = False
+    full_ok = _full_check_passes(v)
     assert not fields._plain_json(v, fields.MAX_JSON_DEPTH) or full_ok
     # and the spec the messages use answers as the full check does
     if isinstance(v, dict):
@@ -780,9 +786,4 @@ def test_the_quick_plain_json_check_accepts_all_plain_json_within_the_depth(valu
     from tetherlab.cluster.protocol import fields
 
     v = _nested(depth, value)
-    try:
-        fields._check_plain_json(v, "payload", fields.MAX_JSON_DEPTH)
-        full_ok = True
-    except LocalProtocolError:
-        full_ok = False
-    assert fields._plain_json(v, fields.MAX_JSON_DEPTH) == full_ok
+    assert fields._plain_json(v, fields.MAX_JSON_DEPTH) == _full_check_passes(v)
