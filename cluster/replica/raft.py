@@ -479,11 +479,11 @@ class RaftNode(SyncObj):
             "cluster": sorted(n.address for n in cluster),
             "node": self._tl_cfg.id,
         }
-        t0 = time.monotonic()
+        t0 = self._tl_clock()  # the node's clock: the simulator's own, so its traces replay exactly
         self._tl_store.write_snapshot(Path(filename), header)
         self._tl_snapshots_taken += 1
         # The Raft thread sends and answers nothing meanwhile: operators see how long that was.
-        log.info("snapshot taken at raft index %d in %.0f ms", last[1], (time.monotonic() - t0) * 1000)
+        log.info("snapshot taken at raft index %d in %.0f ms", last[1], (self._tl_clock() - t0) * 1000)
 
     def _tl_deserialize(self, filename: str) -> tuple[Any, Any, Any]:
         # A received snapshot is durable before pysyncobj reads it (patch snapshot_files).
