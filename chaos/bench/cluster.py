@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -286,8 +287,7 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
         actions.update(r["actions"])
         errors.update(r["errors"])
     verdicts = sum(actions.values())
-    seconds = max(len(r.get("by_second", [])) for r in results)
-    by_second = [sum(r["by_second"][k] for r in results if k < len(r.get("by_second", []))) for k in range(seconds)]
+    by_second = [sum(c) for c in itertools.zip_longest(*(r["by_second"] for r in results), fillvalue=0)]
     return {
         "verdicts_per_s": round(verdicts / dur, 1),
         "p50_ms": _pct(lat, 0.50),

@@ -246,9 +246,7 @@ class SubmitIntent(_Command):
                     "bad_field", "field 'intent_id' names an existing intent; trigger 'initial' starts a new one"
                 )
         if self.matched is not None:
-            if self.intent is None:
-                raise CommandError("bad_field", f"field 'matched' needs an intent; trigger {self.trigger!r} has none")
-            check_matched(self.matched)
+            check_matched(self.matched, self.intent, self.trigger)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.TYPE, "agent_id": self.agent_id, "tool": self.tool}
@@ -265,8 +263,11 @@ class SubmitIntent(_Command):
 MATCHED_CLAIMS_MAX = 4096  # far above what match_intent produces (a plan names at most a few dozen)
 
 
-def check_matched(m: Any) -> None:
-    """The shape apply relies on; which concepts exist is checked at apply (against the registry)."""
+def check_matched(m: Any, intent: IntentBody | None, trigger: str) -> None:
+    """Claims ``m`` for a command with this plan and trigger: the shape apply relies on (which
+    concepts exist is checked at apply, against the registry)."""
+    if intent is None:
+        raise CommandError("bad_field", f"field 'matched' needs an intent; trigger {trigger!r} has none")
     if not isinstance(m, Mapping):
         raise CommandError("bad_field", f"field 'matched' must be an object, got {type(m).__name__}")
     for key in ("registry_version", "index_version"):

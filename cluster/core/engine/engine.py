@@ -185,9 +185,7 @@ def with_match(cmd: SubmitIntent, claims: dict[str, Any]) -> SubmitIntent:
     checked (as ``SubmitIntent`` checks ``matched``): the rest of ``cmd`` was checked when it was
     built, and ``dataclasses.replace`` ran every field's check again for each plan a leader
     matched (its agent id, tool and trigger: 2% of a busy leader's GIL)."""
-    if cmd.intent is None:
-        raise CommandError("bad_field", f"field 'matched' needs an intent; trigger {cmd.trigger!r} has none")
-    check_matched(claims)
+    check_matched(claims, cmd.intent, cmd.trigger)
     out = object.__new__(type(cmd))
     out.__dict__.update(cmd.__dict__, matched=claims)  # frozen: no __setattr__, and no __init__
     return out
