@@ -9,10 +9,14 @@ Only processes started here are ever signalled, by PID."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import fcntl
 import os
 import random
 import subprocess
+import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,10 +30,15 @@ from tetherlab.cluster.ops.config import load_cluster_file
 from tetherlab.cluster.ops.layout import init_cluster
 from tetherlab.cluster.ops.procs import start_node_process, stop_processes
 
-PORT_PROBE_TRIES = 50
 # Below Linux's ephemeral range (32768 up by default): the ports a probe found free cannot be
 # taken meanwhile by an outgoing connection, another cluster's or a test's.
 PORT_BASE_MIN, PORT_BASE_MAX = 20000, 32000
+# A base's ports are BASE+1.., +101.., +201.. (up to 99 nodes): bases this far apart never share one.
+PORT_SPAN = 300
+# Leases a process keeps for bases it handed out without an owner to release them (the oldest
+# lapses first): a cluster started from such a base is long done by then, and the bound keeps a
+# few processes side by side from holding all 40 bases.
+LEASES_KEPT = 8
 LEADER_POLL_S = 0.2
 RESTART_DELAY_S = 2.0  # a dead node of `tetherlab up` comes back after this (say so on screen)
 RESTART_DELAY_MAX_S = 30.0  # a node that keeps dying is restarted ever more slowly, up to this
@@ -39,19 +48,81 @@ STATUS_POLL_S = 0.5
 STATUS_TIMEOUT_S = 0.4  # a paused node must not hold up death detection for long
 
 
+class PortLease:
+    """A base port held by this process: an exclusive ``flock`` on a file named after it, in a
+    directory every local cluster of this user shares. A probe alone is not enough: two processes
+    can find one range free at once, and a cluster whose nodes are all stopped for a moment (a
+    restart drill) leaves its ports free for another's probe to take. The lock goes with the
+    process, so a killed test leaks nothing."""
+
+    def __init__(self, base: int, fd: int) -> None:
+        self.base = base
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        with _leases_lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            if _kept.get(self.base) is self:
+                del _kept[self.base]
+
+
+_leases_lock = threading.Lock()
+_kept: collections.OrderedDict[int, PortLease] = collections.OrderedDict()
+
+
+def _lease_dir() -> Path:
+    d = Path(tempfile.gettempdir()) / f"tetherlab-port-leases-{os.getuid()}"
+    d.mkdir(mode=0o700, exist_ok=True)
+    return d
+
+
+def _try_lease(directory: Path, base: int) -> PortLease | None:
+    fd = os.open(directory / str(base), os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # another process (or this one, for another cluster) holds it
+        os.close(fd)
+        return None
+    return PortLease(base, fd)
+
+
 def _ports_free(host: str, ports: list[int]) -> bool:
     return all(bind_error(host, port) is None for port in ports)
 
 
+def lease_base_port(nodes: int, host: str = "127.0.0.1") -> PortLease:
+    """A base port whose raft/ssh/http ports (BASE+1.., +101.., +201..) are all free now and that
+    no other local cluster holds; the caller releases it when its cluster is done."""
+    if not 0 < nodes < 100:
+        raise ValueError(f"nodes must be 1 to 99 for a base's port span, got {nodes}")
+    directory = _lease_dir()
+    bases = list(range(PORT_BASE_MIN, PORT_BASE_MAX - PORT_SPAN + 1, PORT_SPAN))
+    random.Random(os.getpid() ^ time.monotonic_ns()).shuffle(bases)
+    for base in bases:
+        lease = _try_lease(directory, base)
+        if lease is None:
+            continue
+        if _ports_free(host, [base + off + i for off in (1, 101, 201) for i in range(nodes)]):
+            return lease
+        lease.release()
+    raise RuntimeError(f"no free port range found on {host}: all {len(bases)} bases from {PORT_BASE_MIN} "
+                       f"are held by other local clusters or in use")
+
+
 def free_base_port(nodes: int, host: str = "127.0.0.1") -> int:
-    """A base port whose raft/ssh/http ports (BASE+1.., +101.., +201..) are all free now."""
-    rng = random.Random(os.getpid() ^ time.monotonic_ns())
-    for _ in range(PORT_PROBE_TRIES):
-        base = rng.randrange(PORT_BASE_MIN, PORT_BASE_MAX, 10)
-        ports = [base + off + i for off in (1, 101, 201) for i in range(nodes)]
-        if _ports_free(host, ports):
-            return base
-    raise RuntimeError(f"no free port range found on {host}")
+    """A base port as :func:`lease_base_port` finds it, for callers that start a cluster from a
+    number: this process keeps its lease until ``LEASES_KEPT`` newer ones are handed out."""
+    lease = lease_base_port(nodes, host)
+    with _leases_lock:
+        _kept[lease.base] = lease
+        while len(_kept) > LEASES_KEPT:
+            _, oldest = _kept.popitem(last=False)
+            if oldest._fd is not None:
+                os.close(oldest._fd)
+                oldest._fd = None
+    return lease.base
 
 
 class LocalCluster:
@@ -59,8 +130,14 @@ class LocalCluster:
                  extra_toml: str = "") -> None:
         self.dir = Path(directory).resolve()
         self.host = host
+        self._lease: PortLease | None = None
         if not (self.dir / "cluster.toml").exists():
-            init_cluster(self.dir, nodes, host, base_port or free_base_port(nodes, host))
+            if base_port is None:
+                # Held until close(): other clusters' probes must not take our ports while our
+                # nodes are down for a restart.
+                self._lease = lease_base_port(nodes, host)
+                base_port = self._lease.base
+            init_cluster(self.dir, nodes, host, base_port)
             if extra_toml:
                 for n in load_cluster_file(self.dir / "cluster.toml").nodes:
                     cfg = self.dir / n.id / "node.toml"
@@ -138,6 +215,9 @@ class LocalCluster:
 
     def close(self) -> None:
         self.stop()
+        if self._lease is not None:
+            self._lease.release()
+            self._lease = None
 
     def __enter__(self) -> LocalCluster:
         return self
