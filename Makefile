@@ -1,7 +1,8 @@
 # Two entry points for a fresh machine: `make up` runs a local cluster, `make test` runs the suite.
 # Each bootstraps what it needs: a virtual environment in .venv and the Debian packages tests use.
 
-PYTHON ?= python3
+# The distribution's optimised interpreter when it is new enough (see the script for why).
+PYTHON ?= $(shell bash deploy/scripts/pick-python.sh)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed

@@ -8,13 +8,16 @@ import sys
 
 import pytest
 
+# argparse's own --help swallows the write error and exits 0 as usual in later 3.11 releases (3.11.7
+# here); Debian 12's 3.11.2 lets it reach the command's handler, which ends quietly with exit 1.
+ARGPARSE_HELP = (0, 1)
 
-# argparse's own --help swallows the write error and exits 0 as usual.
+
 @pytest.mark.parametrize(("argv", "code"), [
-    (["bench", "--help"], 1), (["status", "--help"], 0), (["--help"], 0),
+    (["bench", "--help"], 1), (["status", "--help"], ARGPARSE_HELP), (["--help"], ARGPARSE_HELP),
     (["bench", "apply", "--concepts", "20", "--entries", "60", "--passes", "1"], 1),
 ], ids=["bench-help", "argparse-help", "top-help", "bench-run"])
-def test_a_closed_stdout_ends_the_command_without_a_traceback(argv: list[str], code: int) -> None:
+def test_a_closed_stdout_ends_the_command_without_a_traceback(argv: list[str], code: int | tuple[int, ...]) -> None:
     r, w = os.pipe()
     os.close(r)  # the reader is gone before the first line: every write fails with EPIPE
     try:
@@ -24,4 +27,4 @@ def test_a_closed_stdout_ends_the_command_without_a_traceback(argv: list[str], c
         os.close(w)
     err = p.stderr.decode()
     assert "Traceback" not in err and "Exception ignored" not in err, err
-    assert p.returncode == code, err
+    assert p.returncode in (code if isinstance(code, tuple) else (code,)), err

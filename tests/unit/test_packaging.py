@@ -95,3 +95,32 @@ def test_the_dev_install_starts_without_an_import_hook() -> None:
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "__editable__" not in r.stdout, f"an import-hook finder runs at start-up ({r.stdout.strip()}): run make venv"
+
+
+def _pick_python(tmp_path: Path, candidates: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(ROOT / "deploy/scripts/pick-python.sh")], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "PYTHON_CANDIDATES": " ".join(candidates)}, timeout=60)
+
+
+def test_make_venv_takes_the_first_interpreter_that_is_new_enough_and_can_make_a_venv(tmp_path: Path) -> None:
+    old = tmp_path / "python-old"  # answers like a Python 3.10
+    old.write_text("#!/bin/sh\nexit 1\n")
+    old.chmod(0o755)
+    missing = tmp_path / "no-such-python"
+    out = _pick_python(tmp_path, [str(missing), str(old), sys.executable])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == sys.executable
+    none = _pick_python(tmp_path, [str(missing), str(old)])
+    assert "no Python 3.11+ with venv support" in none.stderr
+    assert none.stdout.strip() == "python3"
+
+
+def test_make_venv_prefers_the_distributions_interpreter() -> None:
+    """What the Makefile picks by default: /usr/bin/python3 where it is usable (an optimised build,
+    as deployments use), else python3 on PATH."""
+    out = subprocess.run(["bash", str(ROOT / "deploy/scripts/pick-python.sh")], capture_output=True, text=True,
+                         timeout=60)
+    usable = subprocess.run(["/usr/bin/python3", "-c", "import sys, ensurepip, venv; "
+                             "sys.exit(sys.version_info < (3, 11))"], capture_output=True).returncode == 0 \
+        if Path("/usr/bin/python3").exists() else False
+    assert out.stdout.strip() == ("/usr/bin/python3" if usable else "python3")
