@@ -209,7 +209,8 @@ class ControlServer:
         return self.status()
 
     async def _dump(self, req: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = self.replica.store.dump()
+        # Off the loop: the dump waits for a batch being committed (its results may be out).
+        out: dict[str, Any] = await asyncio.get_running_loop().run_in_executor(None, self.replica.store.dump)
         return out
 
     async def _backup(self, req: dict[str, Any]) -> dict[str, Any]:

@@ -43,6 +43,7 @@ log = logging.getLogger("tetherlab.store")
 _REC = struct.Struct(">QQQ")  # create_revision, mod_revision, version
 SNAPSHOT_MAGIC = b"TLSNAP01"  # the body is an LMDB data file
 _COPY_CHUNK_BYTES = 1 << 20
+DUMP_COMMIT_WAIT_S = 10.0  # a commit (one fsync) slower than this is a sick disk: say so, not a stale dump
 
 META_APPLIED = b"applied_index"
 META_REVISION = b"revision"
@@ -105,6 +106,10 @@ class LmdbStore:
         # Signalled after every commit of applies: a backup waits on it for the batch that was
         # open when it started (wait_committed).
         self._committed = threading.Condition(self._lock)
+        # The Raft index of a batch flush_applied took and has not committed yet: its results may
+        # already be out (an engine-only batch's are told before the commit), so readers of the
+        # committed state wait for it (last_applied_index, dump).
+        self._committing: int | None = None
 
     def _open(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -162,7 +167,9 @@ class LmdbStore:
         """The index of the last entry applied, whether or not its batch is committed yet."""
         with self._lock:
             batch = self._batch
-            return batch.meta[0] if batch is not None and batch.meta is not None else self.applied_index
+            if batch is not None and batch.meta is not None:
+                return batch.meta[0]
+            return self._committing if self._committing is not None else self.applied_index
 
     def wait_committed(self, index: int, timeout_s: float) -> bool:
         """Wait (on another thread than the applier's) until the committed state reaches Raft
@@ -270,6 +277,7 @@ class LmdbStore:
                 self._put_engine(batch.txn, batch.engine)
                 if batch.meta is not None:
                     _put_meta(batch.txn, self._meta, *batch.meta)
+                    self._committing = batch.meta[0]
         outcomes = batch.outcomes if batch is not None else []
         early = batch is not None and before_commit is not None and all(o.engine_only for o in outcomes)
         if early:
@@ -279,9 +287,12 @@ class LmdbStore:
         # own read transactions and must not wait for the disk. Only this (the tick) thread
         # writes or swaps the environment, so nothing can change it meanwhile.
         if batch is not None:
-            batch.txn.commit()
-            with self._committed:
-                self._committed.notify_all()
+            try:
+                batch.txn.commit()
+            finally:
+                with self._committed:
+                    self._committing = None
+                    self._committed.notify_all()
         if not early:
             self._tell(outcomes)
             if before_commit is not None:
@@ -336,8 +347,16 @@ class LmdbStore:
                 ns, _, key = bytes(k).partition(b"\x00")
                 yield ns.decode(), key.decode(), _dec(v)
 
-    def dump(self) -> dict[str, Any]:
-        """The whole replicated state as plain data (to compare replicas)."""
+    def dump(self, commit_wait_s: float = DUMP_COMMIT_WAIT_S) -> dict[str, Any]:
+        """The whole replicated state as plain data (to compare replicas), holding every write
+        whose result is out: an engine-only batch's results go out before its commit, and a drill
+        that dumps right after an acknowledgement must find the acknowledged write, so a batch
+        being committed is waited for (not one still open: nothing of it has been told).
+        TimeoutError if that commit takes over ``commit_wait_s``."""
+        with self._lock:
+            target = self._committing
+        if target is not None and not self.wait_committed(target, commit_wait_s):
+            raise TimeoutError(f"the state's commit did not reach Raft index {target} within {commit_wait_s:g} s")
         with self._lock, self.env.begin() as txn:
             records: dict[str, dict[str, Any]] = {}
             for k, v in txn.cursor(self._kv):

@@ -429,3 +429,35 @@ def test_an_engine_rebuilt_in_the_middle_of_a_batch_keeps_the_batchs_earlier_ent
     assert s.engine_view(_sessions) == sessions_before
     s.flush_applied()
     assert s.applied_index == 5
+
+
+def test_a_dump_holds_every_write_whose_result_is_out(tmp_path: Path) -> None:
+    """An engine-only batch's results go out before its commit (the fsync overlaps the replies). A
+    dump taken in that window read the committed state without them: a partition drill, dumping
+    right after its final write was acknowledged, found the acknowledged completion missing on
+    every replica. The dump now waits for that commit, and the applied index a backup waits for
+    counts the batch being committed."""
+    log = _engine_log()
+    s = LmdbStore(tmp_path / "s", batch_applies=True)
+    for i, payload in enumerate(log[:-1], start=1):
+        s.apply(i, payload)
+    s.flush_applied()
+    s.apply(len(log), log[-1])  # the session close: engine-only, so told before its commit
+    seen: dict[str, Any] = {}
+
+    def dumper() -> None:
+        seen["dump"] = s.dump()
+
+    def told() -> None:  # results are out; the commit follows when this returns
+        seen["last_applied"] = s.last_applied_index()
+        t = threading.Thread(target=dumper)
+        t.start()
+        t.join(1.0)  # without the wait, the dump is done (and stale) by now
+        seen["thread"] = t
+
+    s.flush_applied(before_commit=told)
+    seen["thread"].join(10.0)
+    assert seen["last_applied"] == len(log)
+    assert seen["dump"]["applied_index"] == len(log)
+    assert "ann/4b2e0c1a-1111-4222-8333-000000000001" not in str(seen["dump"]["engine"].get("sessions"))
+    s.close()
