@@ -61,11 +61,14 @@ class PortLease:
 
     def release(self) -> None:
         with _leases_lock:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
+            self._close()
             if _kept.get(self.base) is self:
                 del _kept[self.base]
+
+    def _close(self) -> None:  # under _leases_lock
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 _leases_lock = threading.Lock()
@@ -119,9 +122,7 @@ def free_base_port(nodes: int, host: str = "127.0.0.1") -> int:
         _kept[lease.base] = lease
         while len(_kept) > LEASES_KEPT:
             _, oldest = _kept.popitem(last=False)
-            if oldest._fd is not None:
-                os.close(oldest._fd)
-                oldest._fd = None
+            oldest._close()
     return lease.base
 
 
