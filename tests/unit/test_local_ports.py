@@ -26,15 +26,16 @@ def test_every_port_of_a_probed_range_is_below_the_ephemeral_ports() -> None:
 WINDOW = (32000, 32600)
 
 
-def _window(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(localcluster, "PORT_BASE_MIN", WINDOW[0])
-    monkeypatch.setattr(localcluster, "PORT_BASE_MAX", WINDOW[1])
+def _bases(monkeypatch: pytest.MonkeyPatch, low: int = WINDOW[0], count: int = 2) -> None:
+    """Only ``count`` bases from ``low`` are handed out."""
+    monkeypatch.setattr(localcluster, "PORT_BASE_MIN", low)
+    monkeypatch.setattr(localcluster, "PORT_BASE_MAX", low + count * localcluster.PORT_SPAN)
 
 
 def test_a_base_another_process_holds_is_never_handed_out(monkeypatch: pytest.MonkeyPatch) -> None:
     """The defect this prevents: a test cluster whose nodes were all down for a restart had its
     ports free, another test process's probe took them, and its node could not listen."""
-    _window(monkeypatch)
+    _bases(monkeypatch)
     code = ("import sys\nfrom tetherlab.cluster.ops import localcluster as lc\n"
             f"lc.PORT_BASE_MIN, lc.PORT_BASE_MAX = {WINDOW}\n"
             "lease = lc.lease_base_port(3)\nprint(lease.base, flush=True)\nsys.stdin.read()\n")
@@ -62,8 +63,7 @@ def test_a_base_another_process_holds_is_never_handed_out(monkeypatch: pytest.Mo
 
 
 def test_a_local_cluster_holds_its_base_until_closed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    _window(monkeypatch)
-    monkeypatch.setattr(localcluster, "PORT_BASE_MAX", WINDOW[0] + localcluster.PORT_SPAN)  # one base
+    _bases(monkeypatch, count=1)
     c = localcluster.LocalCluster(tmp_path / "c", nodes=3)  # not started: its ports are all free
     with pytest.raises(RuntimeError, match="no free port range"):
         localcluster.lease_base_port(3)
@@ -74,16 +74,12 @@ def test_a_local_cluster_holds_its_base_until_closed(monkeypatch: pytest.MonkeyP
 def test_bases_a_process_hands_out_by_number_stay_held_up_to_a_bound(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(localcluster, "LEASES_KEPT", 1)
     first = free_base_port(3)
-    _window(monkeypatch)
-    monkeypatch.setattr(localcluster, "PORT_BASE_MIN", first)
-    monkeypatch.setattr(localcluster, "PORT_BASE_MAX", first + localcluster.PORT_SPAN)
-    with pytest.raises(RuntimeError):
-        free_base_port(3)  # still kept
-    monkeypatch.undo()
-    monkeypatch.setattr(localcluster, "LEASES_KEPT", 1)
+    with monkeypatch.context() as only_first:
+        _bases(only_first, first, count=1)
+        with pytest.raises(RuntimeError):
+            free_base_port(3)  # still kept
     free_base_port(3)  # the first lapses
-    monkeypatch.setattr(localcluster, "PORT_BASE_MIN", first)
-    monkeypatch.setattr(localcluster, "PORT_BASE_MAX", first + localcluster.PORT_SPAN)
+    _bases(monkeypatch, first, count=1)
     lease = localcluster.lease_base_port(3)
     assert lease.base == first
     lease.release()

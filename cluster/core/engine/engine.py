@@ -533,8 +533,7 @@ class Engine:
         it.updated_index = index
         it.finished_index, it.finished_ms = index, now
         it.ended_by = ended_by
-        self._finished.pop(it.intent_id, None)
-        self._finished[it.intent_id] = None
+        self._finished[it.intent_id] = None  # _compact puts it at the end, in the replicas' order
         self._finished_now.append(it.intent_id)
         if status == COMPLETED:
             for c in it.modifies:
