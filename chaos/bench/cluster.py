@@ -58,6 +58,7 @@ from tetherlab.shim.client import MasterClient, masters_from_cluster_file
 
 PHASE_TIMEOUT_S = 120.0
 HB_INTERVAL_S = [bl.HEARTBEAT_INTERVAL_S]
+UNCHANGED_REPORTS = [False]  # --report-unchanged
 REPORT_INTERVAL_S = [bl.REPORT_INTERVAL_S]
 LEADER_POLL_S = 0.02
 TARGETS = {
@@ -299,6 +300,8 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
         "heartbeat_rpcs_per_s": round(sum(r["hb_rpcs"] for r in results) / dur, 1),
         "heartbeat_p99_ms": _pct(hb, 0.99),
         "reports_per_s": round(sum(r.get("reports", 0) for r in results) / dur, 1),
+        # due reports an agent did not send: its state was already acknowledged (tether run's rule)
+        "reports_unchanged_per_s": round(sum(r.get("reports_unchanged", 0) for r in results) / dur, 1),
         "report_p99_ms": _pct([x for r in results for x in r.get("report_lat", [])], 0.99),
         "actions": dict(sorted(actions.items())),
         "errors": dict(errors),
@@ -322,7 +325,7 @@ def run_load(workers: Workers, server_pids: list[int], rate: float | None, warmu
     per_worker_rate = rate / len(workers.conns) if rate else None
     req = {"op": "load", "rate": per_worker_rate, "warmup_s": warmup_s, "duration_s": duration_s,
            "concurrency": concurrency, "hb_interval_s": HB_INTERVAL_S[0], "report_interval_s": REPORT_INTERVAL_S[0],
-           **extra}
+           "unchanged_reports": UNCHANGED_REPORTS[0], **extra}
     res = merge(workers.run(req))
     wall = warmup_s + duration_s
     used = [cpu_s(p) - c for p, c in zip(server_pids, cpu0, strict=True)]
@@ -338,7 +341,8 @@ def run_load(workers: Workers, server_pids: list[int], rate: float | None, warmu
     res["offered_per_s"] = rate
     res["loadavg"] = loadavg()
     _say(f"{label}: {res['verdicts_per_s']:.0f} verdicts/s, p50 {res['p50_ms']} ms, p99 {res['p99_ms']} ms, "
-         f"p999 {res['p999_ms']} ms, {res['heartbeats_per_s']:.0f} heartbeats/s, {res['reports_per_s']:.0f} reports/s, "
+         f"p999 {res['p999_ms']} ms, {res['heartbeats_per_s']:.0f} heartbeats/s, {res['reports_per_s']:.0f} reports/s "
+         f"({res['reports_unchanged_per_s']:.0f}/s unchanged, not sent), "
          f"errors {res['errors'] or 0}, "
          f"server cpu% {res['server_cpu_pct']}, load generators cpu% {round(100 * client_used / wall)}, "
          f"loadavg {res['loadavg']}, verdicts by second {res['verdicts_by_second']}")
@@ -744,10 +748,11 @@ def bench_cluster(args: argparse.Namespace) -> dict[str, Any]:
         "workload": {"developers": args.developers, "agents_per_developer": args.agents, "workers": args.workers,
                      "concepts": args.concepts, "closed_loop_concurrency_per_developer": args.concurrency,
                      "warmup_s": args.warmup, "duration_s": args.duration,
-                     "report_interval_s": args.report_interval},
+                     "report_interval_s": args.report_interval, "unchanged_reports": args.report_unchanged},
     }
     HB_INTERVAL_S[0] = args.heartbeat_interval
     REPORT_INTERVAL_S[0] = args.report_interval
+    UNCHANGED_REPORTS[0] = args.report_unchanged
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="tetherlab-benchcluster-") as tmp:
         work = Path(tmp)
@@ -796,6 +801,10 @@ def add_bench_cluster_args(p: argparse.ArgumentParser) -> None:
                    help="seconds between one developer's heartbeats (default: tether run's 1 s)")
     g.add_argument("--report-interval", type=float, default=bl.REPORT_INTERVAL_S,
                    help="seconds between one holding agent's change reports (default: tether run's 5 s; 0: none)")
+    g.add_argument("--report-unchanged", action="store_true",
+                   help="agents report every interval even when their changes are the ones last acknowledged "
+                        "(tether run sends only a changed report; this loads the servers with the idle "
+                        "scale holders' reports as the eleventh and twelfth rounds measured)")
     g.add_argument("--failover-runs", type=int, default=3)
     g.add_argument("--failover-rate", type=float, default=200.0)
     g.add_argument("--hook-calls", type=int, default=60)

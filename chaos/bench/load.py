@@ -10,6 +10,10 @@ developer heartbeats all its agents once a second, as ``tether run`` does, and e
 ``report_interval_s`` each agent holding an intent reports its in-flight changes (files of its
 concept, now and then a shared one): Tetherlab and bare pysyncobj apply ``report_changes``
 (footprints, drift, soft conflicts); the etcd design stores the report under the agent's lease.
+As ``tether run``'s reporter (shim/reporter.py), an agent sends a report only when its working
+state differs from the last one acknowledged for the same intent: an agent taking turns is
+writing code, so each of its reports is new; the scale scenario's passive holders are idle, so
+after their first report they send none (``unchanged_reports=True`` sends every one anyway).
 
 A *verdict* is the answer to an intent command (an ``initial`` submission or a ``complete``),
 as in ``tetherlab bench engine`` and the node's ``tetherlab_verdicts_total`` metric.
@@ -152,10 +156,12 @@ class Backend:
         raise NotImplementedError
 
 
-def report_files(rng: random.Random, concept_path: str) -> list[dict[str, Any]]:
+def report_files(rng: random.Random, concept_path: str, edits: int = 0) -> list[dict[str, Any]]:
     """What an agent working on a concept (its path prefix) has changed: a few of its files and,
-    one report in ten, a shared module."""
-    out = [{"path": f"{concept_path}part{j}.py", "change": "modified", "hunks": [[3 * j + 1, 3 * j + 2]],
+    one report in ten, a shared module; ``edits`` (how many times it has edited them since its
+    intent began) moves the changed lines, so a working agent's state differs report to report."""
+    out = [{"path": f"{concept_path}part{j}.py", "change": "modified",
+            "hunks": [[3 * j + 1, 3 * j + 2 + edits]],
             "symbols": [{"name": f"Part{j}.run", "change": "modified"}]} for j in range(REPORT_FILES)]
     if rng.random() < 0.1:
         out[-1] = {"path": f"src/shared/util{rng.randrange(SHARED_FILES)}.py", "change": "modified",
@@ -410,6 +416,8 @@ class Agent:
     id: str
     intent_id: str | None = None  # an active intent to complete on the next turn
     concept: str = ""  # the concept that intent modifies (its files are what the agent changes)
+    edits: int = 0  # times a working agent has changed its files since its intent began
+    acked: tuple[str, str] | None = None  # (intent id, report) of the last report answered
 
 
 @dataclass
@@ -422,6 +430,7 @@ class Stats:
     hb_rpcs: int = 0
     hb_lat: list[float] = field(default_factory=list)
     reports: int = 0
+    reports_unchanged: int = 0  # due reports not sent: the agent's state was already acknowledged
     report_lat: list[float] = field(default_factory=list)
     dropped: int = 0  # due commands that found no idle agent
     # (monotonic time answered, node that answered) of every verdict, for failover timing
@@ -431,8 +440,10 @@ class Stats:
 
 
 class Developer:
-    def __init__(self, name: str, backend: Backend, agents: list[str], workload: Workload, seed: int) -> None:
+    def __init__(self, name: str, backend: Backend, agents: list[str], workload: Workload, seed: int,
+                 idle: bool = False) -> None:
         self.name = name
+        self.idle = idle  # takes no turns: its agents hold their intents and change nothing
         self.backend = backend
         self.agents = [Agent(a) for a in agents]
         self.ready: collections.deque[Agent] = collections.deque(self.agents)
@@ -488,7 +499,7 @@ class Developer:
                     modify, depend, summary, steps = self.workload.intent(self.rng)
                     action, iid = await self.backend.submit(a.id, modify, depend, summary, steps)
                     a.intent_id = iid if action == "continue" else None
-                    a.concept = modify[0]
+                    a.concept, a.edits = modify[0], 0
             now = time.monotonic()
             self.stats.verdict_times.append((now, self.backend.served_by))
             if self.measuring and due >= self.t_measure:
@@ -528,11 +539,19 @@ class Developer:
                 self.stats.hb_lat.append(t1 - t0)
 
 
-    async def reports(self, stop: asyncio.Event, interval_s: float) -> None:
-        """Every ``interval_s``, each agent holding an intent reports its changes (spread over the
-        interval, as independent shims would)."""
+    async def reports(self, stop: asyncio.Event, interval_s: float, unchanged: bool = False) -> None:
+        """Every ``interval_s``, each agent holding an intent collects its changes (spread over the
+        interval, as independent shims would) and reports them if they differ from what the
+        master last acknowledged for that intent (``unchanged``: report them anyway)."""
         while not stop.is_set():
             holding = [a for a in self.agents if a.intent_id is not None]
+            if self.idle and not unchanged:
+                # An idle agent's state is what it was at its acknowledged report: nothing to send
+                # (checked here, not by a wake-up per agent: the generator shares the servers' cores).
+                waiting = len(holding)
+                holding = [a for a in holding if a.acked is None or a.acked[0] != a.intent_id]
+                if self.measuring:
+                    self.stats.reports_unchanged += waiting - len(holding)
             gap_s = interval_s / max(1, len(holding))
             for a in holding:
                 if stop.is_set():
@@ -541,11 +560,22 @@ class Developer:
                 if a.intent_id is None:
                     continue
                 k = a.concept.rsplit(".c", 1)[-1]
-                files = report_files(self.rng, f"src/{a.concept.split('.')[0]}/c{k}/")
+                prefix = f"src/{a.concept.split('.')[0]}/c{k}/"
+                if self.idle:  # the same files every time: what it changed before going idle
+                    files = report_files(random.Random(a.intent_id), prefix)
+                else:
+                    a.edits += 1
+                    files = report_files(self.rng, prefix, a.edits)
+                key = (a.intent_id, json.dumps(files, sort_keys=True))
+                if key == a.acked and not unchanged:
+                    if self.measuring:
+                        self.stats.reports_unchanged += 1
+                    continue
                 t0 = time.monotonic()
                 try:
                     async with self.sem:
                         await self.backend.report(a.id, a.intent_id, files)
+                    a.acked = key
                 except Refusal as e:  # the intent ended meanwhile (completed by its own turn): counted
                     if self.measuring:
                         self.stats.errors[f"report:{str(e)[:40]}"] += 1
@@ -593,7 +623,8 @@ async def _run_phase(all_devs: list[Developer], passive: set[str], req: dict[str
                 for d in all_devs]
     report_interval_s = float(req.get("report_interval_s", REPORT_INTERVAL_S))
     if report_interval_s > 0:
-        hb_tasks += [asyncio.create_task(d.reports(stop, report_interval_s)) for d in all_devs]
+        unchanged = bool(req.get("unchanged_reports", False))
+        hb_tasks += [asyncio.create_task(d.reports(stop, report_interval_s, unchanged)) for d in all_devs]
     tasks: set[asyncio.Task[None]] = set()
     if rate:
         # Open loop: due times are fixed in advance; round-robin over developers.
@@ -640,6 +671,7 @@ async def _run_phase(all_devs: list[Developer], passive: set[str], req: dict[str
         "hb_rpcs": sum(d.stats.hb_rpcs for d in devs),
         "hb_lat": [x for d in devs for x in d.stats.hb_lat],
         "reports": sum(d.stats.reports for d in devs),
+        "reports_unchanged": sum(d.stats.reports_unchanged for d in devs),
         "report_lat": [x for d in devs for x in d.stats.report_lat],
         "dropped": sum(d.stats.dropped for d in devs),
         "duration_s": duration,
@@ -670,7 +702,8 @@ async def _worker_async(conn: Any, spec: dict[str, Any]) -> None:
     devs: list[Developer] = []
     for i, (name, agents) in enumerate(spec["developers"].items()):
         b = make_backend(spec["backend"], name, spec["index"] * 100 + i)
-        devs.append(Developer(name, b, agents, wl, seed=hash((spec["index"], i)) & 0xFFFF))
+        devs.append(Developer(name, b, agents, wl, seed=hash((spec["index"], i)) & 0xFFFF,
+                              idle=name in spec.get("passive", [])))
     for d in devs:
         await d.backend.start()
     conn.send({"ready": True, "pid": os.getpid()})
