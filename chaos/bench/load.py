@@ -550,7 +550,7 @@ class Developer:
                 # (checked here, not by a wake-up per agent: the generator shares the servers' cores).
                 waiting = len(holding)
                 holding = [a for a in holding if a.acked is None or a.acked[0] != a.intent_id]
-                if self.measuring:
+                if self.measuring and time.monotonic() >= self.t_measure:
                     self.stats.reports_unchanged += waiting - len(holding)
             gap_s = interval_s / max(1, len(holding))
             for a in holding:
@@ -568,7 +568,7 @@ class Developer:
                     files = report_files(self.rng, prefix, a.edits)
                 key = (a.intent_id, json.dumps(files, sort_keys=True))
                 if key == a.acked and not unchanged:
-                    if self.measuring:
+                    if self.measuring and time.monotonic() >= self.t_measure:
                         self.stats.reports_unchanged += 1
                     continue
                 t0 = time.monotonic()

@@ -46,7 +46,7 @@ def test_tiny_run_has_the_issue_keys() -> None:
     tl = d["tetherlab"]
     for phase in [*tl["offered"].values(), tl["saturation"]]:
         assert set(phase) >= {"verdicts_per_s", "p50_ms", "p99_ms", "p999_ms", "heartbeats_per_s", "rss_mb",
-                              "reports_per_s"}
+                              "reports_per_s", "reports_unchanged_per_s"}
         # A report may race its own agent's completion (not_active, intent_mismatch): nothing else.
         bad = {k: v for k, v in phase["errors"].items()
                if k not in ("report:not_active", "report:intent_mismatch", "report:no_active_intent")}
