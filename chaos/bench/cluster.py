@@ -803,8 +803,8 @@ def add_bench_cluster_args(p: argparse.ArgumentParser) -> None:
                    help="seconds between one holding agent's change reports (default: tether run's 5 s; 0: none)")
     g.add_argument("--report-unchanged", action="store_true",
                    help="agents report every interval even when their changes are the ones last acknowledged "
-                        "(tether run sends only a changed report; this loads the servers with the idle "
-                        "scale holders' reports as the eleventh and twelfth rounds measured)")
+                        "(tether run sends only a changed report; this adds the idle scale holders' repeated "
+                        "reports, the load benchmarked before the thirteenth round)")
     g.add_argument("--failover-runs", type=int, default=3)
     g.add_argument("--failover-rate", type=float, default=200.0)
     g.add_argument("--hook-calls", type=int, default=60)
