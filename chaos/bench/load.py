@@ -417,7 +417,9 @@ class Agent:
     intent_id: str | None = None  # an active intent to complete on the next turn
     concept: str = ""  # the concept that intent modifies (its files are what the agent changes)
     edits: int = 0  # times a working agent has changed its files since its intent began
-    acked: tuple[str, str] | None = None  # (intent id, report) of the last report answered
+    # The intent whose state an idle agent reported and the master answered: an idle agent's
+    # files follow from its intent, so it has nothing new to report until its intent changes.
+    reported_intent: str | None = None
 
 
 @dataclass
@@ -542,14 +544,16 @@ class Developer:
     async def reports(self, stop: asyncio.Event, interval_s: float, unchanged: bool = False) -> None:
         """Every ``interval_s``, each agent holding an intent collects its changes (spread over the
         interval, as independent shims would) and reports them if they differ from what the
-        master last acknowledged for that intent (``unchanged``: report them anyway)."""
+        master last acknowledged for that intent (``unchanged``: report them anyway). A working
+        agent edits between two reports, so its state always differs; an idle agent's is fixed
+        by its intent, so it differs only for an intent not yet reported."""
         while not stop.is_set():
             holding = [a for a in self.agents if a.intent_id is not None]
             if self.idle and not unchanged:
                 # An idle agent's state is what it was at its acknowledged report: nothing to send
                 # (checked here, not by a wake-up per agent: the generator shares the servers' cores).
                 waiting = len(holding)
-                holding = [a for a in holding if a.acked is None or a.acked[0] != a.intent_id]
+                holding = [a for a in holding if a.reported_intent != a.intent_id]
                 if self.measuring and time.monotonic() >= self.t_measure:
                     self.stats.reports_unchanged += waiting - len(holding)
             gap_s = interval_s / max(1, len(holding))
@@ -557,25 +561,21 @@ class Developer:
                 if stop.is_set():
                     return
                 await asyncio.sleep(gap_s)
-                if a.intent_id is None:
+                iid = a.intent_id
+                if iid is None:
                     continue
                 k = a.concept.rsplit(".c", 1)[-1]
                 prefix = f"src/{a.concept.split('.')[0]}/c{k}/"
                 if self.idle:  # the same files every time: what it changed before going idle
-                    files = report_files(random.Random(a.intent_id), prefix)
+                    files = report_files(random.Random(iid), prefix)
                 else:
                     a.edits += 1
                     files = report_files(self.rng, prefix, a.edits)
-                key = (a.intent_id, json.dumps(files, sort_keys=True))
-                if key == a.acked and not unchanged:
-                    if self.measuring and time.monotonic() >= self.t_measure:
-                        self.stats.reports_unchanged += 1
-                    continue
                 t0 = time.monotonic()
                 try:
                     async with self.sem:
-                        await self.backend.report(a.id, a.intent_id, files)
-                    a.acked = key
+                        await self.backend.report(a.id, iid, files)
+                    a.reported_intent = iid  # answered: a lost report goes again next round
                 except Refusal as e:  # the intent ended meanwhile (completed by its own turn): counted
                     if self.measuring:
                         self.stats.errors[f"report:{str(e)[:40]}"] += 1

@@ -97,7 +97,7 @@ def test_the_dev_install_starts_without_an_import_hook() -> None:
     assert "__editable__" not in r.stdout, f"an import-hook finder runs at start-up ({r.stdout.strip()}): run make venv"
 
 
-def _pick_python(tmp_path: Path, candidates: list[str]) -> subprocess.CompletedProcess[str]:
+def _pick_python(candidates: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["bash", str(ROOT / "deploy/scripts/pick-python.sh")], capture_output=True, text=True,
                           env={"PATH": "/usr/bin:/bin", "PYTHON_CANDIDATES": " ".join(candidates)}, timeout=60)
 
@@ -107,10 +107,10 @@ def test_make_venv_takes_the_first_interpreter_that_is_new_enough_and_can_make_a
     old.write_text("#!/bin/sh\nexit 1\n")
     old.chmod(0o755)
     missing = tmp_path / "no-such-python"
-    out = _pick_python(tmp_path, [str(missing), str(old), sys.executable])
+    out = _pick_python([str(missing), str(old), sys.executable])
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == sys.executable
-    none = _pick_python(tmp_path, [str(missing), str(old)])
+    none = _pick_python([str(missing), str(old)])
     assert "no Python 3.11+ with venv support" in none.stderr
     assert none.stdout.strip() == "python3"
 
